@@ -1,0 +1,382 @@
+//! Typed configuration: `arrears.toml` (or the compiled-in example) plus environment
+//! overrides, validated at load. An error names the key and the problem.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use chrono_tz::Tz;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::money::{self, PRICE_DIGITS};
+use crate::domain::policy::Policy;
+
+/// The example configuration shipped in the repository, used when no file is named.
+pub const EXAMPLE_CONFIG: &str = include_str!("../arrears.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{origin}: key `{key}`: {message}")]
+    Invalid { origin: String, key: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    billing: RawBilling,
+    #[serde(default)]
+    database: DatabaseConfig,
+    #[serde(default)]
+    embedded: EmbeddedConfig,
+    products: BTreeMap<String, RawProduct>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBilling {
+    time_zone: String,
+    currency: String,
+    #[serde(default = "default_digits")]
+    minor_unit_digits: u32,
+    #[serde(default = "default_batch")]
+    batch_size: usize,
+}
+
+fn default_digits() -> u32 {
+    2
+}
+fn default_batch() -> usize {
+    5000
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    pub url: Option<String>,
+    #[serde(default = "default_pool")]
+    pub pool_size: usize,
+}
+
+fn default_pool() -> usize {
+    4
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig { url: None, pool_size: default_pool() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmbeddedConfig {
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(".arrears")
+}
+
+impl Default for EmbeddedConfig {
+    fn default() -> Self {
+        EmbeddedConfig { state_dir: default_state_dir() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProduct {
+    name: String,
+    package_meter: Option<String>,
+    policy: Policy,
+    prices: Vec<RawPrice>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPrice {
+    meter: String,
+    unit: String,
+    unit_price: String,
+}
+
+/// Billing settings of the deployment.
+#[derive(Debug, Clone)]
+pub struct BillingConfig {
+    pub time_zone: Tz,
+    pub currency: String,
+    pub minor_unit_digits: u32,
+    pub batch_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Price {
+    pub meter: String,
+    pub unit: String,
+    /// Currency per unit, nano-units (1e-9).
+    #[serde(skip)]
+    pub unit_price_nanos: i64,
+    /// The same price as written in the configuration, normalised ("0.015000000").
+    pub unit_price: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Product {
+    pub id: String,
+    pub name: String,
+    pub package_meter: Option<String>,
+    pub policy: Policy,
+    pub prices: Vec<Price>,
+}
+
+impl Product {
+    pub fn price(&self, meter: &str) -> Option<&Price> {
+        self.prices.iter().find(|p| p.meter == meter)
+    }
+}
+
+/// The validated configuration. Built once at start and passed down; never global.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub billing: BillingConfig,
+    pub database: DatabaseConfig,
+    pub embedded: EmbeddedConfig,
+    pub products: BTreeMap<String, Product>,
+    /// Where it came from, for messages.
+    pub origin: String,
+}
+
+/// Environment variables with fixed names (PRODUCT.md §6) and the key each sets.
+const FIXED_ENV: &[(&str, &[&str])] = &[("DATABASE_URL", &["database", "url"])];
+/// ARREARS_* variables that are not configuration keys.
+const NON_KEY_ENV: &[&str] = &["ARREARS_CONFIG", "ARREARS_LOG"];
+
+impl Config {
+    /// Loads from `path` (or the compiled-in example when `None`) and applies overrides from
+    /// the process environment.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let env: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_with_env(path, &env)
+    }
+
+    pub fn load_with_env(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?,
+                p.display().to_string(),
+            ),
+            None => (EXAMPLE_CONFIG.to_string(), "built-in example configuration".to_string()),
+        };
+        Self::from_toml(&text, &origin, env)
+    }
+
+    pub fn from_toml(text: &str, origin: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| ConfigError::Syntax { origin: origin.to_string(), message: e.to_string() })?;
+        apply_env_overrides(&mut table, env)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            ConfigError::Invalid {
+                origin: origin.to_string(),
+                key: e.path().to_string(),
+                message: e.inner().to_string(),
+            }
+        })?;
+        validate(raw, origin)
+    }
+
+    pub fn product(&self, id: &str) -> Option<&Product> {
+        self.products.get(id)
+    }
+}
+
+fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), ConfigError> {
+    for (var, value) in env {
+        let path: Vec<String> = if let Some((_, p)) = FIXED_ENV.iter().find(|(name, _)| name == var) {
+            p.iter().map(|s| s.to_string()).collect()
+        } else if let Some(rest) = var.strip_prefix("ARREARS_") {
+            if NON_KEY_ENV.contains(&var.as_str()) {
+                continue;
+            }
+            if !rest.contains("__") {
+                // Single-level names (ARREARS_SMTP_URL, ...) belong to later channels; a key
+                // always has a section.
+                continue;
+            }
+            rest.split("__").map(|s| s.to_ascii_lowercase()).collect()
+        } else {
+            continue;
+        };
+        if path.iter().any(|p| p.is_empty()) {
+            return Err(ConfigError::Env { var: var.clone(), message: "empty key segment".into() });
+        }
+        let parsed = parse_env_value(value);
+        let mut cur = &mut *table;
+        for seg in &path[..path.len() - 1] {
+            let entry = cur.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cur = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
+                var: var.clone(),
+                message: format!("`{seg}` is not a section"),
+            })?;
+        }
+        cur.insert(path[path.len() - 1].clone(), parsed);
+    }
+    Ok(())
+}
+
+/// An override value is TOML when it parses as TOML (`5000`, `true`, `["7d","1d"]`), else a
+/// plain string.
+fn parse_env_value(value: &str) -> toml::Value {
+    let doc = format!("v = {value}");
+    match doc.parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(value.to_string())),
+        Err(_) => toml::Value::String(value.to_string()),
+    }
+}
+
+fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
+    let invalid = |key: &str, message: String| ConfigError::Invalid {
+        origin: origin.to_string(),
+        key: key.to_string(),
+        message,
+    };
+    let time_zone: Tz = raw
+        .billing
+        .time_zone
+        .parse()
+        .map_err(|_| invalid("billing.time_zone", format!("{:?} is not an IANA time zone", raw.billing.time_zone)))?;
+    if raw.billing.currency.len() != 3 || !raw.billing.currency.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(invalid("billing.currency", format!("{:?} is not an ISO 4217 code", raw.billing.currency)));
+    }
+    if raw.billing.minor_unit_digits > 4 {
+        return Err(invalid("billing.minor_unit_digits", "must be between 0 and 4".into()));
+    }
+    if raw.billing.batch_size == 0 {
+        return Err(invalid("billing.batch_size", "must be greater than 0".into()));
+    }
+    if raw.database.pool_size == 0 {
+        return Err(invalid("database.pool_size", "must be greater than 0".into()));
+    }
+    if raw.products.is_empty() {
+        return Err(invalid("products", "at least one product is required".into()));
+    }
+    let mut products = BTreeMap::new();
+    for (id, p) in raw.products {
+        let key = |k: &str| format!("products.{id}.{k}");
+        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+            return Err(invalid(&format!("products.{id}"), "product ids use letters, digits, '_' and '-'".into()));
+        }
+        if p.policy.release_warnings.is_empty() {
+            return Err(invalid(&key("policy.release_warnings"), "at least one warning is required (R9)".into()));
+        }
+        if p.policy.release_warnings.iter().any(|w| *w >= p.policy.retention) {
+            return Err(invalid(&key("policy.release_warnings"), "every warning must come before the end of retention".into()));
+        }
+        if p.prices.is_empty() {
+            return Err(invalid(&key("prices"), "a product needs at least one price".into()));
+        }
+        let mut prices: Vec<Price> = Vec::new();
+        for (i, pr) in p.prices.into_iter().enumerate() {
+            let pk = key(&format!("prices[{i}]"));
+            if pr.meter.is_empty() {
+                return Err(invalid(&format!("{pk}.meter"), "must not be empty".into()));
+            }
+            if prices.iter().any(|q| q.meter == pr.meter) {
+                return Err(invalid(&format!("{pk}.meter"), format!("meter {:?} is priced twice", pr.meter)));
+            }
+            let nanos = money::parse_non_negative(&pr.unit_price, PRICE_DIGITS)
+                .map_err(|e| invalid(&format!("{pk}.unit_price"), e.to_string()))?;
+            prices.push(Price {
+                meter: pr.meter,
+                unit: pr.unit,
+                unit_price_nanos: nanos,
+                unit_price: money::format_scaled(nanos, PRICE_DIGITS),
+            });
+        }
+        if let Some(m) = &p.package_meter {
+            if !prices.iter().any(|q| &q.meter == m) {
+                return Err(invalid(&key("package_meter"), format!("{m:?} has no price in this product")));
+            }
+        }
+        products.insert(
+            id.clone(),
+            Product { id, name: p.name, package_meter: p.package_meter, policy: p.policy, prices },
+        );
+    }
+    Ok(Config {
+        billing: BillingConfig {
+            time_zone,
+            currency: raw.billing.currency,
+            minor_unit_digits: raw.billing.minor_unit_digits,
+            batch_size: raw.billing.batch_size,
+        },
+        database: raw.database,
+        embedded: raw.embedded,
+        products,
+        origin: origin.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn example_configuration_loads_with_both_products() {
+        let c = Config::from_toml(EXAMPLE_CONFIG, "example", &[]).unwrap();
+        assert_eq!(c.billing.time_zone, chrono_tz::Asia::Shanghai);
+        assert_eq!(c.products["lcic"].policy.grace.seconds(), 86_400);
+        assert_eq!(c.products["sa"].policy.retention.seconds(), 15 * 86_400);
+        assert_eq!(c.products["lcic"].price("classroom_minutes").unwrap().unit_price_nanos, 15_000_000);
+    }
+
+    #[test]
+    fn environment_overrides_any_key() {
+        let c = Config::from_toml(
+            EXAMPLE_CONFIG,
+            "example",
+            &env(&[
+                ("ARREARS_BILLING__TIME_ZONE", "UTC"),
+                ("ARREARS_PRODUCTS__LCIC__POLICY__GRACE", "72h"),
+                ("ARREARS_BILLING__BATCH_SIZE", "10"),
+                ("DATABASE_URL", "postgres://x@localhost/y"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.billing.time_zone, chrono_tz::UTC);
+        assert_eq!(c.products["lcic"].policy.grace.seconds(), 72 * 3600);
+        assert_eq!(c.billing.batch_size, 10);
+        assert_eq!(c.database.url.as_deref(), Some("postgres://x@localhost/y"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("ARREARS_BILLING__TIME_ZONE", "Mars/Olympus", "billing.time_zone"),
+            ("ARREARS_PRODUCTS__SA__POLICY__GRACE", "0d", "products.sa.policy.grace"),
+            ("ARREARS_BILLING__BATCH_SIZE", "0", "billing.batch_size"),
+            ("ARREARS_BILLING__NOPE", "1", "billing"),
+            ("ARREARS_PRODUCTS__SA__POLICY__RETENTION", "1d", "products.sa.policy.release_warnings"),
+        ];
+        for (var, value, key) in cases {
+            let err = Config::from_toml(EXAMPLE_CONFIG, "example", &env(&[(var, value)])).unwrap_err();
+            match &err {
+                ConfigError::Invalid { key: k, .. } => assert!(k.starts_with(key), "{var}: key {k} in {err}"),
+                other => panic!("{var}: unexpected {other}"),
+            }
+        }
+        let bad_price = EXAMPLE_CONFIG.replacen("unit_price = \"0.0150\"", "unit_price = \"cheap\"", 1);
+        let err = Config::from_toml(&bad_price, "f.toml", &[]).unwrap_err().to_string();
+        assert!(err.contains("products.lcic.prices[0].unit_price"), "{err}");
+    }
+}

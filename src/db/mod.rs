@@ -1,0 +1,159 @@
+//! Database access: the connection pool, embedded migrations, the embedded default cluster,
+//! and a raw client for the statements diesel cannot say (COPY).
+
+pub mod catalog;
+pub mod embedded;
+pub mod schema;
+
+use diesel::prelude::*;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::AsyncDieselConnectionManager;
+use diesel_async::{AsyncMigrationHarness, AsyncPgConnection, RunQueryDsl};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+use crate::config::Config;
+
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error(transparent)]
+    Embedded(#[from] embedded::EmbeddedError),
+    #[error("cannot connect to PostgreSQL: {0}")]
+    Connect(String),
+    #[error("database pool: {0}")]
+    Pool(String),
+    #[error("migrations: {0}")]
+    Migration(String),
+    #[error("the database has {0} pending migration(s): run `arrears migrate`")]
+    PendingMigrations(usize),
+    #[error(transparent)]
+    Query(#[from] diesel::result::Error),
+    #[error(transparent)]
+    Postgres(#[from] tokio_postgres::Error),
+}
+
+pub type Conn = Object<AsyncPgConnection>;
+
+/// The database of one process: a diesel-async pool and the URL for raw clients.
+#[derive(Clone)]
+pub struct Db {
+    pub pool: Pool<AsyncPgConnection>,
+    pub url: String,
+}
+
+/// How `Db::open` treats migrations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationMode {
+    /// Apply pending migrations (the embedded default, `arrears migrate`).
+    Apply,
+    /// Refuse to run against a database with pending migrations.
+    Require,
+}
+
+impl Db {
+    /// Opens the configured database, or the embedded default when none is configured (which
+    /// is created and migrated on first use).
+    pub async fn open(config: &Config, mode: MigrationMode) -> Result<Db, DbError> {
+        let (url, mode) = match &config.database.url {
+            Some(url) => (url.clone(), mode),
+            None => {
+                let state_dir = config.embedded.state_dir.clone();
+                let emb = tokio::task::spawn_blocking(move || embedded::ensure_started(&state_dir))
+                    .await
+                    .map_err(|e| DbError::Connect(e.to_string()))??;
+                create_database_if_missing(&emb.url).await?;
+                (emb.url, MigrationMode::Apply)
+            }
+        };
+        Self::open_url(&url, config.database.pool_size, mode).await
+    }
+
+    pub async fn open_url(url: &str, pool_size: usize, mode: MigrationMode) -> Result<Db, DbError> {
+        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+        let pool = Pool::builder(manager).max_size(pool_size).build().map_err(|e| DbError::Pool(e.to_string()))?;
+        let db = Db { pool, url: url.to_string() };
+        match mode {
+            MigrationMode::Apply => {
+                db.migrate().await?;
+            }
+            MigrationMode::Require => {
+                let pending = db.pending_migrations().await?;
+                if pending > 0 {
+                    return Err(DbError::PendingMigrations(pending));
+                }
+            }
+        }
+        Ok(db)
+    }
+
+    pub async fn conn(&self) -> Result<Conn, DbError> {
+        self.pool.get().await.map_err(|e| DbError::Pool(e.to_string()))
+    }
+
+    /// Applies pending migrations; returns the versions applied.
+    pub async fn migrate(&self) -> Result<Vec<String>, DbError> {
+        let conn = self.conn().await?;
+        tokio::task::spawn_blocking(move || {
+            let mut harness = AsyncMigrationHarness::new(conn);
+            harness
+                .run_pending_migrations(MIGRATIONS)
+                .map(|v| v.iter().map(|m| m.to_string()).collect())
+                .map_err(|e| DbError::Migration(e.to_string()))
+        })
+        .await
+        .map_err(|e| DbError::Migration(e.to_string()))?
+    }
+
+    async fn pending_migrations(&self) -> Result<usize, DbError> {
+        let conn = self.conn().await?;
+        tokio::task::spawn_blocking(move || {
+            let mut harness = AsyncMigrationHarness::new(conn);
+            harness.pending_migrations(MIGRATIONS).map(|v| v.len()).map_err(|e| DbError::Migration(e.to_string()))
+        })
+        .await
+        .map_err(|e| DbError::Migration(e.to_string()))?
+    }
+
+    /// A plain tokio-postgres client on its own connection, for COPY.
+    pub async fn raw_client(&self) -> Result<tokio_postgres::Client, DbError> {
+        raw_connect(&self.url).await
+    }
+
+    /// The database's clock, for the clock-agreement guard of destructive jobs.
+    pub async fn database_now(&self) -> Result<chrono::DateTime<chrono::Utc>, DbError> {
+        let mut conn = self.conn().await?;
+        let now = diesel::select(diesel::dsl::sql::<diesel::sql_types::Timestamptz>("now()"))
+            .get_result::<chrono::DateTime<chrono::Utc>>(&mut conn)
+            .await?;
+        Ok(now)
+    }
+}
+
+pub async fn raw_connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
+    let (client, connection) =
+        tokio_postgres::connect(url, tokio_postgres::NoTls).await.map_err(|e| DbError::Connect(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "database connection closed with an error");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates the database named in `url` when it does not exist, connecting to `postgres`.
+async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
+    let (base, name) = url.rsplit_once('/').ok_or_else(|| DbError::Connect(format!("no database name in {url}")))?;
+    let admin = raw_connect(&format!("{base}/postgres")).await?;
+    let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    if !exists {
+        // Identifier from our own embedded URL: quoted, never user input.
+        admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await?;
+    }
+    Ok(())
+}
+
+/// `SELECT 1`, for readiness.
+pub async fn ping(conn: &mut AsyncPgConnection) -> QueryResult<()> {
+    diesel::sql_query("SELECT 1").execute(conn).await.map(|_| ())
+}

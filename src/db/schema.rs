@@ -1,0 +1,183 @@
+//! diesel table definitions, kept by hand in step with migrations/ (a test checks that the
+//! migrated database has every column named here).
+
+diesel::table! {
+    accounts (id) {
+        id -> Text,
+        name -> Text,
+        email -> Nullable<Text>,
+        phone -> Nullable<Text>,
+        locale -> Text,
+        timezone -> Text,
+        cash_balance -> Int8,
+        credit_quota -> Int8,
+        low_balance_threshold -> Nullable<Int8>,
+        state -> Text,
+        compliance_locked -> Bool,
+        legal_hold -> Bool,
+        arrears_since -> Nullable<Timestamptz>,
+        suspended_at -> Nullable<Timestamptz>,
+        first_overdue_alert_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    coupons (account_id, id) {
+        account_id -> Text,
+        id -> Int8,
+        kind -> Text,
+        amount -> Int8,
+        remaining -> Int8,
+        expires_at -> Timestamptz,
+        granted_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    prices (product, meter) {
+        product -> Text,
+        meter -> Text,
+        unit -> Text,
+        unit_price_nanos -> Int8,
+        is_package_meter -> Bool,
+    }
+}
+
+diesel::table! {
+    resources (account_id, id) {
+        account_id -> Text,
+        id -> Text,
+        product -> Text,
+        billing_mode -> Text,
+        package_quota -> Nullable<Int8>,
+        package_used -> Int8,
+        package_expires_at -> Nullable<Timestamptz>,
+        payg_enabled -> Bool,
+        term_ends_at -> Nullable<Timestamptz>,
+        state -> Text,
+        state_reason -> Nullable<Text>,
+        suspended_at -> Nullable<Timestamptz>,
+        released_at -> Nullable<Timestamptz>,
+        unsubscribed_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    usage_records (account_id, event_id) {
+        account_id -> Text,
+        event_id -> Text,
+        resource_id -> Text,
+        meter -> Text,
+        quantity -> Int8,
+        started_at -> Timestamptz,
+        ended_at -> Timestamptz,
+        usage_day -> Date,
+        seq -> Int8,
+        imported_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    bills (account_id, bill_day) {
+        account_id -> Text,
+        bill_day -> Date,
+        total -> Int8,
+        paid_cash_coupons -> Int8,
+        paid_general_coupons -> Int8,
+        paid_cash -> Int8,
+        records -> Int4,
+        late_records -> Int4,
+        issued_at -> Timestamptz,
+        recorded_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    bill_lines (account_id, bill_day, resource_id, meter) {
+        account_id -> Text,
+        bill_day -> Date,
+        resource_id -> Text,
+        meter -> Text,
+        records -> Int4,
+        quantity -> Int8,
+        included_quantity -> Int8,
+        billed_quantity -> Int8,
+        unbilled_quantity -> Int8,
+        unit_price_nanos -> Int8,
+        amount -> Int8,
+    }
+}
+
+diesel::table! {
+    ledger_entries (account_id, id) {
+        account_id -> Text,
+        id -> Int8,
+        kind -> Text,
+        amount -> Int8,
+        bill_day -> Nullable<Date>,
+        coupon_id -> Nullable<Int8>,
+        reference -> Nullable<Text>,
+        effective_at -> Timestamptz,
+        recorded_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    lifecycle_events (account_id, id) {
+        account_id -> Text,
+        id -> Int8,
+        resource_id -> Nullable<Text>,
+        from_state -> Text,
+        to_state -> Text,
+        reason -> Text,
+        cause -> Text,
+        occurred_at -> Timestamptz,
+        recorded_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    job_runs (job, slot) {
+        job -> Text,
+        slot -> Timestamptz,
+        status -> Text,
+        attempts -> Int4,
+        as_of -> Timestamptz,
+        started_at -> Timestamptz,
+        finished_at -> Nullable<Timestamptz>,
+        report -> Nullable<Jsonb>,
+        error -> Nullable<Text>,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(
+    accounts, coupons, prices, resources, usage_records, bills, bill_lines, ledger_entries,
+    lifecycle_events, job_runs,
+);
+
+/// Every (table, column) above, for the schema-drift test.
+pub const COLUMNS: &[(&str, &[&str])] = &[
+    ("accounts", &["id", "name", "email", "phone", "locale", "timezone", "cash_balance", "credit_quota",
+        "low_balance_threshold", "state", "compliance_locked", "legal_hold", "arrears_since", "suspended_at",
+        "first_overdue_alert_at", "created_at", "updated_at"]),
+    ("coupons", &["account_id", "id", "kind", "amount", "remaining", "expires_at", "granted_at"]),
+    ("prices", &["product", "meter", "unit", "unit_price_nanos", "is_package_meter"]),
+    ("resources", &["account_id", "id", "product", "billing_mode", "package_quota", "package_used",
+        "package_expires_at", "payg_enabled", "term_ends_at", "state", "state_reason", "suspended_at",
+        "released_at", "unsubscribed_at", "created_at", "updated_at"]),
+    ("usage_records", &["account_id", "event_id", "resource_id", "meter", "quantity", "started_at", "ended_at",
+        "usage_day", "seq", "imported_at"]),
+    ("bills", &["account_id", "bill_day", "total", "paid_cash_coupons", "paid_general_coupons", "paid_cash",
+        "records", "late_records", "issued_at", "recorded_at"]),
+    ("bill_lines", &["account_id", "bill_day", "resource_id", "meter", "records", "quantity", "included_quantity",
+        "billed_quantity", "unbilled_quantity", "unit_price_nanos", "amount"]),
+    ("ledger_entries", &["account_id", "id", "kind", "amount", "bill_day", "coupon_id", "reference",
+        "effective_at", "recorded_at"]),
+    ("lifecycle_events", &["account_id", "id", "resource_id", "from_state", "to_state", "reason", "cause",
+        "occurred_at", "recorded_at"]),
+    ("job_runs", &["job", "slot", "status", "attempts", "as_of", "started_at", "finished_at", "report", "error"]),
+];

@@ -1,0 +1,704 @@
+//! CSV imports of accounts, resources and usage (PRODUCT.md §5).
+//!
+//! Each file is imported in one transaction: rows are checked one by one while they stream
+//! into a temporary staging table with COPY, then checked together against the database
+//! (unknown accounts and resources, duplicates in the file) and moved into place with one
+//! set-based statement. Any bad row rolls the whole file back, and every bad line is reported
+//! with its field and reason. Usage import takes a fast path when nothing is wrong: the
+//! diagnostic queries run only when the insert took fewer rows than the file had.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use futures_util::SinkExt;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use crate::config::Config;
+use crate::db::{Db, DbError};
+use crate::domain::calendar::billing_day_of;
+use crate::domain::money::{self, QUANTITY_DIGITS};
+
+/// At most this many bad lines are kept for the report; the rest are counted.
+pub const MAX_REPORTED_ERRORS: usize = 10_000;
+/// Usage may end at most this long after the import instant (clock skew of the meters).
+const FUTURE_TOLERANCE_SECS: i64 = 300;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LineError {
+    pub line: u64,
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for LineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}: {}", self.line, self.field, self.reason)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImportError {
+    #[error("{file}: {count} bad line(s), nothing imported")]
+    BadRows { file: PathBuf, count: usize, errors: Vec<LineError> },
+    #[error("{file}: {source}")]
+    Io { file: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<tokio_postgres::Error> for ImportError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ImportError::Db(DbError::Postgres(e))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImportKind {
+    Accounts,
+    Resources,
+    Usage,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ImportReport {
+    pub kind: ImportKind,
+    pub file: String,
+    pub rows: u64,
+    pub inserted: u64,
+    pub updated: u64,
+    /// Usage events already imported earlier (re-sent): no-ops.
+    pub already_imported: u64,
+}
+
+const ACCOUNT_COLUMNS: &[&str] =
+    &["id", "name", "email", "phone", "locale", "timezone", "cash_balance", "credit_quota", "low_balance_threshold"];
+const RESOURCE_COLUMNS: &[&str] = &[
+    "id", "account_id", "product", "billing_mode", "package_quota", "package_expires_at", "payg_enabled", "term_ends_at",
+];
+const USAGE_COLUMNS: &[&str] = &["event_id", "account_id", "resource_id", "meter", "quantity", "started_at", "ended_at"];
+
+pub const LOCALES: &[&str] = &["en", "zh-CN"];
+
+/// One CSV record with its columns looked up by name; empty cells are absent.
+struct Row<'a> {
+    rec: &'a csv::StringRecord,
+    idx: &'a HashMap<&'static str, usize>,
+}
+
+impl<'a> Row<'a> {
+    fn get(&self, name: &str) -> Option<&'a str> {
+        let v = self.rec.get(*self.idx.get(name)?)?.trim();
+        (!v.is_empty()).then_some(v)
+    }
+}
+
+/// Collects the bad lines of one file.
+#[derive(Default)]
+struct Errors {
+    kept: Vec<LineError>,
+    count: usize,
+}
+
+impl Errors {
+    fn push(&mut self, line: u64, field: &str, reason: impl Into<String>) {
+        self.count += 1;
+        if self.kept.len() < MAX_REPORTED_ERRORS {
+            self.kept.push(LineError { line, field: field.to_string(), reason: reason.into() });
+        }
+    }
+
+    fn into_result(mut self, file: &Path) -> Result<(), ImportError> {
+        if self.count == 0 {
+            return Ok(());
+        }
+        self.kept.sort_by(|a, b| (a.line, &a.field).cmp(&(b.line, &b.field)));
+        Err(ImportError::BadRows { file: file.to_path_buf(), count: self.count, errors: self.kept })
+    }
+}
+
+/// Writes one field of COPY text format.
+struct CopyLine<'a>(&'a mut BytesMut, bool);
+
+impl<'a> CopyLine<'a> {
+    fn new(buf: &'a mut BytesMut) -> Self {
+        CopyLine(buf, true)
+    }
+
+    fn sep(&mut self) {
+        if !self.1 {
+            self.0.put_u8(b'\t');
+        }
+        self.1 = false;
+    }
+
+    fn text(&mut self, v: Option<&str>) -> &mut Self {
+        self.sep();
+        match v {
+            None => self.0.put_slice(b"\\N"),
+            Some(s) => {
+                for b in s.bytes() {
+                    match b {
+                        b'\\' => self.0.put_slice(b"\\\\"),
+                        b'\t' => self.0.put_slice(b"\\t"),
+                        b'\n' => self.0.put_slice(b"\\n"),
+                        b'\r' => self.0.put_slice(b"\\r"),
+                        _ => self.0.put_u8(b),
+                    }
+                }
+            }
+        }
+        self
+    }
+
+    fn int(&mut self, v: Option<i64>) -> &mut Self {
+        self.sep();
+        match v {
+            None => self.0.put_slice(b"\\N"),
+            Some(n) => self.0.put_slice(itoa::Buffer::new().format(n).as_bytes()),
+        }
+        self
+    }
+
+    fn time(&mut self, v: Option<DateTime<Utc>>) -> &mut Self {
+        let s = v.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true));
+        self.text(s.as_deref())
+    }
+
+    fn end(&mut self) {
+        self.0.put_u8(b'\n');
+    }
+}
+
+type Parser = Box<dyn FnMut(u64, &Row<'_>, &mut BytesMut, &mut Errors) + Send>;
+
+/// Reads `file`, checks its header, and streams every good row, as formatted by `parse`, into
+/// the COPY statement `copy_sql` inside `tx`. Returns the number of data rows and the errors.
+async fn stream_file(
+    tx: &tokio_postgres::Transaction<'_>,
+    copy_sql: &str,
+    file: &Path,
+    columns: &'static [&'static str],
+    mut parse: Parser,
+) -> Result<(u64, Errors), ImportError> {
+    let io_err = |source| ImportError::Io { file: file.to_path_buf(), source };
+    let reader = std::fs::File::open(file).map_err(io_err)?;
+    let (chunks_tx, mut chunks_rx) = mpsc::channel::<Bytes>(8);
+    let path = file.to_path_buf();
+    let parser = tokio::task::spawn_blocking(move || -> Result<(u64, Errors), ImportError> {
+        let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(std::io::BufReader::with_capacity(1 << 20, reader));
+        let mut errors = Errors::default();
+        let headers = rdr.headers().map_err(|e| ImportError::Io { file: path.clone(), source: e.into() })?.clone();
+        let mut idx: HashMap<&'static str, usize> = HashMap::new();
+        for (i, h) in headers.iter().enumerate() {
+            let h = h.trim().trim_start_matches('\u{feff}');
+            match columns.iter().find(|c| **c == h) {
+                Some(c) if idx.contains_key(c) => errors.push(1, h, "column appears twice in the header"),
+                Some(c) => {
+                    idx.insert(c, i);
+                }
+                None => errors.push(1, h, format!("unknown column; expected {}", columns.join(","))),
+            }
+        }
+        for c in columns {
+            if !idx.contains_key(c) {
+                errors.push(1, c, "missing column in the header");
+            }
+        }
+        if errors.count > 0 {
+            return Ok((0, errors));
+        }
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        let mut rows = 0u64;
+        let mut rec = csv::StringRecord::new();
+        loop {
+            let line = rdr.position().line() + 1;
+            match rdr.read_record(&mut rec) {
+                Ok(false) => break,
+                Ok(true) => {}
+                Err(e) => {
+                    // A malformed record (bad UTF-8, unbalanced quote): report and go on.
+                    let line = e.position().map_or(line, |p| p.line());
+                    errors.push(line, "record", e.to_string());
+                    if matches!(e.kind(), csv::ErrorKind::Io(_)) {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            let line = rec.position().map_or(line, |p| p.line());
+            rows += 1;
+            if rec.len() != headers.len() {
+                errors.push(line, "record", format!("has {} fields, the header has {}", rec.len(), headers.len()));
+                continue;
+            }
+            parse(line, &Row { rec: &rec, idx: &idx }, &mut buf, &mut errors);
+            if buf.len() >= (1 << 20) {
+                if chunks_tx.blocking_send(buf.split().freeze()).is_err() {
+                    break; // the COPY side failed; its error is reported
+                }
+            }
+        }
+        if !buf.is_empty() {
+            let _ = chunks_tx.blocking_send(buf.freeze());
+        }
+        Ok((rows, errors))
+    });
+    let sink = tx.copy_in::<_, Bytes>(copy_sql).await?;
+    futures_util::pin_mut!(sink);
+    let mut copy_result: Result<(), tokio_postgres::Error> = Ok(());
+    while let Some(chunk) = chunks_rx.recv().await {
+        if copy_result.is_ok() {
+            copy_result = sink.send(chunk).await;
+        }
+    }
+    let parsed = parser.await.map_err(|e| ImportError::Io { file: file.to_path_buf(), source: std::io::Error::other(e) })??;
+    copy_result?;
+    sink.as_mut().finish().await?;
+    Ok(parsed)
+}
+
+fn parse_time(row: &Row<'_>, field: &str, line: u64, errors: &mut Errors) -> Result<Option<DateTime<Utc>>, ()> {
+    match row.get(field) {
+        None => Ok(None),
+        Some(s) => match DateTime::parse_from_rfc3339(s) {
+            Ok(t) => Ok(Some(t.with_timezone(&Utc))),
+            Err(e) => {
+                errors.push(line, field, format!("{s:?} is not an RFC 3339 time ({e})"));
+                Err(())
+            }
+        },
+    }
+}
+
+fn parse_amount(row: &Row<'_>, field: &str, digits: u32, line: u64, errors: &mut Errors, non_negative: bool) -> Result<Option<i64>, ()> {
+    match row.get(field) {
+        None => Ok(None),
+        Some(s) => {
+            let r = if non_negative { money::parse_non_negative(s, digits) } else { money::parse_scaled(s, digits) };
+            r.map(Some).map_err(|e| errors.push(line, field, e.to_string()))
+        }
+    }
+}
+
+fn require<'a>(row: &Row<'a>, field: &str, line: u64, errors: &mut Errors) -> Result<&'a str, ()> {
+    row.get(field).ok_or_else(|| errors.push(line, field, "is required"))
+}
+
+async fn begin(client: &mut tokio_postgres::Client) -> Result<tokio_postgres::Transaction<'_>, ImportError> {
+    Ok(client.transaction().await?)
+}
+
+/// Reports every (line, field, reason) row of a diagnostic query.
+async fn collect_sql_errors(
+    tx: &tokio_postgres::Transaction<'_>,
+    sql: &str,
+    errors: &mut Errors,
+) -> Result<(), ImportError> {
+    for r in tx.query(sql, &[]).await? {
+        let line: i64 = r.get(0);
+        let field: String = r.get(1);
+        let reason: String = r.get(2);
+        errors.push(line as u64, &field, reason);
+    }
+    Ok(())
+}
+
+/// Reports lines whose `key` repeats an earlier line of the same staged file.
+async fn collect_duplicates(
+    tx: &tokio_postgres::Transaction<'_>,
+    table: &str,
+    key: &str,
+    field: &str,
+    errors: &mut Errors,
+) -> Result<(), ImportError> {
+    let sql = format!(
+        "SELECT line, '{field}', 'duplicate in this file: same ' || '{field}' || ' as line ' || first_line
+         FROM (SELECT line, min(line) OVER (PARTITION BY {key}) AS first_line FROM {table}) d
+         WHERE line <> first_line ORDER BY line LIMIT {MAX_REPORTED_ERRORS}"
+    );
+    collect_sql_errors(tx, &sql, errors).await
+}
+
+pub async fn import_accounts(db: &Db, config: &Config, file: &Path, as_of: DateTime<Utc>) -> Result<ImportReport, ImportError> {
+    let digits = config.billing.minor_unit_digits;
+    let mut client = db.raw_client().await?;
+    let tx = begin(&mut client).await?;
+    tx.batch_execute(
+        "CREATE TEMP TABLE accounts_staging (line bigint, id text, name text, email text, phone text, locale text,
+           timezone text, cash_balance bigint, credit_quota bigint, low_balance_threshold bigint) ON COMMIT DROP",
+    )
+    .await?;
+    let parse: Parser = Box::new(move |line, row, buf, errors| {
+        let before = errors.count;
+        let id = require(row, "id", line, errors).ok();
+        let name = require(row, "name", line, errors).ok();
+        let email = row.get("email");
+        if let Some(e) = email {
+            if !is_plausible_email(e) {
+                errors.push(line, "email", "is not an email address");
+            }
+        }
+        let phone = row.get("phone");
+        if let Some(p) = phone {
+            if !is_e164(p) {
+                errors.push(line, "phone", "is not an E.164 phone number (+ and 8 to 15 digits)");
+            }
+        }
+        let locale = row.get("locale").unwrap_or("en");
+        if !LOCALES.contains(&locale) {
+            errors.push(line, "locale", format!("{locale:?} is not a supported locale ({})", LOCALES.join(", ")));
+        }
+        let timezone = row.get("timezone").unwrap_or("UTC");
+        if timezone.parse::<Tz>().is_err() {
+            errors.push(line, "timezone", format!("{timezone:?} is not an IANA time zone"));
+        }
+        let cash = parse_amount(row, "cash_balance", digits, line, errors, false).ok().flatten();
+        let credit = parse_amount(row, "credit_quota", digits, line, errors, true).ok().flatten();
+        let threshold = parse_amount(row, "low_balance_threshold", digits, line, errors, true).ok().flatten();
+        if errors.count > before {
+            return;
+        }
+        CopyLine::new(buf)
+            .int(Some(line as i64))
+            .text(id)
+            .text(name)
+            .text(email)
+            .text(phone)
+            .text(Some(locale))
+            .text(Some(timezone))
+            .int(Some(cash.unwrap_or(0)))
+            .int(Some(credit.unwrap_or(0)))
+            .int(threshold)
+            .end();
+    });
+    let (rows, mut errors) = stream_file(&tx, "COPY accounts_staging FROM STDIN", file, ACCOUNT_COLUMNS, parse).await?;
+    collect_duplicates(&tx, "accounts_staging", "id", "id", &mut errors).await?;
+    errors.into_result(file)?;
+    let r = tx
+        .query_one(
+            "WITH upserted AS (
+               INSERT INTO accounts (id, name, email, phone, locale, timezone, cash_balance, credit_quota,
+                                     low_balance_threshold, created_at, updated_at)
+               SELECT id, name, email, phone, locale, timezone, cash_balance, credit_quota, low_balance_threshold, $1, $1
+               FROM accounts_staging
+               ON CONFLICT (id) DO UPDATE SET
+                 name = excluded.name, email = excluded.email, phone = excluded.phone, locale = excluded.locale,
+                 timezone = excluded.timezone, credit_quota = excluded.credit_quota,
+                 low_balance_threshold = excluded.low_balance_threshold, updated_at = excluded.updated_at
+               RETURNING id, cash_balance, (xmax = 0) AS inserted
+             ), opening AS (
+               -- The balance of a new account starts as a ledger entry, so that it always equals
+               -- the ledger's sum. An existing account's balance changes only through the ledger.
+               INSERT INTO ledger_entries (account_id, kind, amount, reference, effective_at)
+               SELECT id, 'opening_balance', cash_balance, 'import', $1 FROM upserted
+               WHERE inserted AND cash_balance <> 0
+             )
+             SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted",
+            &[&as_of],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(ImportReport {
+        kind: ImportKind::Accounts,
+        file: file.display().to_string(),
+        rows,
+        inserted: r.get::<_, i64>(0) as u64,
+        updated: r.get::<_, i64>(1) as u64,
+        already_imported: 0,
+    })
+}
+
+pub async fn import_resources(db: &Db, config: &Config, file: &Path, as_of: DateTime<Utc>) -> Result<ImportReport, ImportError> {
+    let products = config.products.clone();
+    let mut client = db.raw_client().await?;
+    let tx = begin(&mut client).await?;
+    tx.batch_execute(
+        "CREATE TEMP TABLE resources_staging (line bigint, id text, account_id text, product text, billing_mode text,
+           package_quota bigint, package_expires_at timestamptz, payg_enabled boolean, term_ends_at timestamptz)
+         ON COMMIT DROP",
+    )
+    .await?;
+    let parse: Parser = Box::new(move |line, row, buf, errors| {
+        let before = errors.count;
+        let id = require(row, "id", line, errors).ok();
+        let account = require(row, "account_id", line, errors).ok();
+        let product = require(row, "product", line, errors).ok();
+        let product_cfg = product.and_then(|p| {
+            let found = products.get(p);
+            if found.is_none() {
+                let known: Vec<&str> = products.keys().map(String::as_str).collect();
+                errors.push(line, "product", format!("{p:?} is not a configured product ({})", known.join(", ")));
+            }
+            found
+        });
+        let mode = require(row, "billing_mode", line, errors).ok();
+        if let Some(m) = mode {
+            if !["prepaid", "pay_per_use", "package"].contains(&m) {
+                errors.push(line, "billing_mode", format!("{m:?} is not one of prepaid, pay_per_use, package"));
+            }
+        }
+        let quota = parse_amount(row, "package_quota", QUANTITY_DIGITS, line, errors, true).ok().flatten();
+        let expires = parse_time(row, "package_expires_at", line, errors).ok().flatten();
+        let term_ends = parse_time(row, "term_ends_at", line, errors).ok().flatten();
+        let payg = match row.get("payg_enabled").map(str::to_ascii_lowercase).as_deref() {
+            None | Some("false") | Some("0") | Some("no") => Some(false),
+            Some("true") | Some("1") | Some("yes") => Some(true),
+            Some(other) => {
+                errors.push(line, "payg_enabled", format!("{other:?} is not true or false"));
+                None
+            }
+        };
+        if mode == Some("package") {
+            if quota.is_none() {
+                errors.push(line, "package_quota", "is required for a package resource");
+            }
+            if let Some(p) = product_cfg {
+                if p.package_meter.is_none() {
+                    errors.push(line, "billing_mode", format!("product {:?} has no package meter", p.id));
+                }
+            }
+        } else if quota.is_some() || expires.is_some() {
+            let field = if quota.is_some() { "package_quota" } else { "package_expires_at" };
+            errors.push(line, field, "is only for package resources");
+        }
+        if errors.count > before {
+            return;
+        }
+        CopyLine::new(buf)
+            .int(Some(line as i64))
+            .text(id)
+            .text(account)
+            .text(product)
+            .text(mode)
+            .int(quota)
+            .time(expires)
+            .text(payg.map(|b| if b { "t" } else { "f" }))
+            .time(term_ends)
+            .end();
+    });
+    let (rows, mut errors) = stream_file(&tx, "COPY resources_staging FROM STDIN", file, RESOURCE_COLUMNS, parse).await?;
+    collect_duplicates(&tx, "resources_staging", "account_id, id", "id", &mut errors).await?;
+    collect_sql_errors(
+        &tx,
+        &format!(
+            "SELECT s.line, 'account_id', 'unknown account ' || quote_literal(s.account_id)
+             FROM resources_staging s LEFT JOIN accounts a ON a.id = s.account_id WHERE a.id IS NULL
+             UNION ALL
+             SELECT s.line, 'product', 'resource exists with product ' || quote_literal(r.product) || ', which cannot change'
+             FROM resources_staging s JOIN resources r ON (r.account_id, r.id) = (s.account_id, s.id)
+             WHERE r.product <> s.product
+             UNION ALL
+             SELECT s.line, 'billing_mode', 'resource exists with billing mode ' || r.billing_mode || ', which cannot change'
+             FROM resources_staging s JOIN resources r ON (r.account_id, r.id) = (s.account_id, s.id)
+             WHERE r.billing_mode <> s.billing_mode
+             UNION ALL
+             SELECT s.line, 'id', 'resource was released and cannot be changed'
+             FROM resources_staging s JOIN resources r ON (r.account_id, r.id) = (s.account_id, s.id)
+             WHERE r.state = 'released'
+             LIMIT {MAX_REPORTED_ERRORS}"
+        ),
+        &mut errors,
+    )
+    .await?;
+    errors.into_result(file)?;
+    let r = tx
+        .query_one(
+            "WITH upserted AS (
+               INSERT INTO resources (account_id, id, product, billing_mode, package_quota, package_expires_at,
+                                      payg_enabled, term_ends_at, created_at, updated_at)
+               SELECT account_id, id, product, billing_mode, package_quota, package_expires_at, payg_enabled,
+                      term_ends_at, $1, $1
+               FROM resources_staging
+               ON CONFLICT (account_id, id) DO UPDATE SET
+                 package_quota = excluded.package_quota, package_expires_at = excluded.package_expires_at,
+                 payg_enabled = excluded.payg_enabled, term_ends_at = excluded.term_ends_at,
+                 updated_at = excluded.updated_at
+               RETURNING (xmax = 0) AS inserted
+             )
+             SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted",
+            &[&as_of],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(ImportReport {
+        kind: ImportKind::Resources,
+        file: file.display().to_string(),
+        rows,
+        inserted: r.get::<_, i64>(0) as u64,
+        updated: r.get::<_, i64>(1) as u64,
+        already_imported: 0,
+    })
+}
+
+/// The conditions under which a staged usage row `s` of resource `r` is accepted, shared by
+/// the insert and the diagnostics so the two can never disagree.
+const USAGE_ACCEPTED: &str = "(r.state <> 'released' OR s.started_at < r.released_at)
+     AND (r.state <> 'suspended' OR s.started_at < r.suspended_at)
+     AND (r.unsubscribed_at IS NULL OR s.started_at < r.unsubscribed_at)";
+
+pub async fn import_usage(db: &Db, config: &Config, file: &Path, as_of: DateTime<Utc>) -> Result<ImportReport, ImportError> {
+    let tz = config.billing.time_zone;
+    let latest_end = as_of + chrono::Duration::seconds(FUTURE_TOLERANCE_SECS);
+    let mut client = db.raw_client().await?;
+    let tx = begin(&mut client).await?;
+    tx.batch_execute(
+        "CREATE TEMP TABLE usage_staging (line bigint, event_id text, account_id text, resource_id text, meter text,
+           quantity bigint, started_at timestamptz, ended_at timestamptz, usage_day date) ON COMMIT DROP",
+    )
+    .await?;
+    let parse: Parser = Box::new(move |line, row, buf, errors| {
+        let before = errors.count;
+        let event = require(row, "event_id", line, errors).ok();
+        let account = require(row, "account_id", line, errors).ok();
+        let resource = require(row, "resource_id", line, errors).ok();
+        let meter = require(row, "meter", line, errors).ok();
+        let quantity = match row.get("quantity") {
+            None => {
+                errors.push(line, "quantity", "is required");
+                None
+            }
+            Some(q) => money::parse_non_negative(q, QUANTITY_DIGITS).map_err(|e| errors.push(line, "quantity", e.to_string())).ok(),
+        };
+        let started = parse_time(row, "started_at", line, errors).ok().flatten();
+        let ended = parse_time(row, "ended_at", line, errors).ok().flatten();
+        for (f, v) in [("started_at", started), ("ended_at", ended)] {
+            if v.is_none() && row.get(f).is_none() {
+                errors.push(line, f, "is required");
+            }
+        }
+        if let (Some(s), Some(e)) = (started, ended) {
+            if e < s {
+                errors.push(line, "ended_at", "is before started_at");
+            } else if e > latest_end {
+                errors.push(line, "ended_at", format!("is in the future (after the import instant {as_of})"));
+            }
+        }
+        if errors.count > before {
+            return;
+        }
+        let day = ended.map(|e| billing_day_of(e, tz).to_string());
+        CopyLine::new(buf)
+            .int(Some(line as i64))
+            .text(event)
+            .text(account)
+            .text(resource)
+            .text(meter)
+            .int(quantity)
+            .time(started)
+            .time(ended)
+            .text(day.as_deref())
+            .end();
+    });
+    let (rows, mut errors) = stream_file(&tx, "COPY usage_staging FROM STDIN", file, USAGE_COLUMNS, parse).await?;
+    let staged: i64 = tx.query_one("SELECT count(*) FROM usage_staging", &[]).await?.get(0);
+    let inserted = if errors.count == 0 {
+        tx.execute(
+            &format!(
+                "INSERT INTO usage_records (account_id, event_id, resource_id, meter, quantity, started_at, ended_at,
+                                            usage_day, imported_at)
+                 SELECT s.account_id, s.event_id, s.resource_id, s.meter, s.quantity, s.started_at, s.ended_at,
+                        s.usage_day, $1
+                 FROM usage_staging s
+                 JOIN resources r ON r.account_id = s.account_id AND r.id = s.resource_id
+                 JOIN prices p ON p.product = r.product AND p.meter = s.meter
+                 WHERE {USAGE_ACCEPTED}
+                 ON CONFLICT (account_id, event_id) DO NOTHING"
+            ),
+            &[&as_of],
+        )
+        .await?
+    } else {
+        0
+    };
+    if errors.count > 0 || inserted < staged as u64 {
+        // Slow path: find out why rows were left out.
+        collect_duplicates(&tx, "usage_staging", "event_id", "event_id", &mut errors).await?;
+        collect_sql_errors(
+            &tx,
+            &format!(
+                "SELECT s.line,
+                   CASE WHEN a.id IS NULL THEN 'account_id' WHEN r.id IS NULL THEN 'resource_id'
+                        WHEN p.meter IS NULL THEN 'meter' ELSE 'started_at' END,
+                   CASE WHEN a.id IS NULL THEN 'unknown account ' || quote_literal(s.account_id)
+                        WHEN r.id IS NULL THEN 'unknown resource ' || quote_literal(s.resource_id) || ' of account ' || quote_literal(s.account_id)
+                        WHEN p.meter IS NULL THEN 'meter ' || quote_literal(s.meter) || ' has no price in product ' || r.product
+                        WHEN r.state = 'released' AND s.started_at >= r.released_at THEN 'resource was released at ' || r.released_at
+                        WHEN r.state = 'suspended' AND s.started_at >= r.suspended_at THEN 'resource was suspended (' || r.state_reason || ') at ' || r.suspended_at || '; usage starting after that is refused'
+                        ELSE 'resource was unsubscribed at ' || r.unsubscribed_at END
+                 FROM usage_staging s
+                 LEFT JOIN accounts a ON a.id = s.account_id
+                 LEFT JOIN resources r ON r.account_id = s.account_id AND r.id = s.resource_id
+                 LEFT JOIN prices p ON p.product = r.product AND p.meter = s.meter
+                 WHERE a.id IS NULL OR r.id IS NULL OR p.meter IS NULL OR NOT ({USAGE_ACCEPTED})
+                 ORDER BY s.line LIMIT {MAX_REPORTED_ERRORS}"
+            ),
+            &mut errors,
+        )
+        .await?;
+        errors.into_result(file)?;
+    }
+    tx.commit().await?;
+    Ok(ImportReport {
+        kind: ImportKind::Usage,
+        file: file.display().to_string(),
+        rows,
+        inserted,
+        updated: 0,
+        already_imported: staged as u64 - inserted,
+    })
+}
+
+fn is_plausible_email(s: &str) -> bool {
+    match s.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+                && !s.chars().any(|c| c.is_whitespace() || c == ',')
+        }
+        None => false,
+    }
+}
+
+fn is_e164(s: &str) -> bool {
+    s.strip_prefix('+').is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// Masks an email address or phone number for logs: keeps the first character and the domain
+/// of an address, the last two digits of a number.
+pub fn mask_contact(s: &str) -> String {
+    if let Some((local, domain)) = s.split_once('@') {
+        let first = local.chars().next().unwrap_or('*');
+        format!("{first}***@{domain}")
+    } else {
+        let tail: String = s.chars().rev().take(2).collect::<Vec<_>>().into_iter().rev().collect();
+        format!("***{tail}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contact_checks() {
+        assert!(is_plausible_email("a@example.com"));
+        assert!(!is_plausible_email("a@b"));
+        assert!(!is_plausible_email("no-at.example.com"));
+        assert!(is_e164("+8613800138000"));
+        assert!(!is_e164("13800138000"));
+        assert_eq!(mask_contact("alice@example.com"), "a***@example.com");
+        assert_eq!(mask_contact("+8613800138000"), "***00");
+    }
+
+    #[test]
+    fn copy_text_escapes_separators() {
+        let mut b = BytesMut::new();
+        CopyLine::new(&mut b).text(Some("a\tb\\c\nd")).int(None).int(Some(-5)).end();
+        assert_eq!(&b[..], b"a\\tb\\\\c\\nd\t\\N\t-5\n");
+    }
+}

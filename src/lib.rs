@@ -1,0 +1,10 @@
+//! arrears: the billing-arrears lifecycle engine of a cloud provider. Daily bills from
+//! metered usage, arrears, and (in later modules) alerts, suspension, release and restore.
+
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod import;
+pub mod jobs;
+pub mod ledger;
+pub mod queries;

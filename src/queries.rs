@@ -1,0 +1,317 @@
+//! Read-only views for the CLI and, later, the HTTP API: an account's status and its bills.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use serde::Serialize;
+
+use crate::db::schema::{accounts, bill_lines, bills, coupons, ledger_entries, resources};
+use crate::db::{Db, DbError};
+use crate::domain::money::{format_quantity, format_scaled, PRICE_DIGITS};
+use crate::import::mask_contact;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResourceView {
+    pub id: String,
+    pub product: String,
+    pub billing_mode: String,
+    pub state: String,
+    pub reason: Option<String>,
+    pub package_quota: Option<String>,
+    pub package_used: String,
+    pub package_expires_at: Option<DateTime<Utc>>,
+    pub payg_enabled: bool,
+    pub term_ends_at: Option<DateTime<Utc>>,
+    pub suspended_at: Option<DateTime<Utc>>,
+    pub released_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CouponView {
+    pub id: i64,
+    pub kind: String,
+    pub amount: String,
+    pub remaining: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AccountView {
+    pub id: String,
+    pub name: String,
+    /// Masked: the CLI's output may end up in logs.
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub locale: String,
+    pub timezone: String,
+    pub state: String,
+    pub cash_balance: String,
+    pub credit_quota: String,
+    pub low_balance_threshold: Option<String>,
+    /// Sum of the account's ledger entries: always equal to cash_balance.
+    pub ledger_sum: String,
+    pub compliance_locked: bool,
+    pub legal_hold: bool,
+    pub arrears_since: Option<DateTime<Utc>>,
+    pub suspended_at: Option<DateTime<Utc>>,
+    pub resources: Vec<ResourceView>,
+    pub coupons: Vec<CouponView>,
+}
+
+#[derive(Queryable)]
+struct AccountRow {
+    id: String,
+    name: String,
+    email: Option<String>,
+    phone: Option<String>,
+    locale: String,
+    timezone: String,
+    cash_balance: i64,
+    credit_quota: i64,
+    low_balance_threshold: Option<i64>,
+    state: String,
+    compliance_locked: bool,
+    legal_hold: bool,
+    arrears_since: Option<DateTime<Utc>>,
+    suspended_at: Option<DateTime<Utc>>,
+}
+
+pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountView>, DbError> {
+    let mut conn = db.conn().await?;
+    let row: Option<AccountRow> = accounts::table
+        .find(id)
+        .select((
+            accounts::id,
+            accounts::name,
+            accounts::email,
+            accounts::phone,
+            accounts::locale,
+            accounts::timezone,
+            accounts::cash_balance,
+            accounts::credit_quota,
+            accounts::low_balance_threshold,
+            accounts::state,
+            accounts::compliance_locked,
+            accounts::legal_hold,
+            accounts::arrears_since,
+            accounts::suspended_at,
+        ))
+        .first(&mut conn)
+        .await
+        .optional()?;
+    let Some(a) = row else { return Ok(None) };
+    // sum(bigint) is numeric in PostgreSQL; the cast back is exact for any real balance.
+    let ledger_sum: i64 = ledger_entries::table
+        .filter(ledger_entries::account_id.eq(id))
+        .select(diesel::dsl::sql::<diesel::sql_types::BigInt>("coalesce(sum(amount), 0)::bigint"))
+        .first(&mut conn)
+        .await?;
+    type ResRow = (
+        String,
+        String,
+        String,
+        String,
+        Option<String>,
+        Option<i64>,
+        i64,
+        Option<DateTime<Utc>>,
+        bool,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+        Option<DateTime<Utc>>,
+    );
+    let res: Vec<ResRow> = resources::table
+        .filter(resources::account_id.eq(id))
+        .order(resources::id)
+        .select((
+            resources::id,
+            resources::product,
+            resources::billing_mode,
+            resources::state,
+            resources::state_reason,
+            resources::package_quota,
+            resources::package_used,
+            resources::package_expires_at,
+            resources::payg_enabled,
+            resources::term_ends_at,
+            resources::suspended_at,
+            resources::released_at,
+        ))
+        .load(&mut conn)
+        .await?;
+    let cps: Vec<(i64, String, i64, i64, DateTime<Utc>)> = coupons::table
+        .filter(coupons::account_id.eq(id))
+        .order(coupons::id)
+        .select((coupons::id, coupons::kind, coupons::amount, coupons::remaining, coupons::expires_at))
+        .load(&mut conn)
+        .await?;
+    Ok(Some(AccountView {
+        id: a.id,
+        name: a.name,
+        email: a.email.as_deref().map(mask_contact),
+        phone: a.phone.as_deref().map(mask_contact),
+        locale: a.locale,
+        timezone: a.timezone,
+        state: a.state,
+        cash_balance: format_scaled(a.cash_balance, digits),
+        credit_quota: format_scaled(a.credit_quota, digits),
+        low_balance_threshold: a.low_balance_threshold.map(|t| format_scaled(t, digits)),
+        ledger_sum: format_scaled(ledger_sum, digits),
+        compliance_locked: a.compliance_locked,
+        legal_hold: a.legal_hold,
+        arrears_since: a.arrears_since,
+        suspended_at: a.suspended_at,
+        resources: res
+            .into_iter()
+            .map(|r| ResourceView {
+                id: r.0,
+                product: r.1,
+                billing_mode: r.2,
+                state: r.3,
+                reason: r.4,
+                package_quota: r.5.map(format_quantity),
+                package_used: format_quantity(r.6),
+                package_expires_at: r.7,
+                payg_enabled: r.8,
+                term_ends_at: r.9,
+                suspended_at: r.10,
+                released_at: r.11,
+            })
+            .collect(),
+        coupons: cps
+            .into_iter()
+            .map(|c| CouponView {
+                id: c.0,
+                kind: c.1,
+                amount: format_scaled(c.2, digits),
+                remaining: format_scaled(c.3, digits),
+                expires_at: c.4,
+            })
+            .collect(),
+    }))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BillLineView {
+    pub resource_id: String,
+    pub meter: String,
+    pub records: i32,
+    pub quantity: String,
+    pub included_quantity: String,
+    pub billed_quantity: String,
+    pub unbilled_quantity: String,
+    pub unit_price: String,
+    pub amount: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CouponUseView {
+    pub coupon_id: i64,
+    pub amount: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BillView {
+    pub bill_day: NaiveDate,
+    pub issued_at: DateTime<Utc>,
+    pub total: String,
+    pub paid_cash_coupons: String,
+    pub paid_general_coupons: String,
+    pub paid_cash: String,
+    pub records: i32,
+    pub late_records: i32,
+    pub lines: Vec<BillLineView>,
+    pub coupon_uses: Vec<CouponUseView>,
+}
+
+pub async fn bills(
+    db: &Db,
+    digits: u32,
+    account_id: &str,
+    from: Option<NaiveDate>,
+    to: Option<NaiveDate>,
+) -> Result<Vec<BillView>, DbError> {
+    let mut conn = db.conn().await?;
+    let mut q = bills::table.filter(bills::account_id.eq(account_id)).into_boxed();
+    if let Some(f) = from {
+        q = q.filter(bills::bill_day.ge(f));
+    }
+    if let Some(t) = to {
+        q = q.filter(bills::bill_day.le(t));
+    }
+    let rows: Vec<(NaiveDate, DateTime<Utc>, i64, i64, i64, i64, i32, i32)> = q
+        .order(bills::bill_day)
+        .select((
+            bills::bill_day,
+            bills::issued_at,
+            bills::total,
+            bills::paid_cash_coupons,
+            bills::paid_general_coupons,
+            bills::paid_cash,
+            bills::records,
+            bills::late_records,
+        ))
+        .load(&mut conn)
+        .await?;
+    let days: Vec<NaiveDate> = rows.iter().map(|r| r.0).collect();
+    type LineRow = (NaiveDate, String, String, i32, i64, i64, i64, i64, i64, i64);
+    let lines: Vec<LineRow> = bill_lines::table
+        .filter(bill_lines::account_id.eq(account_id))
+        .filter(bill_lines::bill_day.eq_any(&days))
+        .order((bill_lines::bill_day, bill_lines::resource_id, bill_lines::meter))
+        .select((
+            bill_lines::bill_day,
+            bill_lines::resource_id,
+            bill_lines::meter,
+            bill_lines::records,
+            bill_lines::quantity,
+            bill_lines::included_quantity,
+            bill_lines::billed_quantity,
+            bill_lines::unbilled_quantity,
+            bill_lines::unit_price_nanos,
+            bill_lines::amount,
+        ))
+        .load(&mut conn)
+        .await?;
+    let uses: Vec<(Option<NaiveDate>, Option<i64>, i64)> = ledger_entries::table
+        .filter(ledger_entries::account_id.eq(account_id))
+        .filter(ledger_entries::kind.eq("coupon_use"))
+        .filter(ledger_entries::bill_day.eq_any(&days))
+        .order(ledger_entries::id)
+        .select((ledger_entries::bill_day, ledger_entries::coupon_id, ledger_entries::amount))
+        .load(&mut conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| BillView {
+            bill_day: r.0,
+            issued_at: r.1,
+            total: format_scaled(r.2, digits),
+            paid_cash_coupons: format_scaled(r.3, digits),
+            paid_general_coupons: format_scaled(r.4, digits),
+            paid_cash: format_scaled(r.5, digits),
+            records: r.6,
+            late_records: r.7,
+            lines: lines
+                .iter()
+                .filter(|l| l.0 == r.0)
+                .map(|l| BillLineView {
+                    resource_id: l.1.clone(),
+                    meter: l.2.clone(),
+                    records: l.3,
+                    quantity: format_quantity(l.4),
+                    included_quantity: format_quantity(l.5),
+                    billed_quantity: format_quantity(l.6),
+                    unbilled_quantity: format_quantity(l.7),
+                    unit_price: format_scaled(l.8, PRICE_DIGITS),
+                    amount: format_scaled(l.9, digits),
+                })
+                .collect(),
+            coupon_uses: uses
+                .iter()
+                .filter(|u| u.0 == Some(r.0))
+                .map(|u| CouponUseView { coupon_id: u.1.unwrap_or_default(), amount: format_scaled(u.2, digits) })
+                .collect(),
+        })
+        .collect())
+}
