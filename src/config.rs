@@ -16,11 +16,18 @@ pub const EXAMPLE_CONFIG: &str = include_str!("../arrears.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read configuration file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{origin}: {message}")]
     Syntax { origin: String, message: String },
     #[error("{origin}: key `{key}`: {message}")]
-    Invalid { origin: String, key: String, message: String },
+    Invalid {
+        origin: String,
+        key: String,
+        message: String,
+    },
     #[error("environment variable {var}: {message}")]
     Env { var: String, message: String },
 }
@@ -68,7 +75,10 @@ fn default_pool() -> usize {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { url: None, pool_size: default_pool() }
+        DatabaseConfig {
+            url: None,
+            pool_size: default_pool(),
+        }
     }
 }
 
@@ -85,7 +95,9 @@ fn default_state_dir() -> PathBuf {
 
 impl Default for EmbeddedConfig {
     fn default() -> Self {
-        EmbeddedConfig { state_dir: default_state_dir() }
+        EmbeddedConfig {
+            state_dir: default_state_dir(),
+        }
     }
 }
 
@@ -165,29 +177,46 @@ impl Config {
         Self::load_with_env(path, &env)
     }
 
-    pub fn load_with_env(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+    pub fn load_with_env(
+        path: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
         let (text, origin) = match path {
             Some(p) => (
-                std::fs::read_to_string(p).map_err(|source| ConfigError::Read { path: p.to_path_buf(), source })?,
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
                 p.display().to_string(),
             ),
-            None => (EXAMPLE_CONFIG.to_string(), "built-in example configuration".to_string()),
+            None => (
+                EXAMPLE_CONFIG.to_string(),
+                "built-in example configuration".to_string(),
+            ),
         };
         Self::from_toml(&text, &origin, env)
     }
 
-    pub fn from_toml(text: &str, origin: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
-        let mut table: toml::Table = text
-            .parse()
-            .map_err(|e: toml::de::Error| ConfigError::Syntax { origin: origin.to_string(), message: e.to_string() })?;
+    pub fn from_toml(
+        text: &str,
+        origin: &str,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    origin: origin.to_string(),
+                    message: e.to_string(),
+                })?;
         apply_env_overrides(&mut table, env)?;
-        let raw: RawConfig = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-            ConfigError::Invalid {
-                origin: origin.to_string(),
-                key: e.path().to_string(),
-                message: e.inner().to_string(),
-            }
-        })?;
+        let raw: RawConfig =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Invalid {
+                    origin: origin.to_string(),
+                    key: e.path().to_string(),
+                    message: e.inner().to_string(),
+                }
+            })?;
         validate(raw, origin)
     }
 
@@ -196,9 +225,13 @@ impl Config {
     }
 }
 
-fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), ConfigError> {
+fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: &[(String, String)],
+) -> Result<(), ConfigError> {
     for (var, value) in env {
-        let path: Vec<String> = if let Some((_, p)) = FIXED_ENV.iter().find(|(name, _)| name == var) {
+        let path: Vec<String> = if let Some((_, p)) = FIXED_ENV.iter().find(|(name, _)| name == var)
+        {
             p.iter().map(|s| s.to_string()).collect()
         } else if let Some(rest) = var.strip_prefix("ARREARS_") {
             if NON_KEY_ENV.contains(&var.as_str()) {
@@ -214,12 +247,17 @@ fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Res
             continue;
         };
         if path.iter().any(|p| p.is_empty()) {
-            return Err(ConfigError::Env { var: var.clone(), message: "empty key segment".into() });
+            return Err(ConfigError::Env {
+                var: var.clone(),
+                message: "empty key segment".into(),
+            });
         }
         let parsed = parse_env_value(value);
         let mut cur = &mut *table;
         for seg in &path[..path.len() - 1] {
-            let entry = cur.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let entry = cur
+                .entry(seg.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
             cur = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
                 var: var.clone(),
                 message: format!("`{seg}` is not a section"),
@@ -235,7 +273,9 @@ fn apply_env_overrides(table: &mut toml::Table, env: &[(String, String)]) -> Res
 fn parse_env_value(value: &str) -> toml::Value {
     let doc = format!("v = {value}");
     match doc.parse::<toml::Table>() {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(value.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(value.to_string())),
         Err(_) => toml::Value::String(value.to_string()),
     }
 }
@@ -246,40 +286,77 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         key: key.to_string(),
         message,
     };
-    let time_zone: Tz = raw
-        .billing
-        .time_zone
-        .parse()
-        .map_err(|_| invalid("billing.time_zone", format!("{:?} is not an IANA time zone", raw.billing.time_zone)))?;
-    if raw.billing.currency.len() != 3 || !raw.billing.currency.bytes().all(|b| b.is_ascii_uppercase()) {
-        return Err(invalid("billing.currency", format!("{:?} is not an ISO 4217 code", raw.billing.currency)));
+    let time_zone: Tz = raw.billing.time_zone.parse().map_err(|_| {
+        invalid(
+            "billing.time_zone",
+            format!("{:?} is not an IANA time zone", raw.billing.time_zone),
+        )
+    })?;
+    if raw.billing.currency.len() != 3
+        || !raw.billing.currency.bytes().all(|b| b.is_ascii_uppercase())
+    {
+        return Err(invalid(
+            "billing.currency",
+            format!("{:?} is not an ISO 4217 code", raw.billing.currency),
+        ));
     }
     if raw.billing.minor_unit_digits > 4 {
-        return Err(invalid("billing.minor_unit_digits", "must be between 0 and 4".into()));
+        return Err(invalid(
+            "billing.minor_unit_digits",
+            "must be between 0 and 4".into(),
+        ));
     }
     if raw.billing.batch_size == 0 {
-        return Err(invalid("billing.batch_size", "must be greater than 0".into()));
+        return Err(invalid(
+            "billing.batch_size",
+            "must be greater than 0".into(),
+        ));
     }
     if raw.database.pool_size == 0 {
-        return Err(invalid("database.pool_size", "must be greater than 0".into()));
+        return Err(invalid(
+            "database.pool_size",
+            "must be greater than 0".into(),
+        ));
     }
     if raw.products.is_empty() {
-        return Err(invalid("products", "at least one product is required".into()));
+        return Err(invalid(
+            "products",
+            "at least one product is required".into(),
+        ));
     }
     let mut products = BTreeMap::new();
     for (id, p) in raw.products {
         let key = |k: &str| format!("products.{id}.{k}");
-        if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
-            return Err(invalid(&format!("products.{id}"), "product ids use letters, digits, '_' and '-'".into()));
+        if !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        {
+            return Err(invalid(
+                &format!("products.{id}"),
+                "product ids use letters, digits, '_' and '-'".into(),
+            ));
         }
         if p.policy.release_warnings.is_empty() {
-            return Err(invalid(&key("policy.release_warnings"), "at least one warning is required (R9)".into()));
+            return Err(invalid(
+                &key("policy.release_warnings"),
+                "at least one warning is required (R9)".into(),
+            ));
         }
-        if p.policy.release_warnings.iter().any(|w| *w >= p.policy.retention) {
-            return Err(invalid(&key("policy.release_warnings"), "every warning must come before the end of retention".into()));
+        if p.policy
+            .release_warnings
+            .iter()
+            .any(|w| *w >= p.policy.retention)
+        {
+            return Err(invalid(
+                &key("policy.release_warnings"),
+                "every warning must come before the end of retention".into(),
+            ));
         }
         if p.prices.is_empty() {
-            return Err(invalid(&key("prices"), "a product needs at least one price".into()));
+            return Err(invalid(
+                &key("prices"),
+                "a product needs at least one price".into(),
+            ));
         }
         let mut prices: Vec<Price> = Vec::new();
         for (i, pr) in p.prices.into_iter().enumerate() {
@@ -288,7 +365,10 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
                 return Err(invalid(&format!("{pk}.meter"), "must not be empty".into()));
             }
             if prices.iter().any(|q| q.meter == pr.meter) {
-                return Err(invalid(&format!("{pk}.meter"), format!("meter {:?} is priced twice", pr.meter)));
+                return Err(invalid(
+                    &format!("{pk}.meter"),
+                    format!("meter {:?} is priced twice", pr.meter),
+                ));
             }
             let nanos = money::parse_non_negative(&pr.unit_price, PRICE_DIGITS)
                 .map_err(|e| invalid(&format!("{pk}.unit_price"), e.to_string()))?;
@@ -301,12 +381,21 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         }
         if let Some(m) = &p.package_meter {
             if !prices.iter().any(|q| &q.meter == m) {
-                return Err(invalid(&key("package_meter"), format!("{m:?} has no price in this product")));
+                return Err(invalid(
+                    &key("package_meter"),
+                    format!("{m:?} has no price in this product"),
+                ));
             }
         }
         products.insert(
             id.clone(),
-            Product { id, name: p.name, package_meter: p.package_meter, policy: p.policy, prices },
+            Product {
+                id,
+                name: p.name,
+                package_meter: p.package_meter,
+                policy: p.policy,
+                prices,
+            },
         );
     }
     Ok(Config {
@@ -328,7 +417,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -337,7 +429,13 @@ mod tests {
         assert_eq!(c.billing.time_zone, chrono_tz::Asia::Shanghai);
         assert_eq!(c.products["lcic"].policy.grace.seconds(), 86_400);
         assert_eq!(c.products["sa"].policy.retention.seconds(), 15 * 86_400);
-        assert_eq!(c.products["lcic"].price("classroom_minutes").unwrap().unit_price_nanos, 15_000_000);
+        assert_eq!(
+            c.products["lcic"]
+                .price("classroom_minutes")
+                .unwrap()
+                .unit_price_nanos,
+            15_000_000
+        );
     }
 
     #[test]
@@ -362,21 +460,39 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let cases = [
-            ("ARREARS_BILLING__TIME_ZONE", "Mars/Olympus", "billing.time_zone"),
-            ("ARREARS_PRODUCTS__SA__POLICY__GRACE", "0d", "products.sa.policy.grace"),
+            (
+                "ARREARS_BILLING__TIME_ZONE",
+                "Mars/Olympus",
+                "billing.time_zone",
+            ),
+            (
+                "ARREARS_PRODUCTS__SA__POLICY__GRACE",
+                "0d",
+                "products.sa.policy.grace",
+            ),
             ("ARREARS_BILLING__BATCH_SIZE", "0", "billing.batch_size"),
             ("ARREARS_BILLING__NOPE", "1", "billing"),
-            ("ARREARS_PRODUCTS__SA__POLICY__RETENTION", "1d", "products.sa.policy.release_warnings"),
+            (
+                "ARREARS_PRODUCTS__SA__POLICY__RETENTION",
+                "1d",
+                "products.sa.policy.release_warnings",
+            ),
         ];
         for (var, value, key) in cases {
-            let err = Config::from_toml(EXAMPLE_CONFIG, "example", &env(&[(var, value)])).unwrap_err();
+            let err =
+                Config::from_toml(EXAMPLE_CONFIG, "example", &env(&[(var, value)])).unwrap_err();
             match &err {
-                ConfigError::Invalid { key: k, .. } => assert!(k.starts_with(key), "{var}: key {k} in {err}"),
+                ConfigError::Invalid { key: k, .. } => {
+                    assert!(k.starts_with(key), "{var}: key {k} in {err}")
+                }
                 other => panic!("{var}: unexpected {other}"),
             }
         }
-        let bad_price = EXAMPLE_CONFIG.replacen("unit_price = \"0.0150\"", "unit_price = \"cheap\"", 1);
-        let err = Config::from_toml(&bad_price, "f.toml", &[]).unwrap_err().to_string();
+        let bad_price =
+            EXAMPLE_CONFIG.replacen("unit_price = \"0.0150\"", "unit_price = \"cheap\"", 1);
+        let err = Config::from_toml(&bad_price, "f.toml", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("products.lcic.prices[0].unit_price"), "{err}");
     }
 }

@@ -44,9 +44,16 @@ impl fmt::Display for LineError {
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
     #[error("{file}: {count} bad line(s), nothing imported")]
-    BadRows { file: PathBuf, count: usize, errors: Vec<LineError> },
+    BadRows {
+        file: PathBuf,
+        count: usize,
+        errors: Vec<LineError>,
+    },
     #[error("{file}: {source}")]
-    Io { file: PathBuf, source: std::io::Error },
+    Io {
+        file: PathBuf,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -76,12 +83,36 @@ pub struct ImportReport {
     pub already_imported: u64,
 }
 
-const ACCOUNT_COLUMNS: &[&str] =
-    &["id", "name", "email", "phone", "locale", "timezone", "cash_balance", "credit_quota", "low_balance_threshold"];
-const RESOURCE_COLUMNS: &[&str] = &[
-    "id", "account_id", "product", "billing_mode", "package_quota", "package_expires_at", "payg_enabled", "term_ends_at",
+const ACCOUNT_COLUMNS: &[&str] = &[
+    "id",
+    "name",
+    "email",
+    "phone",
+    "locale",
+    "timezone",
+    "cash_balance",
+    "credit_quota",
+    "low_balance_threshold",
 ];
-const USAGE_COLUMNS: &[&str] = &["event_id", "account_id", "resource_id", "meter", "quantity", "started_at", "ended_at"];
+const RESOURCE_COLUMNS: &[&str] = &[
+    "id",
+    "account_id",
+    "product",
+    "billing_mode",
+    "package_quota",
+    "package_expires_at",
+    "payg_enabled",
+    "term_ends_at",
+];
+const USAGE_COLUMNS: &[&str] = &[
+    "event_id",
+    "account_id",
+    "resource_id",
+    "meter",
+    "quantity",
+    "started_at",
+    "ended_at",
+];
 
 pub const LOCALES: &[&str] = &["en", "zh-CN"];
 
@@ -109,7 +140,11 @@ impl Errors {
     fn push(&mut self, line: u64, field: &str, reason: impl Into<String>) {
         self.count += 1;
         if self.kept.len() < MAX_REPORTED_ERRORS {
-            self.kept.push(LineError { line, field: field.to_string(), reason: reason.into() });
+            self.kept.push(LineError {
+                line,
+                field: field.to_string(),
+                reason: reason.into(),
+            });
         }
     }
 
@@ -117,8 +152,13 @@ impl Errors {
         if self.count == 0 {
             return Ok(());
         }
-        self.kept.sort_by(|a, b| (a.line, &a.field).cmp(&(b.line, &b.field)));
-        Err(ImportError::BadRows { file: file.to_path_buf(), count: self.count, errors: self.kept })
+        self.kept
+            .sort_by(|a, b| (a.line, &a.field).cmp(&(b.line, &b.field)));
+        Err(ImportError::BadRows {
+            file: file.to_path_buf(),
+            count: self.count,
+            errors: self.kept,
+        })
     }
 }
 
@@ -186,23 +226,41 @@ async fn stream_file(
     columns: &'static [&'static str],
     mut parse: Parser,
 ) -> Result<(u64, Errors), ImportError> {
-    let io_err = |source| ImportError::Io { file: file.to_path_buf(), source };
+    let io_err = |source| ImportError::Io {
+        file: file.to_path_buf(),
+        source,
+    };
     let reader = std::fs::File::open(file).map_err(io_err)?;
     let (chunks_tx, mut chunks_rx) = mpsc::channel::<Bytes>(8);
     let path = file.to_path_buf();
     let parser = tokio::task::spawn_blocking(move || -> Result<(u64, Errors), ImportError> {
-        let mut rdr = csv::ReaderBuilder::new().has_headers(true).flexible(true).from_reader(std::io::BufReader::with_capacity(1 << 20, reader));
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(true)
+            .flexible(true)
+            .from_reader(std::io::BufReader::with_capacity(1 << 20, reader));
         let mut errors = Errors::default();
-        let headers = rdr.headers().map_err(|e| ImportError::Io { file: path.clone(), source: e.into() })?.clone();
+        let headers = rdr
+            .headers()
+            .map_err(|e| ImportError::Io {
+                file: path.clone(),
+                source: e.into(),
+            })?
+            .clone();
         let mut idx: HashMap<&'static str, usize> = HashMap::new();
         for (i, h) in headers.iter().enumerate() {
             let h = h.trim().trim_start_matches('\u{feff}');
             match columns.iter().find(|c| **c == h) {
-                Some(c) if idx.contains_key(c) => errors.push(1, h, "column appears twice in the header"),
+                Some(c) if idx.contains_key(c) => {
+                    errors.push(1, h, "column appears twice in the header")
+                }
                 Some(c) => {
                     idx.insert(c, i);
                 }
-                None => errors.push(1, h, format!("unknown column; expected {}", columns.join(","))),
+                None => errors.push(
+                    1,
+                    h,
+                    format!("unknown column; expected {}", columns.join(",")),
+                ),
             }
         }
         for c in columns {
@@ -234,10 +292,22 @@ async fn stream_file(
             let line = rec.position().map_or(line, |p| p.line());
             rows += 1;
             if rec.len() != headers.len() {
-                errors.push(line, "record", format!("has {} fields, the header has {}", rec.len(), headers.len()));
+                errors.push(
+                    line,
+                    "record",
+                    format!("has {} fields, the header has {}", rec.len(), headers.len()),
+                );
                 continue;
             }
-            parse(line, &Row { rec: &rec, idx: &idx }, &mut buf, &mut errors);
+            parse(
+                line,
+                &Row {
+                    rec: &rec,
+                    idx: &idx,
+                },
+                &mut buf,
+                &mut errors,
+            );
             if buf.len() >= (1 << 20) {
                 if chunks_tx.blocking_send(buf.split().freeze()).is_err() {
                     break; // the COPY side failed; its error is reported
@@ -257,13 +327,21 @@ async fn stream_file(
             copy_result = sink.send(chunk).await;
         }
     }
-    let parsed = parser.await.map_err(|e| ImportError::Io { file: file.to_path_buf(), source: std::io::Error::other(e) })??;
+    let parsed = parser.await.map_err(|e| ImportError::Io {
+        file: file.to_path_buf(),
+        source: std::io::Error::other(e),
+    })??;
     copy_result?;
     sink.as_mut().finish().await?;
     Ok(parsed)
 }
 
-fn parse_time(row: &Row<'_>, field: &str, line: u64, errors: &mut Errors) -> Result<Option<DateTime<Utc>>, ()> {
+fn parse_time(
+    row: &Row<'_>,
+    field: &str,
+    line: u64,
+    errors: &mut Errors,
+) -> Result<Option<DateTime<Utc>>, ()> {
     match row.get(field) {
         None => Ok(None),
         Some(s) => match DateTime::parse_from_rfc3339(s) {
@@ -276,21 +354,36 @@ fn parse_time(row: &Row<'_>, field: &str, line: u64, errors: &mut Errors) -> Res
     }
 }
 
-fn parse_amount(row: &Row<'_>, field: &str, digits: u32, line: u64, errors: &mut Errors, non_negative: bool) -> Result<Option<i64>, ()> {
+fn parse_amount(
+    row: &Row<'_>,
+    field: &str,
+    digits: u32,
+    line: u64,
+    errors: &mut Errors,
+    non_negative: bool,
+) -> Result<Option<i64>, ()> {
     match row.get(field) {
         None => Ok(None),
         Some(s) => {
-            let r = if non_negative { money::parse_non_negative(s, digits) } else { money::parse_scaled(s, digits) };
-            r.map(Some).map_err(|e| errors.push(line, field, e.to_string()))
+            let r = if non_negative {
+                money::parse_non_negative(s, digits)
+            } else {
+                money::parse_scaled(s, digits)
+            };
+            r.map(Some)
+                .map_err(|e| errors.push(line, field, e.to_string()))
         }
     }
 }
 
 fn require<'a>(row: &Row<'a>, field: &str, line: u64, errors: &mut Errors) -> Result<&'a str, ()> {
-    row.get(field).ok_or_else(|| errors.push(line, field, "is required"))
+    row.get(field)
+        .ok_or_else(|| errors.push(line, field, "is required"))
 }
 
-async fn begin(client: &mut tokio_postgres::Client) -> Result<tokio_postgres::Transaction<'_>, ImportError> {
+async fn begin(
+    client: &mut tokio_postgres::Client,
+) -> Result<tokio_postgres::Transaction<'_>, ImportError> {
     Ok(client.transaction().await?)
 }
 
@@ -325,7 +418,12 @@ async fn collect_duplicates(
     collect_sql_errors(tx, &sql, errors).await
 }
 
-pub async fn import_accounts(db: &Db, config: &Config, file: &Path, as_of: DateTime<Utc>) -> Result<ImportReport, ImportError> {
+pub async fn import_accounts(
+    db: &Db,
+    config: &Config,
+    file: &Path,
+    as_of: DateTime<Utc>,
+) -> Result<ImportReport, ImportError> {
     let digits = config.billing.minor_unit_digits;
     let mut client = db.raw_client().await?;
     let tx = begin(&mut client).await?;
@@ -347,20 +445,41 @@ pub async fn import_accounts(db: &Db, config: &Config, file: &Path, as_of: DateT
         let phone = row.get("phone");
         if let Some(p) = phone {
             if !is_e164(p) {
-                errors.push(line, "phone", "is not an E.164 phone number (+ and 8 to 15 digits)");
+                errors.push(
+                    line,
+                    "phone",
+                    "is not an E.164 phone number (+ and 8 to 15 digits)",
+                );
             }
         }
         let locale = row.get("locale").unwrap_or("en");
         if !LOCALES.contains(&locale) {
-            errors.push(line, "locale", format!("{locale:?} is not a supported locale ({})", LOCALES.join(", ")));
+            errors.push(
+                line,
+                "locale",
+                format!(
+                    "{locale:?} is not a supported locale ({})",
+                    LOCALES.join(", ")
+                ),
+            );
         }
         let timezone = row.get("timezone").unwrap_or("UTC");
         if timezone.parse::<Tz>().is_err() {
-            errors.push(line, "timezone", format!("{timezone:?} is not an IANA time zone"));
+            errors.push(
+                line,
+                "timezone",
+                format!("{timezone:?} is not an IANA time zone"),
+            );
         }
-        let cash = parse_amount(row, "cash_balance", digits, line, errors, false).ok().flatten();
-        let credit = parse_amount(row, "credit_quota", digits, line, errors, true).ok().flatten();
-        let threshold = parse_amount(row, "low_balance_threshold", digits, line, errors, true).ok().flatten();
+        let cash = parse_amount(row, "cash_balance", digits, line, errors, false)
+            .ok()
+            .flatten();
+        let credit = parse_amount(row, "credit_quota", digits, line, errors, true)
+            .ok()
+            .flatten();
+        let threshold = parse_amount(row, "low_balance_threshold", digits, line, errors, true)
+            .ok()
+            .flatten();
         if errors.count > before {
             return;
         }
@@ -377,7 +496,14 @@ pub async fn import_accounts(db: &Db, config: &Config, file: &Path, as_of: DateT
             .int(threshold)
             .end();
     });
-    let (rows, mut errors) = stream_file(&tx, "COPY accounts_staging FROM STDIN", file, ACCOUNT_COLUMNS, parse).await?;
+    let (rows, mut errors) = stream_file(
+        &tx,
+        "COPY accounts_staging FROM STDIN",
+        file,
+        ACCOUNT_COLUMNS,
+        parse,
+    )
+    .await?;
     collect_duplicates(&tx, "accounts_staging", "id", "id", &mut errors).await?;
     errors.into_result(file)?;
     let r = tx
@@ -414,7 +540,12 @@ pub async fn import_accounts(db: &Db, config: &Config, file: &Path, as_of: DateT
     })
 }
 
-pub async fn import_resources(db: &Db, config: &Config, file: &Path, as_of: DateTime<Utc>) -> Result<ImportReport, ImportError> {
+pub async fn import_resources(
+    db: &Db,
+    config: &Config,
+    file: &Path,
+    as_of: DateTime<Utc>,
+) -> Result<ImportReport, ImportError> {
     let products = config.products.clone();
     let mut client = db.raw_client().await?;
     let tx = begin(&mut client).await?;
@@ -433,24 +564,44 @@ pub async fn import_resources(db: &Db, config: &Config, file: &Path, as_of: Date
             let found = products.get(p);
             if found.is_none() {
                 let known: Vec<&str> = products.keys().map(String::as_str).collect();
-                errors.push(line, "product", format!("{p:?} is not a configured product ({})", known.join(", ")));
+                errors.push(
+                    line,
+                    "product",
+                    format!("{p:?} is not a configured product ({})", known.join(", ")),
+                );
             }
             found
         });
         let mode = require(row, "billing_mode", line, errors).ok();
         if let Some(m) = mode {
             if !["prepaid", "pay_per_use", "package"].contains(&m) {
-                errors.push(line, "billing_mode", format!("{m:?} is not one of prepaid, pay_per_use, package"));
+                errors.push(
+                    line,
+                    "billing_mode",
+                    format!("{m:?} is not one of prepaid, pay_per_use, package"),
+                );
             }
         }
-        let quota = parse_amount(row, "package_quota", QUANTITY_DIGITS, line, errors, true).ok().flatten();
-        let expires = parse_time(row, "package_expires_at", line, errors).ok().flatten();
+        let quota = parse_amount(row, "package_quota", QUANTITY_DIGITS, line, errors, true)
+            .ok()
+            .flatten();
+        let expires = parse_time(row, "package_expires_at", line, errors)
+            .ok()
+            .flatten();
         let term_ends = parse_time(row, "term_ends_at", line, errors).ok().flatten();
-        let payg = match row.get("payg_enabled").map(str::to_ascii_lowercase).as_deref() {
+        let payg = match row
+            .get("payg_enabled")
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             None | Some("false") | Some("0") | Some("no") => Some(false),
             Some("true") | Some("1") | Some("yes") => Some(true),
             Some(other) => {
-                errors.push(line, "payg_enabled", format!("{other:?} is not true or false"));
+                errors.push(
+                    line,
+                    "payg_enabled",
+                    format!("{other:?} is not true or false"),
+                );
                 None
             }
         };
@@ -460,11 +611,19 @@ pub async fn import_resources(db: &Db, config: &Config, file: &Path, as_of: Date
             }
             if let Some(p) = product_cfg {
                 if p.package_meter.is_none() {
-                    errors.push(line, "billing_mode", format!("product {:?} has no package meter", p.id));
+                    errors.push(
+                        line,
+                        "billing_mode",
+                        format!("product {:?} has no package meter", p.id),
+                    );
                 }
             }
         } else if quota.is_some() || expires.is_some() {
-            let field = if quota.is_some() { "package_quota" } else { "package_expires_at" };
+            let field = if quota.is_some() {
+                "package_quota"
+            } else {
+                "package_expires_at"
+            };
             errors.push(line, field, "is only for package resources");
         }
         if errors.count > before {
@@ -482,8 +641,22 @@ pub async fn import_resources(db: &Db, config: &Config, file: &Path, as_of: Date
             .time(term_ends)
             .end();
     });
-    let (rows, mut errors) = stream_file(&tx, "COPY resources_staging FROM STDIN", file, RESOURCE_COLUMNS, parse).await?;
-    collect_duplicates(&tx, "resources_staging", "account_id, id", "id", &mut errors).await?;
+    let (rows, mut errors) = stream_file(
+        &tx,
+        "COPY resources_staging FROM STDIN",
+        file,
+        RESOURCE_COLUMNS,
+        parse,
+    )
+    .await?;
+    collect_duplicates(
+        &tx,
+        "resources_staging",
+        "account_id, id",
+        "id",
+        &mut errors,
+    )
+    .await?;
     collect_sql_errors(
         &tx,
         &format!(
@@ -542,7 +715,12 @@ const USAGE_ACCEPTED: &str = "(r.state <> 'released' OR s.started_at < r.release
      AND (r.state <> 'suspended' OR s.started_at < r.suspended_at)
      AND (r.unsubscribed_at IS NULL OR s.started_at < r.unsubscribed_at)";
 
-pub async fn import_usage(db: &Db, config: &Config, file: &Path, as_of: DateTime<Utc>) -> Result<ImportReport, ImportError> {
+pub async fn import_usage(
+    db: &Db,
+    config: &Config,
+    file: &Path,
+    as_of: DateTime<Utc>,
+) -> Result<ImportReport, ImportError> {
     let tz = config.billing.time_zone;
     let latest_end = as_of + chrono::Duration::seconds(FUTURE_TOLERANCE_SECS);
     let mut client = db.raw_client().await?;
@@ -563,7 +741,9 @@ pub async fn import_usage(db: &Db, config: &Config, file: &Path, as_of: DateTime
                 errors.push(line, "quantity", "is required");
                 None
             }
-            Some(q) => money::parse_non_negative(q, QUANTITY_DIGITS).map_err(|e| errors.push(line, "quantity", e.to_string())).ok(),
+            Some(q) => money::parse_non_negative(q, QUANTITY_DIGITS)
+                .map_err(|e| errors.push(line, "quantity", e.to_string()))
+                .ok(),
         };
         let started = parse_time(row, "started_at", line, errors).ok().flatten();
         let ended = parse_time(row, "ended_at", line, errors).ok().flatten();
@@ -576,7 +756,11 @@ pub async fn import_usage(db: &Db, config: &Config, file: &Path, as_of: DateTime
             if e < s {
                 errors.push(line, "ended_at", "is before started_at");
             } else if e > latest_end {
-                errors.push(line, "ended_at", format!("is in the future (after the import instant {as_of})"));
+                errors.push(
+                    line,
+                    "ended_at",
+                    format!("is in the future (after the import instant {as_of})"),
+                );
             }
         }
         if errors.count > before {
@@ -595,8 +779,18 @@ pub async fn import_usage(db: &Db, config: &Config, file: &Path, as_of: DateTime
             .text(day.as_deref())
             .end();
     });
-    let (rows, mut errors) = stream_file(&tx, "COPY usage_staging FROM STDIN", file, USAGE_COLUMNS, parse).await?;
-    let staged: i64 = tx.query_one("SELECT count(*) FROM usage_staging", &[]).await?.get(0);
+    let (rows, mut errors) = stream_file(
+        &tx,
+        "COPY usage_staging FROM STDIN",
+        file,
+        USAGE_COLUMNS,
+        parse,
+    )
+    .await?;
+    let staged: i64 = tx
+        .query_one("SELECT count(*) FROM usage_staging", &[])
+        .await?
+        .get(0);
     let inserted = if errors.count == 0 {
         tx.execute(
             &format!(
@@ -657,7 +851,10 @@ pub async fn import_usage(db: &Db, config: &Config, file: &Path, as_of: DateTime
 fn is_plausible_email(s: &str) -> bool {
     match s.split_once('@') {
         Some((local, domain)) => {
-            !local.is_empty() && domain.contains('.') && !domain.starts_with('.') && !domain.ends_with('.')
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
                 && !s.chars().any(|c| c.is_whitespace() || c == ',')
         }
         None => false,
@@ -665,7 +862,8 @@ fn is_plausible_email(s: &str) -> bool {
 }
 
 fn is_e164(s: &str) -> bool {
-    s.strip_prefix('+').is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
+    s.strip_prefix('+')
+        .is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Masks an email address or phone number for logs: keeps the first character and the domain
@@ -675,7 +873,14 @@ pub fn mask_contact(s: &str) -> String {
         let first = local.chars().next().unwrap_or('*');
         format!("{first}***@{domain}")
     } else {
-        let tail: String = s.chars().rev().take(2).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = s
+            .chars()
+            .rev()
+            .take(2)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         format!("***{tail}")
     }
 }
@@ -698,7 +903,11 @@ mod tests {
     #[test]
     fn copy_text_escapes_separators() {
         let mut b = BytesMut::new();
-        CopyLine::new(&mut b).text(Some("a\tb\\c\nd")).int(None).int(Some(-5)).end();
+        CopyLine::new(&mut b)
+            .text(Some("a\tb\\c\nd"))
+            .int(None)
+            .int(Some(-5))
+            .end();
         assert_eq!(&b[..], b"a\\tb\\\\c\\nd\t\\N\t-5\n");
     }
 }

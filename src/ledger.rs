@@ -21,7 +21,11 @@ pub enum LedgerError {
     #[error("reference: must not be empty")]
     EmptyReference,
     #[error("reference {reference:?} was already used for a top-up of {existing} to account {account}; refusing a different amount")]
-    ReferenceReused { account: String, reference: String, existing: String },
+    ReferenceReused {
+        account: String,
+        reference: String,
+        existing: String,
+    },
     #[error("expires_at: {0} is not after the grant instant {1}")]
     AlreadyExpired(DateTime<Utc>, DateTime<Utc>),
     #[error(transparent)]
@@ -65,80 +69,101 @@ pub async fn topup(
     }
     let mut pooled = db.conn().await?;
     let conn: &mut AsyncPgConnection = &mut pooled;
-    let (account, reference, cause) = (account_id.to_string(), reference.to_string(), cause.to_string());
+    let (account, reference, cause) = (
+        account_id.to_string(),
+        reference.to_string(),
+        cause.to_string(),
+    );
     conn.transaction::<_, LedgerError, _>(async move |conn| {
-        {
-            let (balance, credit, state, arrears_since): (i64, i64, String, Option<DateTime<Utc>>) = accounts::table
+        let (balance, credit, state, arrears_since): (i64, i64, String, Option<DateTime<Utc>>) =
+            accounts::table
                 .find(&account)
-                .select((accounts::cash_balance, accounts::credit_quota, accounts::state, accounts::arrears_since))
+                .select((
+                    accounts::cash_balance,
+                    accounts::credit_quota,
+                    accounts::state,
+                    accounts::arrears_since,
+                ))
                 .for_update()
                 .first(conn)
                 .await
                 .optional()?
                 .ok_or_else(|| LedgerError::UnknownAccount(account.clone()))?;
-            let existing: Option<i64> = ledger_entries::table
-                .filter(ledger_entries::account_id.eq(&account))
-                .filter(ledger_entries::kind.eq("topup"))
-                .filter(ledger_entries::reference.eq(&reference))
-                .select(ledger_entries::amount)
-                .first(conn)
-                .await
-                .optional()?;
-            if let Some(prev) = existing {
-                if prev != amount {
-                    return Err(LedgerError::ReferenceReused {
-                        account,
-                        reference,
-                        existing: format_scaled(prev, digits),
-                    });
-                }
-                return Ok(TopupReport {
-                    account_id: account,
+        let existing: Option<i64> = ledger_entries::table
+            .filter(ledger_entries::account_id.eq(&account))
+            .filter(ledger_entries::kind.eq("topup"))
+            .filter(ledger_entries::reference.eq(&reference))
+            .select(ledger_entries::amount)
+            .first(conn)
+            .await
+            .optional()?;
+        if let Some(prev) = existing {
+            if prev != amount {
+                return Err(LedgerError::ReferenceReused {
+                    account,
                     reference,
-                    amount: format_scaled(amount, digits),
-                    replayed: true,
-                    cash_balance: format_scaled(balance, digits),
-                    state,
-                    arrears_cleared: false,
+                    existing: format_scaled(prev, digits),
                 });
             }
-            diesel::insert_into(ledger_entries::table)
-                .values((
-                    ledger_entries::account_id.eq(&account),
-                    ledger_entries::kind.eq("topup"),
-                    ledger_entries::amount.eq(amount),
-                    ledger_entries::reference.eq(&reference),
-                    ledger_entries::effective_at.eq(as_of),
-                ))
-                .execute(conn)
-                .await?;
-            let new_balance = balance + amount;
-            let cleared = !is_in_arrears(new_balance, credit) && state == "in_arrears";
-            let new_state = if cleared { "good".to_string() } else { state.clone() };
-            let arrears_since = if cleared { None } else { arrears_since };
-            diesel::update(accounts::table.find(&account))
-                .set((
-                    accounts::cash_balance.eq(new_balance),
-                    accounts::state.eq(&new_state),
-                    accounts::arrears_since.eq(arrears_since),
-                    accounts::updated_at.eq(as_of),
-                ))
-                .execute(conn)
-                .await?;
-            if cleared {
-                record_event(conn, &account, None, &state, "good", "top-up brought cash + credit quota back to >= 0", &cause, as_of)
-                    .await?;
-            }
-            Ok(TopupReport {
+            return Ok(TopupReport {
                 account_id: account,
                 reference,
                 amount: format_scaled(amount, digits),
-                replayed: false,
-                cash_balance: format_scaled(new_balance, digits),
-                state: new_state,
-                arrears_cleared: cleared,
-            })
+                replayed: true,
+                cash_balance: format_scaled(balance, digits),
+                state,
+                arrears_cleared: false,
+            });
         }
+        diesel::insert_into(ledger_entries::table)
+            .values((
+                ledger_entries::account_id.eq(&account),
+                ledger_entries::kind.eq("topup"),
+                ledger_entries::amount.eq(amount),
+                ledger_entries::reference.eq(&reference),
+                ledger_entries::effective_at.eq(as_of),
+            ))
+            .execute(conn)
+            .await?;
+        let new_balance = balance + amount;
+        let cleared = !is_in_arrears(new_balance, credit) && state == "in_arrears";
+        let new_state = if cleared {
+            "good".to_string()
+        } else {
+            state.clone()
+        };
+        let arrears_since = if cleared { None } else { arrears_since };
+        diesel::update(accounts::table.find(&account))
+            .set((
+                accounts::cash_balance.eq(new_balance),
+                accounts::state.eq(&new_state),
+                accounts::arrears_since.eq(arrears_since),
+                accounts::updated_at.eq(as_of),
+            ))
+            .execute(conn)
+            .await?;
+        if cleared {
+            record_event(
+                conn,
+                &account,
+                None,
+                &state,
+                "good",
+                "top-up brought cash + credit quota back to >= 0",
+                &cause,
+                as_of,
+            )
+            .await?;
+        }
+        Ok(TopupReport {
+            account_id: account,
+            reference,
+            amount: format_scaled(amount, digits),
+            replayed: false,
+            cash_balance: format_scaled(new_balance, digits),
+            state: new_state,
+            arrears_cleared: cleared,
+        })
     })
     .await
 }
@@ -195,8 +220,9 @@ pub async fn grant_coupon(
         return Err(LedgerError::AlreadyExpired(expires_at, as_of));
     }
     let mut conn = db.conn().await?;
-    let exists: bool =
-        diesel::select(diesel::dsl::exists(accounts::table.find(account_id))).get_result(&mut conn).await?;
+    let exists: bool = diesel::select(diesel::dsl::exists(accounts::table.find(account_id)))
+        .get_result(&mut conn)
+        .await?;
     if !exists {
         return Err(LedgerError::UnknownAccount(account_id.to_string()));
     }

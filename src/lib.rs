@@ -1,6 +1,7 @@
 //! arrears: the billing-arrears lifecycle engine of a cloud provider. Daily bills from
 //! metered usage, arrears, and (in later modules) alerts, suspension, release and restore.
 
+pub mod bench;
 pub mod config;
 pub mod db;
 pub mod domain;

@@ -32,10 +32,7 @@ enum Command {
     /// Apply pending database migrations.
     Migrate,
     /// Import a CSV file (header row required); a file with any bad row imports nothing.
-    Import {
-        kind: ImportWhat,
-        file: PathBuf,
-    },
+    Import { kind: ImportWhat, file: PathBuf },
     /// Credit an account's cash balance; idempotent by reference.
     Topup {
         account: String,
@@ -84,6 +81,17 @@ enum Command {
     },
     /// Validate the configuration.
     Check,
+    /// Benchmark: generate, import and bill N accounts and M usage records in a scratch
+    /// database `arrears_bench` on the same server; prints a JSON report.
+    Bench {
+        #[arg(long, default_value_t = 1_000_000)]
+        accounts: u64,
+        #[arg(long, default_value_t = 10_000_000)]
+        usage: u64,
+        /// Where the generated CSV files go.
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+    },
     /// The embedded default database.
     Embedded {
         #[command(subcommand)]
@@ -138,7 +146,9 @@ enum EmbeddedAction {
 fn parse_instant(s: &str) -> Result<DateTime<Utc>, String> {
     DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| format!("{s:?} is not an RFC 3339 instant such as 2026-11-23T00:30:00+08:00 ({e})"))
+        .map_err(|e| {
+            format!("{s:?} is not an RFC 3339 instant such as 2026-11-23T00:30:00+08:00 ({e})")
+        })
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -150,7 +160,8 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ARREARS_LOG").unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_env("ARREARS_LOG")
+                .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -165,9 +176,13 @@ async fn main() -> ExitCode {
 }
 
 async fn open(config: &Config, mode: MigrationMode) -> Result<Db> {
-    let db = Db::open(config, mode).await.context("opening the database")?;
+    let db = Db::open(config, mode)
+        .await
+        .context("opening the database")?;
     let mut conn = db.conn().await?;
-    db::catalog::sync_prices(&mut conn, config).await.context("syncing the price list")?;
+    db::catalog::sync_prices(&mut conn, config)
+        .await
+        .context("syncing the price list")?;
     Ok(db)
 }
 
@@ -177,7 +192,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let digits = config.billing.minor_unit_digits;
     match cli.command {
         Command::Check => {
-            println!("configuration OK ({}): {} product(s)", config.origin, config.products.len());
+            println!(
+                "configuration OK ({}): {} product(s)",
+                config.origin,
+                config.products.len()
+            );
         }
         Command::Products { json } => {
             let products: Vec<_> = config.products.values().collect();
@@ -188,10 +207,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     println!("{} — {}", p.id, p.name);
                     println!(
                         "  grace {} from {:?}, retention {}, suspends {:?}",
-                        p.policy.grace, p.policy.grace_starts, p.policy.retention, p.policy.suspend_scope
+                        p.policy.grace,
+                        p.policy.grace_starts,
+                        p.policy.retention,
+                        p.policy.suspend_scope
                     );
                     for pr in &p.prices {
-                        println!("  {:<20} {} {} per {}", pr.meter, pr.unit_price, config.billing.currency, pr.unit);
+                        println!(
+                            "  {:<20} {} {} per {}",
+                            pr.meter, pr.unit_price, config.billing.currency, pr.unit
+                        );
                     }
                 }
             }
@@ -201,10 +226,27 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let applied = db.migrate().await?;
             print_json(&serde_json::json!({ "applied": applied, "status": "up to date" }))?;
         }
+        Command::Bench {
+            accounts,
+            usage,
+            dir,
+        } => {
+            let report = arrears::bench::run(
+                &config,
+                &arrears::bench::BenchOptions {
+                    accounts,
+                    usage,
+                    dir,
+                },
+            )
+            .await?;
+            print_json(&report)?;
+        }
         Command::Embedded { action } => match action {
             EmbeddedAction::Url => {
                 let dir = config.embedded.state_dir.clone();
-                let e = tokio::task::spawn_blocking(move || db::embedded::ensure_started(&dir)).await??;
+                let e = tokio::task::spawn_blocking(move || db::embedded::ensure_started(&dir))
+                    .await??;
                 println!("{}", e.url);
             }
             EmbeddedAction::Stop => {
@@ -221,7 +263,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             match result {
                 Ok(report) => print_json(&report)?,
-                Err(ImportError::BadRows { file, count, errors }) => {
+                Err(ImportError::BadRows {
+                    file,
+                    count,
+                    errors,
+                }) => {
                     eprintln!("{}: {count} bad line(s), nothing imported", file.display());
                     for e in &errors {
                         eprintln!("  {e}");
@@ -234,33 +280,70 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Err(e) => return Err(e.into()),
             }
         }
-        Command::Topup { account, amount, reference } => {
-            let amount = parse_non_negative(&amount, digits).with_context(|| format!("amount {amount:?}"))?;
+        Command::Topup {
+            account,
+            amount,
+            reference,
+        } => {
+            let amount = parse_non_negative(&amount, digits)
+                .with_context(|| format!("amount {amount:?}"))?;
             let db = open(&config, MigrationMode::Require).await?;
-            let report = ledger::topup(&db, digits, &account, amount, &reference, as_of, "cli:topup").await?;
+            let report = ledger::topup(
+                &db,
+                digits,
+                &account,
+                amount,
+                &reference,
+                as_of,
+                "cli:topup",
+            )
+            .await?;
             print_json(&report)?;
         }
-        Command::Coupon { action: CouponAction::Grant { account, amount, kind, expires_at } } => {
-            let amount = parse_non_negative(&amount, digits).with_context(|| format!("amount {amount:?}"))?;
+        Command::Coupon {
+            action:
+                CouponAction::Grant {
+                    account,
+                    amount,
+                    kind,
+                    expires_at,
+                },
+        } => {
+            let amount = parse_non_negative(&amount, digits)
+                .with_context(|| format!("amount {amount:?}"))?;
             let kind = match kind {
                 CouponKindArg::Cash => CouponKind::Cash,
                 CouponKindArg::General => CouponKind::General,
             };
             let db = open(&config, MigrationMode::Require).await?;
-            let report = ledger::grant_coupon(&db, digits, &account, amount, kind, expires_at, as_of).await?;
+            let report =
+                ledger::grant_coupon(&db, digits, &account, amount, kind, expires_at, as_of)
+                    .await?;
             print_json(&report)?;
         }
-        Command::Run { job, dry_run, force, day } => {
+        Command::Run {
+            job,
+            dry_run,
+            force,
+            day,
+        } => {
             let db = open(&config, MigrationMode::Require).await?;
             match job {
                 JobName::GenerateBills => {
-                    let opts = generate_bills::Options { as_of, bill_day: day, dry_run, force };
+                    let opts = generate_bills::Options {
+                        as_of,
+                        bill_day: day,
+                        dry_run,
+                        force,
+                    };
                     let report = generate_bills::run(&db, &config, &opts).await?;
                     print_json(&report)?;
                 }
             }
         }
-        Command::Account { action: AccountAction::Show { id, json } } => {
+        Command::Account {
+            action: AccountAction::Show { id, json },
+        } => {
             let db = open(&config, MigrationMode::Require).await?;
             let Some(view) = queries::account(&db, digits, &id).await? else {
                 bail!("unknown account {id:?}");
@@ -268,18 +351,39 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&view)?;
             } else {
-                println!("{} ({})  state {}  cash {} {}  credit quota {}", view.id, view.name, view.state,
-                    view.cash_balance, config.billing.currency, view.credit_quota);
+                println!(
+                    "{} ({})  state {}  cash {} {}  credit quota {}",
+                    view.id,
+                    view.name,
+                    view.state,
+                    view.cash_balance,
+                    config.billing.currency,
+                    view.credit_quota
+                );
                 if let Some(t) = view.arrears_since {
                     println!("  in arrears since {t}");
                 }
                 for r in &view.resources {
-                    println!("  {:<16} {:<6} {:<12} {}{}", r.id, r.product, r.billing_mode, r.state,
-                        r.reason.as_deref().map(|x| format!(" ({x})")).unwrap_or_default());
+                    println!(
+                        "  {:<16} {:<6} {:<12} {}{}",
+                        r.id,
+                        r.product,
+                        r.billing_mode,
+                        r.state,
+                        r.reason
+                            .as_deref()
+                            .map(|x| format!(" ({x})"))
+                            .unwrap_or_default()
+                    );
                 }
             }
         }
-        Command::Bills { account, from, to, json } => {
+        Command::Bills {
+            account,
+            from,
+            to,
+            json,
+        } => {
             let db = open(&config, MigrationMode::Require).await?;
             let bills = queries::bills(&db, digits, &account, from, to).await?;
             if json {
@@ -291,14 +395,38 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 for b in &bills {
                     println!(
                         "{}  total {} {}  (cash coupons {}, general coupons {}, cash {}){}",
-                        b.bill_day, b.total, config.billing.currency, b.paid_cash_coupons, b.paid_general_coupons,
+                        b.bill_day,
+                        b.total,
+                        config.billing.currency,
+                        b.paid_cash_coupons,
+                        b.paid_general_coupons,
                         b.paid_cash,
-                        if b.late_records > 0 { format!("  incl. {} late record(s)", b.late_records) } else { String::new() }
+                        if b.late_records > 0 {
+                            format!("  incl. {} late record(s)", b.late_records)
+                        } else {
+                            String::new()
+                        }
                     );
                     for l in &b.lines {
-                        println!("    {:<16} {:<20} {:>12} x {:>12} = {:>10}{}", l.resource_id, l.meter, l.billed_quantity,
-                            l.unit_price, l.amount,
-                            if l.included_quantity != "0" { format!("  ({} from package quota)", l.included_quantity) } else { String::new() });
+                        let mut notes = Vec::new();
+                        if l.included_quantity != "0" {
+                            notes.push(format!("{} from package quota", l.included_quantity));
+                        }
+                        if l.unbilled_quantity != "0" {
+                            notes.push(format!(
+                                "{} over quota not billed: pay-as-you-go off",
+                                l.unbilled_quantity
+                            ));
+                        }
+                        let notes = if notes.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  ({})", notes.join("; "))
+                        };
+                        println!(
+                            "    {:<16} {:<20} {:>12} x {:>12} = {:>10}{notes}",
+                            l.resource_id, l.meter, l.billed_quantity, l.unit_price, l.amount
+                        );
                     }
                 }
             }

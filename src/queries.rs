@@ -103,7 +103,9 @@ pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountVie
     // sum(bigint) is numeric in PostgreSQL; the cast back is exact for any real balance.
     let ledger_sum: i64 = ledger_entries::table
         .filter(ledger_entries::account_id.eq(id))
-        .select(diesel::dsl::sql::<diesel::sql_types::BigInt>("coalesce(sum(amount), 0)::bigint"))
+        .select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
+            "coalesce(sum(amount), 0)::bigint",
+        ))
         .first(&mut conn)
         .await?;
     type ResRow = (
@@ -142,7 +144,13 @@ pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountVie
     let cps: Vec<(i64, String, i64, i64, DateTime<Utc>)> = coupons::table
         .filter(coupons::account_id.eq(id))
         .order(coupons::id)
-        .select((coupons::id, coupons::kind, coupons::amount, coupons::remaining, coupons::expires_at))
+        .select((
+            coupons::id,
+            coupons::kind,
+            coupons::amount,
+            coupons::remaining,
+            coupons::expires_at,
+        ))
         .load(&mut conn)
         .await?;
     Ok(Some(AccountView {
@@ -232,7 +240,9 @@ pub async fn bills(
     to: Option<NaiveDate>,
 ) -> Result<Vec<BillView>, DbError> {
     let mut conn = db.conn().await?;
-    let mut q = bills::table.filter(bills::account_id.eq(account_id)).into_boxed();
+    let mut q = bills::table
+        .filter(bills::account_id.eq(account_id))
+        .into_boxed();
     if let Some(f) = from {
         q = q.filter(bills::bill_day.ge(f));
     }
@@ -258,7 +268,11 @@ pub async fn bills(
     let lines: Vec<LineRow> = bill_lines::table
         .filter(bill_lines::account_id.eq(account_id))
         .filter(bill_lines::bill_day.eq_any(&days))
-        .order((bill_lines::bill_day, bill_lines::resource_id, bill_lines::meter))
+        .order((
+            bill_lines::bill_day,
+            bill_lines::resource_id,
+            bill_lines::meter,
+        ))
         .select((
             bill_lines::bill_day,
             bill_lines::resource_id,
@@ -278,7 +292,11 @@ pub async fn bills(
         .filter(ledger_entries::kind.eq("coupon_use"))
         .filter(ledger_entries::bill_day.eq_any(&days))
         .order(ledger_entries::id)
-        .select((ledger_entries::bill_day, ledger_entries::coupon_id, ledger_entries::amount))
+        .select((
+            ledger_entries::bill_day,
+            ledger_entries::coupon_id,
+            ledger_entries::amount,
+        ))
         .load(&mut conn)
         .await?;
     Ok(rows
@@ -310,7 +328,10 @@ pub async fn bills(
             coupon_uses: uses
                 .iter()
                 .filter(|u| u.0 == Some(r.0))
-                .map(|u| CouponUseView { coupon_id: u.1.unwrap_or_default(), amount: format_scaled(u.2, digits) })
+                .map(|u| CouponUseView {
+                    coupon_id: u.1.unwrap_or_default(),
+                    amount: format_scaled(u.2, digits),
+                })
                 .collect(),
         })
         .collect())

@@ -19,14 +19,18 @@ pub async fn sync_prices(conn: &mut AsyncPgConnection, config: &Config) -> Query
                     prices::meter.eq(pr.meter.clone()),
                     prices::unit.eq(pr.unit.clone()),
                     prices::unit_price_nanos.eq(pr.unit_price_nanos),
-                    prices::is_package_meter.eq(p.package_meter.as_deref() == Some(pr.meter.as_str())),
+                    prices::is_package_meter
+                        .eq(p.package_meter.as_deref() == Some(pr.meter.as_str())),
                 )
             })
         })
         .collect();
     conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
         diesel::delete(prices::table).execute(conn).await?;
-        diesel::insert_into(prices::table).values(&rows).execute(conn).await
+        diesel::insert_into(prices::table)
+            .values(&rows)
+            .execute(conn)
+            .await
     })
     .await
 }

@@ -26,10 +26,16 @@ pub enum EmbeddedError {
     NoBinaries,
     #[error("state directory {path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("running as root and no unprivileged user (postgres or nobody) exists to own the cluster")]
+    #[error(
+        "running as root and no unprivileged user (postgres or nobody) exists to own the cluster"
+    )]
     NoUser,
     #[error("{what} failed ({status}); see {log}")]
-    Command { what: String, status: String, log: PathBuf },
+    Command {
+        what: String,
+        status: String,
+        log: PathBuf,
+    },
 }
 
 /// A started embedded cluster.
@@ -65,20 +71,37 @@ pub fn ensure_started(state_dir: &Path) -> Result<Embedded, EmbeddedError> {
 
     if !data_dir.join("PG_VERSION").exists() {
         fs::create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
-        fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o700)).map_err(io_err(&data_dir))?;
+        fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_err(&data_dir))?;
         if let Some(u) = &run_as {
-            std::os::unix::fs::chown(&data_dir, Some(u.uid), Some(u.gid)).map_err(io_err(&data_dir))?;
+            std::os::unix::fs::chown(&data_dir, Some(u.uid), Some(u.gid))
+                .map_err(io_err(&data_dir))?;
             ensure_writable_by(&log, u).map_err(io_err(&log))?;
         }
         let mut cmd = Command::new(bin_dir.join("initdb"));
-        cmd.arg("-D").arg(&data_dir).args(["-U", ROLE, "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-instructions"]);
+        cmd.arg("-D").arg(&data_dir).args([
+            "-U",
+            ROLE,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-instructions",
+        ]);
         run(cmd, run_as.as_ref(), "initdb", &log)?;
     }
 
     let port_file = state_dir.join("port");
-    let mut port: u16 = fs::read_to_string(&port_file).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+    let mut port: u16 = fs::read_to_string(&port_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
     if port != 0 && is_running(&bin_dir, &data_dir, run_as.as_ref()) {
-        return Ok(Embedded { url: url(port), data_dir, bin_dir, port });
+        return Ok(Embedded {
+            url: url(port),
+            data_dir,
+            bin_dir,
+            port,
+        });
     }
     if let Some(u) = &run_as {
         ensure_writable_by(&log, u).map_err(io_err(&log))?;
@@ -96,7 +119,12 @@ pub fn ensure_started(state_dir: &Path) -> Result<Embedded, EmbeddedError> {
         match run(cmd, run_as.as_ref(), "pg_ctl start", &log) {
             Ok(()) => {
                 fs::write(&port_file, port.to_string()).map_err(io_err(&port_file))?;
-                return Ok(Embedded { url: url(port), data_dir, bin_dir, port });
+                return Ok(Embedded {
+                    url: url(port),
+                    data_dir,
+                    bin_dir,
+                    port,
+                });
             }
             Err(e) if attempt == 1 => return Err(e),
             Err(_) => continue,
@@ -118,8 +146,15 @@ pub fn stop(state_dir: &Path) -> Result<bool, EmbeddedError> {
         return Ok(false);
     }
     let mut cmd = Command::new(bin_dir.join("pg_ctl"));
-    cmd.arg("-D").arg(&data_dir).args(["-m", "fast", "-w", "stop"]);
-    run(cmd, run_as.as_ref(), "pg_ctl stop", &data_dir.with_extension("log"))?;
+    cmd.arg("-D")
+        .arg(&data_dir)
+        .args(["-m", "fast", "-w", "stop"]);
+    run(
+        cmd,
+        run_as.as_ref(),
+        "pg_ctl stop",
+        &data_dir.with_extension("log"),
+    )?;
     Ok(true)
 }
 
@@ -133,9 +168,12 @@ fn data_dir_for(state_dir: &Path, run_as: Option<&RunAs>) -> PathBuf {
     let inside = state_dir.join("pgdata");
     match run_as {
         Some(u) if !reachable_by(state_dir, u) => {
-            let hash = state_dir.to_string_lossy().bytes().fold(0xcbf29ce484222325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
-            });
+            let hash = state_dir
+                .to_string_lossy()
+                .bytes()
+                .fold(0xcbf29ce484222325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100000001b3)
+                });
             PathBuf::from(format!("/var/tmp/arrears-pgdata-{hash:016x}"))
         }
         _ => inside,
@@ -145,7 +183,11 @@ fn data_dir_for(state_dir: &Path, run_as: Option<&RunAs>) -> PathBuf {
 fn reachable_by(dir: &Path, u: &RunAs) -> bool {
     let mut cmd = Command::new("test");
     cmd.arg("-x").arg(dir).uid(u.uid).gid(u.gid);
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().map(|s| s.success()).unwrap_or(false)
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
 }
 
 fn ensure_writable_by(file: &Path, u: &RunAs) -> io::Result<()> {
@@ -160,30 +202,53 @@ fn is_running(bin_dir: &Path, data_dir: &Path, run_as: Option<&RunAs>) -> bool {
         return false;
     }
     let mut cmd = Command::new(bin_dir.join("pg_ctl"));
-    cmd.arg("-D").arg(data_dir).arg("status").stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.arg("-D")
+        .arg(data_dir)
+        .arg("status")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     if let Some(u) = run_as {
         cmd.uid(u.uid).gid(u.gid);
     }
     cmd.status().map(|s| s.success()).unwrap_or(false)
 }
 
-fn run(mut cmd: Command, run_as: Option<&RunAs>, what: &str, log: &Path) -> Result<(), EmbeddedError> {
+fn run(
+    mut cmd: Command,
+    run_as: Option<&RunAs>,
+    what: &str,
+    log: &Path,
+) -> Result<(), EmbeddedError> {
     if let Some(u) = run_as {
         cmd.uid(u.uid).gid(u.gid);
         // initdb and pg_ctl look at HOME and the current directory; give them ones they can use.
         cmd.env("HOME", "/tmp").current_dir("/");
     }
-    let out = cmd.stdin(Stdio::null()).output().map_err(|source| EmbeddedError::Io { path: log.to_path_buf(), source })?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|source| EmbeddedError::Io {
+            path: log.to_path_buf(),
+            source,
+        })?;
     if out.status.success() {
         return Ok(());
     }
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
-    let _ = fs::OpenOptions::new().append(true).create(true).open(log).and_then(|mut f| {
-        use std::io::Write;
-        writeln!(f, "--- {what} ---\n{text}")
-    });
-    Err(EmbeddedError::Command { what: what.to_string(), status: out.status.to_string(), log: log.to_path_buf() })
+    let _ = fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log)
+        .and_then(|mut f| {
+            use std::io::Write;
+            writeln!(f, "--- {what} ---\n{text}")
+        });
+    Err(EmbeddedError::Command {
+        what: what.to_string(),
+        status: out.status.to_string(),
+        log: log.to_path_buf(),
+    })
 }
 
 fn find_bin_dir() -> Option<PathBuf> {
@@ -241,7 +306,11 @@ struct FileLock(fs::File);
 impl FileLock {
     fn acquire(path: &Path) -> io::Result<FileLock> {
         use std::os::fd::AsRawFd;
-        let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
         // SAFETY: flock on a valid, open descriptor.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
             return Err(io::Error::last_os_error());

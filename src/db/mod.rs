@@ -71,8 +71,14 @@ impl Db {
 
     pub async fn open_url(url: &str, pool_size: usize, mode: MigrationMode) -> Result<Db, DbError> {
         let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
-        let pool = Pool::builder(manager).max_size(pool_size).build().map_err(|e| DbError::Pool(e.to_string()))?;
-        let db = Db { pool, url: url.to_string() };
+        let pool = Pool::builder(manager)
+            .max_size(pool_size)
+            .build()
+            .map_err(|e| DbError::Pool(e.to_string()))?;
+        let db = Db {
+            pool,
+            url: url.to_string(),
+        };
         match mode {
             MigrationMode::Apply => {
                 db.migrate().await?;
@@ -88,7 +94,10 @@ impl Db {
     }
 
     pub async fn conn(&self) -> Result<Conn, DbError> {
-        self.pool.get().await.map_err(|e| DbError::Pool(e.to_string()))
+        self.pool
+            .get()
+            .await
+            .map_err(|e| DbError::Pool(e.to_string()))
     }
 
     /// Applies pending migrations; returns the versions applied.
@@ -109,7 +118,10 @@ impl Db {
         let conn = self.conn().await?;
         tokio::task::spawn_blocking(move || {
             let mut harness = AsyncMigrationHarness::new(conn);
-            harness.pending_migrations(MIGRATIONS).map(|v| v.len()).map_err(|e| DbError::Migration(e.to_string()))
+            harness
+                .pending_migrations(MIGRATIONS)
+                .map(|v| v.len())
+                .map_err(|e| DbError::Migration(e.to_string()))
         })
         .await
         .map_err(|e| DbError::Migration(e.to_string()))?
@@ -131,8 +143,9 @@ impl Db {
 }
 
 pub async fn raw_connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
-    let (client, connection) =
-        tokio_postgres::connect(url, tokio_postgres::NoTls).await.map_err(|e| DbError::Connect(e.to_string()))?;
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .map_err(|e| DbError::Connect(e.to_string()))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::warn!(error = %e, "database connection closed with an error");
@@ -143,17 +156,27 @@ pub async fn raw_connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
 
 /// Creates the database named in `url` when it does not exist, connecting to `postgres`.
 async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
-    let (base, name) = url.rsplit_once('/').ok_or_else(|| DbError::Connect(format!("no database name in {url}")))?;
+    let (base, name) = url
+        .rsplit_once('/')
+        .ok_or_else(|| DbError::Connect(format!("no database name in {url}")))?;
     let admin = raw_connect(&format!("{base}/postgres")).await?;
-    let exists = admin.query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name]).await?.is_some();
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await?
+        .is_some();
     if !exists {
         // Identifier from our own embedded URL: quoted, never user input.
-        admin.batch_execute(&format!("CREATE DATABASE \"{name}\"")).await?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE \"{name}\""))
+            .await?;
     }
     Ok(())
 }
 
 /// `SELECT 1`, for readiness.
 pub async fn ping(conn: &mut AsyncPgConnection) -> QueryResult<()> {
-    diesel::sql_query("SELECT 1").execute(conn).await.map(|_| ())
+    diesel::sql_query("SELECT 1")
+        .execute(conn)
+        .await
+        .map(|_| ())
 }

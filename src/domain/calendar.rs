@@ -42,11 +42,23 @@ mod tests {
         let tz: Tz = "Asia/Shanghai".parse().unwrap();
         // 2026-11-22 16:30 UTC is 2026-11-23 00:30 in Shanghai.
         let t = Utc.with_ymd_and_hms(2026, 11, 22, 16, 30, 0).unwrap();
-        assert_eq!(billing_day_of(t, tz), NaiveDate::from_ymd_opt(2026, 11, 23).unwrap());
-        assert_eq!(default_billing_day(t, tz), NaiveDate::from_ymd_opt(2026, 11, 22).unwrap());
+        assert_eq!(
+            billing_day_of(t, tz),
+            NaiveDate::from_ymd_opt(2026, 11, 23).unwrap()
+        );
+        assert_eq!(
+            default_billing_day(t, tz),
+            NaiveDate::from_ymd_opt(2026, 11, 22).unwrap()
+        );
         let d = NaiveDate::from_ymd_opt(2026, 11, 22).unwrap();
-        assert_eq!(start_of_day(d, tz), Utc.with_ymd_and_hms(2026, 11, 21, 16, 0, 0).unwrap());
-        assert_eq!(end_of_day(d, tz), Utc.with_ymd_and_hms(2026, 11, 22, 16, 0, 0).unwrap());
+        assert_eq!(
+            start_of_day(d, tz),
+            Utc.with_ymd_and_hms(2026, 11, 21, 16, 0, 0).unwrap()
+        );
+        assert_eq!(
+            end_of_day(d, tz),
+            Utc.with_ymd_and_hms(2026, 11, 22, 16, 0, 0).unwrap()
+        );
     }
 
     #[test]
@@ -56,6 +68,9 @@ mod tests {
         let d = NaiveDate::from_ymd_opt(2026, 9, 6).unwrap();
         let start = start_of_day(d, tz);
         assert_eq!(billing_day_of(start, tz), d);
-        assert_eq!(billing_day_of(start - Duration::seconds(1), tz), d - Duration::days(1));
+        assert_eq!(
+            billing_day_of(start - Duration::seconds(1), tz),
+            d - Duration::days(1)
+        );
     }
 }

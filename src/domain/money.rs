@@ -52,7 +52,9 @@ pub fn parse_scaled(input: &str, digits: u32) -> Result<i64, DecimalError> {
         None => (body, ""),
     };
     let all_digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
-    if (int_part.is_empty() && frac_part.is_empty()) || !all_digits(int_part) || !all_digits(frac_part)
+    if (int_part.is_empty() && frac_part.is_empty())
+        || !all_digits(int_part)
+        || !all_digits(frac_part)
     {
         return Err(DecimalError::NotANumber(input.to_string()));
     }
@@ -61,7 +63,10 @@ pub fn parse_scaled(input: &str, digits: u32) -> Result<i64, DecimalError> {
     }
     let frac_trimmed = frac_part.trim_end_matches('0');
     if frac_trimmed.len() as u32 > digits {
-        return Err(DecimalError::TooPrecise { value: input.to_string(), digits });
+        return Err(DecimalError::TooPrecise {
+            value: input.to_string(),
+            digits,
+        });
     }
     let too_large = || DecimalError::TooLarge(input.to_string());
     let mut value: i128 = 0;
@@ -99,7 +104,12 @@ pub fn format_scaled(value: i64, digits: u32) -> String {
     let scale = 10u64.pow(digits);
     let abs = value.unsigned_abs();
     let sign = if value < 0 { "-" } else { "" };
-    format!("{sign}{}.{:0width$}", abs / scale, abs % scale, width = digits as usize)
+    format!(
+        "{sign}{}.{:0width$}",
+        abs / scale,
+        abs % scale,
+        width = digits as usize
+    )
 }
 
 /// Formats a quantity (micro-units) with trailing zeros removed ("1.5", "120").
@@ -178,7 +188,10 @@ mod tests {
 
     #[test]
     fn refuses_negative_where_required() {
-        assert!(matches!(parse_non_negative("-0.01", 2), Err(DecimalError::Negative(_))));
+        assert!(matches!(
+            parse_non_negative("-0.01", 2),
+            Err(DecimalError::Negative(_))
+        ));
         assert_eq!(parse_non_negative("0", 2), Ok(0));
     }
 
@@ -196,12 +209,12 @@ mod tests {
     fn line_amount_rounds_half_away_from_zero_once() {
         // (quantity, unit price, expected cents)
         let cases: &[(&str, &str, i64)] = &[
-            ("1", "0.005", 1),        // exactly half a cent rounds up
-            ("1", "0.0049", 0),       // below half rounds down
-            ("3", "0.0016", 0),       // 0.0048
-            ("3", "0.0017", 1),       // 0.0051
-            ("100", "0.015", 150),    // exact
-            ("0.5", "0.01", 1),       // 0.005 -> 0.01
+            ("1", "0.005", 1),           // exactly half a cent rounds up
+            ("1", "0.0049", 0),          // below half rounds down
+            ("3", "0.0016", 0),          // 0.0048
+            ("3", "0.0017", 1),          // 0.0051
+            ("100", "0.015", 150),       // exact
+            ("0.5", "0.01", 1),          // 0.005 -> 0.01
             ("1.5", "1.333333333", 200), // 1.9999999995 -> 2.00
             ("60", "0.0125", 75),
             ("0", "5", 0),

@@ -88,7 +88,8 @@ impl FromStr for PolicyDuration {
 impl fmt::Display for PolicyDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.0;
-        if s % 86_400 == 0 {
+        // Whole days from two days up; "24h" reads better than "1d" for a grace period.
+        if s % 86_400 == 0 && s >= 2 * 86_400 {
             write!(f, "{}d", s / 86_400)
         } else if s % 3600 == 0 {
             write!(f, "{}h", s / 3600)
@@ -119,12 +120,27 @@ mod tests {
 
     #[test]
     fn durations_parse_and_print() {
-        let cases = [("24h", Some(86_400)), ("15d", Some(1_296_000)), ("90m", Some(5400)), ("30s", Some(30)),
-            ("0h", None), ("-1d", None), ("h", None), ("", None), ("1w", None), ("1.5h", None)];
+        let cases = [
+            ("24h", Some(86_400)),
+            ("15d", Some(1_296_000)),
+            ("90m", Some(5400)),
+            ("30s", Some(30)),
+            ("0h", None),
+            ("-1d", None),
+            ("h", None),
+            ("", None),
+            ("1w", None),
+            ("1.5h", None),
+        ];
         for (input, want) in cases {
-            assert_eq!(input.parse::<PolicyDuration>().ok().map(|d| d.seconds()), want, "{input:?}");
+            assert_eq!(
+                input.parse::<PolicyDuration>().ok().map(|d| d.seconds()),
+                want,
+                "{input:?}"
+            );
         }
-        assert_eq!(PolicyDuration(86_400).to_string(), "1d");
+        assert_eq!(PolicyDuration(86_400).to_string(), "24h");
+        assert_eq!(PolicyDuration(15 * 86_400).to_string(), "15d");
         assert_eq!(PolicyDuration(5400).to_string(), "90m");
     }
 }

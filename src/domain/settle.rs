@@ -51,8 +51,10 @@ pub struct Settlement {
 /// are drawn by kind (cash, then general), then by soonest expiry, then by id; whatever is
 /// left is paid in cash, which may drive the cash balance negative.
 pub fn settle(total: i64, coupons: &[Coupon], at: DateTime<Utc>) -> Settlement {
-    let mut usable: Vec<&Coupon> =
-        coupons.iter().filter(|c| c.expires_at > at && c.remaining > 0).collect();
+    let mut usable: Vec<&Coupon> = coupons
+        .iter()
+        .filter(|c| c.expires_at > at && c.remaining > 0)
+        .collect();
     usable.sort_by_key(|c| (c.kind, c.expires_at, c.id));
     let mut due = total.max(0);
     let mut s = Settlement::default();
@@ -87,7 +89,12 @@ mod tests {
     }
 
     fn coupon(id: i64, kind: CouponKind, remaining: i64, expires_day: u32) -> Coupon {
-        Coupon { id, kind, remaining, expires_at: at(expires_day) }
+        Coupon {
+            id,
+            kind,
+            remaining,
+            expires_at: at(expires_day),
+        }
     }
 
     #[test]
@@ -123,9 +130,19 @@ mod tests {
 
     #[test]
     fn arrears_is_cash_plus_credit_below_zero() {
-        let cases = [(0, 0, false), (-1, 0, true), (-100, 100, false), (-101, 100, true), (5, 0, false)];
+        let cases = [
+            (0, 0, false),
+            (-1, 0, true),
+            (-100, 100, false),
+            (-101, 100, true),
+            (5, 0, false),
+        ];
         for (cash, credit, want) in cases {
-            assert_eq!(is_in_arrears(cash, credit), want, "cash {cash} credit {credit}");
+            assert_eq!(
+                is_in_arrears(cash, credit),
+                want,
+                "cash {cash} credit {credit}"
+            );
         }
     }
 }

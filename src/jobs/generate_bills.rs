@@ -95,9 +95,15 @@ struct Sums {
     cash: i64,
 }
 
-pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<GenerateBillsReport, JobError> {
+pub async fn run(
+    db: &Db,
+    config: &Config,
+    opts: &Options,
+) -> Result<GenerateBillsReport, JobError> {
     let tz = config.billing.time_zone;
-    let day = opts.bill_day.unwrap_or_else(|| default_billing_day(opts.as_of, tz));
+    let day = opts
+        .bill_day
+        .unwrap_or_else(|| default_billing_day(opts.as_of, tz));
     let slot = end_of_day(day, tz);
     if slot > opts.as_of {
         return Err(JobError::Refused(format!(
@@ -116,8 +122,18 @@ pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<GenerateBil
     };
     let mut client = db.raw_client().await?;
     if !opts.dry_run {
-        if let Claim::AlreadyDone(at) = claim_slot(&client, JobName::GenerateBills, slot, opts.as_of, opts.force).await? {
-            report.skipped = Some(format!("slot already ran (finished {at}); use --force to run it again"));
+        if let Claim::AlreadyDone(at) = claim_slot(
+            &client,
+            JobName::GenerateBills,
+            slot,
+            opts.as_of,
+            opts.force,
+        )
+        .await?
+        {
+            report.skipped = Some(format!(
+                "slot already ran (finished {at}); use --force to run it again"
+            ));
             finish_amounts(&mut report, &Sums::default(), config);
             return Ok(report);
         }
@@ -163,12 +179,20 @@ async fn bill(
     let day_start = start_of_day(day, tz);
     let cause = format!("generate_bills@{}", report.slot.to_rfc3339());
 
-    client.execute("SELECT pg_advisory_lock($1)", &[&BILLING_LOCK]).await?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&BILLING_LOCK])
+        .await?;
 
     // Pre-pass: what is unbilled, in one scan above the low-water mark.
     let tx = client.transaction().await?;
-    tx.batch_execute("LOCK TABLE usage_records IN SHARE MODE; DROP TABLE IF EXISTS bill_candidates").await?;
-    let low: i64 = tx.query_one("SELECT low_water_seq FROM billing_cursor", &[]).await?.get(0);
+    tx.batch_execute(
+        "LOCK TABLE usage_records IN SHARE MODE; DROP TABLE IF EXISTS bill_candidates",
+    )
+    .await?;
+    let low: i64 = tx
+        .query_one("SELECT low_water_seq FROM billing_cursor", &[])
+        .await?
+        .get(0);
     tx.execute(
         "CREATE TEMP TABLE bill_candidates AS
          SELECT u.account_id, u.resource_id, u.meter, u.usage_day, count(*)::int AS records,
@@ -182,7 +206,9 @@ async fn bill(
     )
     .await?;
     tx.commit().await?;
-    client.batch_execute("CREATE INDEX ON bill_candidates (account_id); ANALYZE bill_candidates").await?;
+    client
+        .batch_execute("CREATE INDEX ON bill_candidates (account_id); ANALYZE bill_candidates")
+        .await?;
 
     let row = client
         .query_one(
@@ -213,8 +239,23 @@ async fn bill(
 
     let mut sums = Sums::default();
     for (lo, hi) in &bounds {
-        bill_batch(client, BatchParams { day, day_start, as_of, divisor, digits, lo, hi, cause: &cause }, opts.dry_run, report, &mut sums)
-            .await?;
+        bill_batch(
+            client,
+            BatchParams {
+                day,
+                day_start,
+                as_of,
+                divisor,
+                digits,
+                lo,
+                hi,
+                cause: &cause,
+            },
+            opts.dry_run,
+            report,
+            &mut sums,
+        )
+        .await?;
     }
 
     if !opts.dry_run {
@@ -234,7 +275,9 @@ async fn bill(
             .await?;
     }
     client.batch_execute("DROP TABLE bill_candidates").await?;
-    client.execute("SELECT pg_advisory_unlock($1)", &[&BILLING_LOCK]).await?;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&BILLING_LOCK])
+        .await?;
     finish_amounts(report, &sums, config);
     Ok(())
 }
@@ -258,7 +301,16 @@ async fn bill_batch(
     report: &mut GenerateBillsReport,
     sums: &mut Sums,
 ) -> Result<(), JobError> {
-    let BatchParams { day, day_start, as_of, divisor, digits, lo, hi, cause } = p;
+    let BatchParams {
+        day,
+        day_start,
+        as_of,
+        divisor,
+        digits,
+        lo,
+        hi,
+        cause,
+    } = p;
     let tx = client.transaction().await?;
     // Serialise with top-ups and coupon grants of the same accounts.
     tx.execute(
@@ -294,9 +346,18 @@ async fn bill_batch(
         .map(|r| r.get(0))
         .collect();
     if !unpriced.is_empty() {
-        tracing::warn!(job = "generate_bills", accounts = unpriced.len(), "accounts left unbilled: a meter they used has no price");
+        tracing::warn!(
+            job = "generate_bills",
+            accounts = unpriced.len(),
+            "accounts left unbilled: a meter they used has no price"
+        );
     }
-    report.accounts_skipped_unpriced.extend(unpriced.iter().take(LISTED.saturating_sub(report.accounts_skipped_unpriced.len())).cloned());
+    report.accounts_skipped_unpriced.extend(
+        unpriced
+            .iter()
+            .take(LISTED.saturating_sub(report.accounts_skipped_unpriced.len()))
+            .cloned(),
+    );
 
     tx.execute(
         "CREATE TEMP TABLE batch_lines ON COMMIT DROP AS
@@ -405,7 +466,10 @@ async fn bill_batch(
          FROM batch_draws d WHERE c.account_id = d.account_id AND c.id = d.coupon_id",
     )
     .await?;
-    let overage: i64 = tx.query_one("SELECT count(*) FROM batch_lines WHERE unbilled > 0", &[]).await?.get(0);
+    let overage: i64 = tx
+        .query_one("SELECT count(*) FROM batch_lines WHERE unbilled > 0", &[])
+        .await?
+        .get(0);
     report.lines_with_unbilled_overage += overage;
     tx.execute(
         "INSERT INTO ledger_entries (account_id, kind, amount, bill_day, coupon_id, effective_at)
@@ -450,7 +514,10 @@ async fn bill_batch(
     report.entered_arrears_count += entered.len() as i64;
     let mut ids: Vec<String> = entered.iter().map(|r| r.get(0)).collect();
     ids.sort();
-    report.entered_arrears.extend(ids.into_iter().take(LISTED.saturating_sub(report.entered_arrears.len())));
+    report.entered_arrears.extend(
+        ids.into_iter()
+            .take(LISTED.saturating_sub(report.entered_arrears.len())),
+    );
 
     tx.execute(
         "INSERT INTO usage_billing_marks (account_id, usage_day, billed_through_seq)

@@ -72,7 +72,10 @@ pub async fn claim_slot(
         return Ok(Claim::Run(r.get(0)));
     }
     let done: Option<DateTime<Utc>> = client
-        .query_one("SELECT finished_at FROM job_runs WHERE job = $1 AND slot = $2", &[&job.as_str(), &slot])
+        .query_one(
+            "SELECT finished_at FROM job_runs WHERE job = $1 AND slot = $2",
+            &[&job.as_str(), &slot],
+        )
         .await?
         .get(0);
     Ok(Claim::AlreadyDone(done.unwrap_or(slot)))

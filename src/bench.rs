@@ -1,0 +1,305 @@
+//! `arrears bench`: generates N accounts with resources and M usage records for one day,
+//! loads them through the import path, runs generate_bills, and compares both with what
+//! PostgreSQL does on its own: a plain COPY of the same usage CSV into a table with the same
+//! unique key, and one hand-written set-based statement that rates the same data.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures_util::SinkExt;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::db::{self, catalog, Db, DbError, MigrationMode};
+use crate::domain::money::{PRICE_DIGITS, QUANTITY_DIGITS};
+use crate::import;
+use crate::jobs::generate_bills;
+
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub accounts: u64,
+    pub usage: u64,
+    /// Where the generated CSV files go.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub accounts: u64,
+    pub usage_records: u64,
+    pub generate_seconds: f64,
+    pub import_accounts_seconds: f64,
+    pub import_resources_seconds: f64,
+    pub import_usage_seconds: f64,
+    pub import_usage_rows_per_second: f64,
+    pub plain_copy_seconds: f64,
+    pub plain_copy_rows_per_second: f64,
+    /// arrears' usage import rate / plain COPY rate (target >= 0.7).
+    pub import_ratio: f64,
+    pub billing_seconds: f64,
+    pub bills_issued: i64,
+    pub handwritten_rating_seconds: f64,
+    /// arrears' billing time / hand-written rating statement time (target <= 1.3).
+    pub billing_ratio: f64,
+    /// Peak resident memory of this process (the arrears code under test), MiB.
+    pub peak_rss_mib: f64,
+    pub database: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Db(#[from] DbError),
+    #[error(transparent)]
+    Import(#[from] import::ImportError),
+    #[error(transparent)]
+    Job(#[from] crate::jobs::JobError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<tokio_postgres::Error> for BenchError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        BenchError::Db(DbError::Postgres(e))
+    }
+}
+
+const BENCH_DB: &str = "arrears_bench";
+const DAY_START: &str = "2026-11-22T00:00:00+08:00";
+
+pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, BenchError> {
+    // A fresh database next to the configured (or embedded) one.
+    let base = Db::open(config, MigrationMode::Apply).await?;
+    let (server, _) = base
+        .url
+        .rsplit_once('/')
+        .ok_or_else(|| DbError::Connect("no database name in URL".into()))?;
+    let admin = db::raw_connect(&format!("{server}/postgres")).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {BENCH_DB}"))
+        .await?;
+    let url = format!("{server}/{BENCH_DB}");
+    let db = Db::open_url(&url, 2, MigrationMode::Apply).await?;
+    catalog::sync_prices(&mut *db.conn().await?, config)
+        .await
+        .map_err(DbError::Query)?;
+
+    std::fs::create_dir_all(&opts.dir)?;
+    let t = Instant::now();
+    let files = generate(&opts.dir, opts.accounts, opts.usage)?;
+    let generate_seconds = t.elapsed().as_secs_f64();
+    eprintln!(
+        "generated {} accounts and {} usage records in {generate_seconds:.1}s",
+        opts.accounts, opts.usage
+    );
+
+    let as_of: DateTime<Utc> = "2026-11-23T00:30:00+08:00"
+        .parse()
+        .expect("literal instant");
+    let t = Instant::now();
+    import::import_accounts(&db, config, &files.accounts, as_of).await?;
+    let import_accounts_seconds = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    import::import_resources(&db, config, &files.resources, as_of).await?;
+    let import_resources_seconds = t.elapsed().as_secs_f64();
+    admin.batch_execute("CHECKPOINT").await?;
+    let t = Instant::now();
+    let rep = import::import_usage(&db, config, &files.usage, as_of).await?;
+    let import_usage_seconds = t.elapsed().as_secs_f64();
+    assert_eq!(
+        rep.inserted, opts.usage,
+        "every generated record is imported"
+    );
+    eprintln!("imported usage in {import_usage_seconds:.1}s");
+
+    let client = db.raw_client().await?;
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS copy_baseline;
+             CREATE TABLE copy_baseline (event_id text, account_id text, resource_id text, meter text,
+               quantity numeric, started_at timestamptz, ended_at timestamptz, PRIMARY KEY (account_id, event_id));
+             CHECKPOINT",
+        )
+        .await?;
+    let t = Instant::now();
+    copy_file(
+        &client,
+        "COPY copy_baseline FROM STDIN (FORMAT csv, HEADER true)",
+        &files.usage,
+    )
+    .await?;
+    let plain_copy_seconds = t.elapsed().as_secs_f64();
+    client
+        .batch_execute("DROP TABLE copy_baseline; VACUUM ANALYZE usage_records; CHECKPOINT")
+        .await?;
+    eprintln!("plain COPY in {plain_copy_seconds:.1}s");
+
+    let t = Instant::now();
+    let bills = generate_bills::run(
+        &db,
+        config,
+        &generate_bills::Options {
+            as_of,
+            bill_day: None,
+            dry_run: false,
+            force: false,
+        },
+    )
+    .await?;
+    let billing_seconds = t.elapsed().as_secs_f64();
+    eprintln!("billed in {billing_seconds:.1}s");
+
+    let divisor = 10i64.pow(QUANTITY_DIGITS + PRICE_DIGITS - config.billing.minor_unit_digits);
+    let t = Instant::now();
+    client
+        .execute(
+            "CREATE TEMP TABLE handwritten AS
+             SELECT u.account_id, u.resource_id, u.meter, count(*) AS records, sum(u.quantity) AS quantity,
+                    round(sum(u.quantity) * p.unit_price_nanos / $1::bigint) AS amount
+             FROM usage_records u
+             JOIN resources r ON r.account_id = u.account_id AND r.id = u.resource_id
+             JOIN prices p ON p.product = r.product AND p.meter = u.meter
+             WHERE u.usage_day = $2
+             GROUP BY u.account_id, u.resource_id, u.meter, p.unit_price_nanos",
+            &[&divisor, &bills.bill_day],
+        )
+        .await?;
+    let handwritten_rating_seconds = t.elapsed().as_secs_f64();
+
+    let rows = opts.usage as f64;
+    Ok(BenchReport {
+        accounts: opts.accounts,
+        usage_records: opts.usage,
+        generate_seconds,
+        import_accounts_seconds,
+        import_resources_seconds,
+        import_usage_seconds,
+        import_usage_rows_per_second: rows / import_usage_seconds,
+        plain_copy_seconds,
+        plain_copy_rows_per_second: rows / plain_copy_seconds,
+        import_ratio: plain_copy_seconds / import_usage_seconds,
+        billing_seconds,
+        bills_issued: bills.bills_issued,
+        handwritten_rating_seconds,
+        billing_ratio: billing_seconds / handwritten_rating_seconds,
+        peak_rss_mib: peak_rss_mib(),
+        database: if config.database.url.is_some() {
+            "configured".into()
+        } else {
+            "embedded".into()
+        },
+    })
+}
+
+struct Files {
+    accounts: PathBuf,
+    resources: PathBuf,
+    usage: PathBuf,
+}
+
+/// Writes the three CSV files. Every account has one pay-per-use resource; every tenth also
+/// a package with pay-as-you-go on. Usage is spread evenly over the accounts, within one day.
+fn generate(dir: &Path, accounts: u64, usage: u64) -> std::io::Result<Files> {
+    let files = Files {
+        accounts: dir.join("accounts.csv"),
+        resources: dir.join("resources.csv"),
+        usage: dir.join("usage.csv"),
+    };
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&files.accounts)?);
+    writeln!(
+        w,
+        "id,name,email,phone,locale,timezone,cash_balance,credit_quota,low_balance_threshold"
+    )?;
+    for i in 0..accounts {
+        writeln!(
+            w,
+            "acc{i:08},Account {i},,,en,Asia/Shanghai,{}.00,0,",
+            20 + i % 80
+        )?;
+    }
+    w.flush()?;
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&files.resources)?);
+    writeln!(w, "id,account_id,product,billing_mode,package_quota,package_expires_at,payg_enabled,term_ends_at")?;
+    for i in 0..accounts {
+        writeln!(w, "res{i:08},acc{i:08},lcic,pay_per_use,,,,")?;
+        if i % 10 == 0 {
+            writeln!(
+                w,
+                "pkg{i:08},acc{i:08},lcic,package,300,2027-01-01T00:00:00Z,true,"
+            )?;
+        }
+    }
+    w.flush()?;
+    let day: DateTime<Utc> = DAY_START.parse().expect("literal instant");
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&files.usage)?);
+    writeln!(
+        w,
+        "event_id,account_id,resource_id,meter,quantity,started_at,ended_at"
+    )?;
+    let meters = ["classroom_minutes", "recording_minutes", "storage_gb_days"];
+    for n in 0..usage {
+        let i = n % accounts.max(1);
+        let resource = if i % 10 == 0 && n % 3 == 0 {
+            format!("pkg{i:08}")
+        } else {
+            format!("res{i:08}")
+        };
+        let meter = if resource.starts_with("pkg") {
+            meters[0]
+        } else {
+            meters[(n % 3) as usize]
+        };
+        let start = day + chrono::Duration::seconds(((n * 7919) % 80_000) as i64);
+        let end = start + chrono::Duration::seconds(60 + (n % 3000) as i64);
+        writeln!(
+            w,
+            "ev{n:010},acc{i:08},{resource},{meter},{}.{:02},{},{}",
+            1 + n % 90,
+            n % 100,
+            start.format("%Y-%m-%dT%H:%M:%SZ"),
+            end.format("%Y-%m-%dT%H:%M:%SZ")
+        )?;
+    }
+    w.flush()?;
+    Ok(files)
+}
+
+async fn copy_file(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    file: &Path,
+) -> Result<(), BenchError> {
+    use tokio::io::AsyncReadExt;
+    let sink = client.copy_in::<_, Bytes>(sql).await?;
+    futures_util::pin_mut!(sink);
+    let mut f = tokio::fs::File::open(file).await?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        sink.send(Bytes::copy_from_slice(&buf[..n])).await?;
+    }
+    sink.as_mut().finish().await?;
+    Ok(())
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}

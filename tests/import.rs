@@ -1,0 +1,227 @@
+//! CSV imports: atomic per file, every bad line named with its field and reason, re-imports
+//! of usage are no-ops.
+
+mod common;
+
+use arrears::import::{import_accounts, import_resources, import_usage, ImportError, LineError};
+use common::*;
+
+async fn setup() -> TestDb {
+    let t = TestDb::new().await;
+    t.import_accounts(&["a1,Alpha,a@example.com,+8613800138000,zh-CN,Asia/Shanghai,10.00,0,5.00"])
+        .await;
+    t.import_resources(&[
+        "r1,a1,lcic,pay_per_use,,,,",
+        "pkg,a1,lcic,package,100,2026-12-31T00:00:00Z,true,",
+    ])
+    .await;
+    t
+}
+
+fn bad_lines(e: ImportError) -> Vec<LineError> {
+    match e {
+        ImportError::BadRows { errors, count, .. } => {
+            assert_eq!(count, errors.len());
+            errors
+        }
+        other => panic!("expected bad rows, got {other}"),
+    }
+}
+
+fn has(errors: &[LineError], line: u64, field: &str, reason_part: &str) -> bool {
+    errors
+        .iter()
+        .any(|e| e.line == line && e.field == field && e.reason.contains(reason_part))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_usage_file_imports_nothing_and_names_every_bad_line() {
+    let t = setup().await;
+    let f = csv(
+        USAGE_HEADER,
+        &[
+            "ok1,a1,r1,classroom_minutes,10,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z", // line 2: fine
+            "e3,a1,r1,classroom_minutes,ten,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z", // 3: bad number
+            "e4,nobody,r1,classroom_minutes,1,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z", // 4: unknown account
+            "e5,a1,nope,classroom_minutes,1,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z", // 5: unknown resource
+            "e6,a1,r1,classroom_minutes,-1,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z", // 6: negative
+            "e7,a1,r1,classroom_minutes,1,2026-11-22T03:00:00Z,2026-11-22T02:00:00Z", // 7: end before start
+            "ok1,a1,r1,classroom_minutes,10,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z", // 8: duplicate of line 2
+            "e9,a1,r1,classroom_minutes,1,yesterday,2026-11-22T02:00:00Z", // 9: malformed time
+            "e10,a1,r1,no_such_meter,1,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z", // 10: unpriced meter
+            "e11,a1,r1,classroom_minutes,1,2026-11-22T01:00:00Z",                  // 11: short row
+            "e12,a1,r1,classroom_minutes,1,2026-11-22T01:00:00Z,2030-01-01T00:00:00Z", // 12: future
+        ],
+    );
+    let before = t.fingerprint().await;
+    let errors = bad_lines(
+        import_usage(&t.db, &t.config, &f.path, at("2026-11-23T00:00:00Z"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(has(&errors, 3, "quantity", "not a decimal"), "{errors:#?}");
+    assert!(
+        has(&errors, 4, "account_id", "unknown account"),
+        "{errors:#?}"
+    );
+    assert!(
+        has(&errors, 5, "resource_id", "unknown resource"),
+        "{errors:#?}"
+    );
+    assert!(has(&errors, 6, "quantity", "negative"), "{errors:#?}");
+    assert!(
+        has(&errors, 7, "ended_at", "before started_at"),
+        "{errors:#?}"
+    );
+    assert!(has(&errors, 8, "event_id", "line 2"), "{errors:#?}");
+    assert!(has(&errors, 9, "started_at", "RFC 3339"), "{errors:#?}");
+    assert!(has(&errors, 10, "meter", "no price"), "{errors:#?}");
+    assert!(has(&errors, 11, "record", "fields"), "{errors:#?}");
+    assert!(has(&errors, 12, "ended_at", "future"), "{errors:#?}");
+    assert!(
+        !errors.iter().any(|e| e.line == 2),
+        "line 2 is fine: {errors:#?}"
+    );
+    assert_eq!(before, t.fingerprint().await, "nothing imported");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reimporting_usage_changes_nothing() {
+    let t = setup().await;
+    let rows = [
+        "e1,a1,r1,classroom_minutes,10,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+        "e2,a1,pkg,classroom_minutes,1.5,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+    ];
+    let first = t.import_usage(&rows, "2026-11-23T00:00:00Z").await;
+    assert_eq!((first.inserted, first.already_imported), (2, 0));
+    let before = t.fingerprint().await;
+    let again = t.import_usage(&rows, "2026-11-24T00:00:00Z").await;
+    assert_eq!((again.inserted, again.already_imported), (0, 2));
+    assert_eq!(before, t.fingerprint().await);
+    // A file mixing old and new events takes only the new ones.
+    let mixed = t
+        .import_usage(
+            &[
+                rows[0],
+                "e3,a1,r1,classroom_minutes,1,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+            ],
+            "2026-11-24T00:00:00Z",
+        )
+        .await;
+    assert_eq!((mixed.inserted, mixed.already_imported), (1, 1));
+    assert_eq!(t.scalar_i64("SELECT count(*) FROM usage_records").await, 3);
+    assert_eq!(
+        t.scalar_i64("SELECT quantity FROM usage_records WHERE event_id = 'e2'")
+            .await,
+        1_500_000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_accounts_file_imports_nothing() {
+    let t = TestDb::new().await;
+    let f = csv(
+        ACCOUNTS_HEADER,
+        &[
+            "a1,Alpha,a@example.com,,en,UTC,10.00,0,",
+            "a2,Beta,not-an-email,,en,UTC,10.00,0,",
+            "a3,Gamma,,12345,fr,Mars/Base,1.005,-5,",
+            "a1,Again,,,en,UTC,0,0,",
+            ",NoId,,,en,UTC,0,0,",
+        ],
+    );
+    let errors = bad_lines(
+        import_accounts(&t.db, &t.config, &f.path, at("2026-11-01T00:00:00Z"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(has(&errors, 3, "email", "not an email"), "{errors:#?}");
+    assert!(has(&errors, 4, "phone", "E.164"), "{errors:#?}");
+    assert!(has(&errors, 4, "locale", "fr"), "{errors:#?}");
+    assert!(has(&errors, 4, "timezone", "Mars/Base"), "{errors:#?}");
+    assert!(
+        has(&errors, 4, "cash_balance", "decimal places"),
+        "{errors:#?}"
+    );
+    assert!(has(&errors, 4, "credit_quota", "negative"), "{errors:#?}");
+    assert!(has(&errors, 6, "id", "required"), "{errors:#?}");
+    assert!(has(&errors, 5, "id", "line 2"), "{errors:#?}");
+    assert_eq!(t.scalar_i64("SELECT count(*) FROM accounts").await, 0);
+    assert_eq!(t.scalar_i64("SELECT count(*) FROM ledger_entries").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn header_must_name_the_contract_columns() {
+    let t = TestDb::new().await;
+    let f = csv(
+        "id,name,email,phone,locale,tz,cash_balance,credit_quota,low_balance_threshold",
+        &["a1,A,,,en,UTC,0,0,"],
+    );
+    let errors = bad_lines(
+        import_accounts(&t.db, &t.config, &f.path, at("2026-11-01T00:00:00Z"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(has(&errors, 1, "tz", "unknown column"), "{errors:#?}");
+    assert!(has(&errors, 1, "timezone", "missing column"), "{errors:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn opening_balance_is_a_ledger_entry_and_reimport_keeps_the_balance() {
+    let t = TestDb::new().await;
+    t.import_accounts(&["a1,Alpha,,,en,UTC,12.50,3.00,"]).await;
+    assert_eq!(t.balance("a1").await, 1250);
+    assert_eq!(
+        t.scalar_i64("SELECT amount FROM ledger_entries WHERE kind = 'opening_balance'")
+            .await,
+        1250
+    );
+    // Re-import with other values: the profile changes, the balance moves only through the ledger.
+    t.import_accounts(&["a1,Alpha Renamed,,,en,UTC,99.00,4.00,"])
+        .await;
+    assert_eq!(t.balance("a1").await, 1250);
+    assert_eq!(t.scalar_i64("SELECT credit_quota FROM accounts").await, 400);
+    assert_eq!(t.scalar_i64("SELECT count(*) FROM ledger_entries").await, 1);
+    t.assert_balances_match_ledger().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_resources_file_imports_nothing() {
+    let t = setup().await;
+    let f = csv(
+        RESOURCES_HEADER,
+        &[
+            "n1,a1,lcic,pay_per_use,,,,",
+            "n2,ghost,lcic,pay_per_use,,,,",
+            "n3,a1,nope,pay_per_use,,,,",
+            "n4,a1,sa,package,10,,,",
+            "n5,a1,lcic,package,,,,",
+            "n6,a1,lcic,rental,,,,",
+            "r1,a1,sa,pay_per_use,,,,",
+            "n8,a1,lcic,prepaid,,,maybe,2027-01-01",
+        ],
+    );
+    let errors = bad_lines(
+        import_resources(&t.db, &t.config, &f.path, at("2026-11-01T00:00:00Z"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        has(&errors, 3, "account_id", "unknown account"),
+        "{errors:#?}"
+    );
+    assert!(
+        has(&errors, 4, "product", "not a configured product"),
+        "{errors:#?}"
+    );
+    assert!(
+        has(&errors, 5, "billing_mode", "no package meter"),
+        "{errors:#?}"
+    );
+    assert!(has(&errors, 6, "package_quota", "required"), "{errors:#?}");
+    assert!(has(&errors, 7, "billing_mode", "rental"), "{errors:#?}");
+    assert!(has(&errors, 8, "product", "cannot change"), "{errors:#?}");
+    assert!(has(&errors, 9, "payg_enabled", "maybe"), "{errors:#?}");
+    assert!(has(&errors, 9, "term_ends_at", "RFC 3339"), "{errors:#?}");
+    assert_eq!(t.scalar_i64("SELECT count(*) FROM resources").await, 2);
+}
