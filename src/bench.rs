@@ -135,9 +135,13 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
     )
     .await?;
     let plain_copy_seconds = t.elapsed().as_secs_f64();
-    client
-        .batch_execute("DROP TABLE copy_baseline; VACUUM ANALYZE usage_records; CHECKPOINT")
-        .await?;
+    for sql in [
+        "DROP TABLE copy_baseline",
+        "VACUUM ANALYZE usage_records",
+        "CHECKPOINT",
+    ] {
+        client.batch_execute(sql).await?;
+    }
     eprintln!("plain COPY in {plain_copy_seconds:.1}s");
 
     let t = Instant::now();

@@ -715,22 +715,11 @@ const USAGE_ACCEPTED: &str = "(r.state <> 'released' OR s.started_at < r.release
      AND (r.state <> 'suspended' OR s.started_at < r.suspended_at)
      AND (r.unsubscribed_at IS NULL OR s.started_at < r.unsubscribed_at)";
 
-pub async fn import_usage(
-    db: &Db,
-    config: &Config,
-    file: &Path,
-    as_of: DateTime<Utc>,
-) -> Result<ImportReport, ImportError> {
-    let tz = config.billing.time_zone;
+/// Checks one usage row and writes it in COPY text format: for the staging table (with the
+/// line number first) or straight into `usage_records` (with the import instant last).
+fn usage_parser(tz: Tz, as_of: DateTime<Utc>, staging: bool) -> Parser {
     let latest_end = as_of + chrono::Duration::seconds(FUTURE_TOLERANCE_SECS);
-    let mut client = db.raw_client().await?;
-    let tx = begin(&mut client).await?;
-    tx.batch_execute(
-        "CREATE TEMP TABLE usage_staging (line bigint, event_id text, account_id text, resource_id text, meter text,
-           quantity bigint, started_at timestamptz, ended_at timestamptz, usage_day date) ON COMMIT DROP",
-    )
-    .await?;
-    let parse: Parser = Box::new(move |line, row, buf, errors| {
+    Box::new(move |line, row, buf, errors| {
         let before = errors.count;
         let event = require(row, "event_id", line, errors).ok();
         let account = require(row, "account_id", line, errors).ok();
@@ -767,26 +756,125 @@ pub async fn import_usage(
             return;
         }
         let day = ended.map(|e| billing_day_of(e, tz).to_string());
-        CopyLine::new(buf)
-            .int(Some(line as i64))
+        let mut out = CopyLine::new(buf);
+        if staging {
+            out.int(Some(line as i64));
+        }
+        out.text(account)
             .text(event)
-            .text(account)
             .text(resource)
             .text(meter)
             .int(quantity)
             .time(started)
             .time(ended)
-            .text(day.as_deref())
-            .end();
-    });
-    let (rows, mut errors) = stream_file(
+            .text(day.as_deref());
+        if !staging {
+            out.time(Some(as_of));
+        }
+        out.end();
+    })
+}
+
+const USAGE_COPY: &str =
+    "COPY usage_records (account_id, event_id, resource_id, meter, quantity, started_at, ended_at,
+                                             usage_day, imported_at) FROM STDIN";
+
+/// Imports usage. Fast path: COPY straight into `usage_records` under a savepoint, then one
+/// set-based check of the new rows; any duplicate, unknown reference or bad row rolls the
+/// savepoint back and the slow path stages the file to find and report every bad line (or,
+/// when the only "problem" is events imported before, to skip them).
+pub async fn import_usage(
+    db: &Db,
+    config: &Config,
+    file: &Path,
+    as_of: DateTime<Utc>,
+) -> Result<ImportReport, ImportError> {
+    let tz = config.billing.time_zone;
+    let mut client = db.raw_client().await?;
+    let tx = begin(&mut client).await?;
+    // Rows this import inserts get numbers above the sequence's current value.
+    let before: i64 = tx
+        .query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM usage_records_seq_seq",
+            &[],
+        )
+        .await?
+        .get(0);
+    tx.batch_execute("SAVEPOINT fast_path").await?;
+    match stream_file(
         &tx,
+        USAGE_COPY,
+        file,
+        USAGE_COLUMNS,
+        usage_parser(tz, as_of, false),
+    )
+    .await
+    {
+        Ok((rows, errors)) if errors.count == 0 => {
+            let bad: i64 = tx
+                .query_one(
+                    &format!(
+                        "SELECT count(*) FROM usage_records s
+                         LEFT JOIN resources r ON r.account_id = s.account_id AND r.id = s.resource_id
+                         LEFT JOIN prices p ON p.product = r.product AND p.meter = s.meter
+                         WHERE s.seq > $1 AND (r.id IS NULL OR p.meter IS NULL OR NOT ({USAGE_ACCEPTED}))"
+                    ),
+                    &[&before],
+                )
+                .await?
+                .get(0);
+            if bad == 0 {
+                tx.commit().await?;
+                return Ok(ImportReport {
+                    kind: ImportKind::Usage,
+                    file: file.display().to_string(),
+                    rows,
+                    inserted: rows,
+                    updated: 0,
+                    already_imported: 0,
+                });
+            }
+        }
+        Ok(_) => {}
+        Err(ImportError::Db(DbError::Postgres(e)))
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {}
+        Err(e) => return Err(e),
+    }
+    tx.batch_execute("ROLLBACK TO SAVEPOINT fast_path").await?;
+    let (rows, inserted) = import_usage_staged(&tx, file, tz, as_of).await?;
+    tx.commit().await?;
+    Ok(ImportReport {
+        kind: ImportKind::Usage,
+        file: file.display().to_string(),
+        rows,
+        inserted,
+        updated: 0,
+        already_imported: rows - inserted,
+    })
+}
+
+/// The slow path: stage the file, insert what is new and valid, and if anything is wrong,
+/// report every bad line. Returns (rows, inserted).
+async fn import_usage_staged(
+    tx: &tokio_postgres::Transaction<'_>,
+    file: &Path,
+    tz: Tz,
+    as_of: DateTime<Utc>,
+) -> Result<(u64, u64), ImportError> {
+    tx.batch_execute(
+        "CREATE TEMP TABLE usage_staging (line bigint, account_id text, event_id text, resource_id text, meter text,
+           quantity bigint, started_at timestamptz, ended_at timestamptz, usage_day date) ON COMMIT DROP",
+    )
+    .await?;
+    let (rows, mut errors) = stream_file(
+        tx,
         "COPY usage_staging FROM STDIN",
         file,
         USAGE_COLUMNS,
-        parse,
+        usage_parser(tz, as_of, true),
     )
     .await?;
+    tx.batch_execute("ANALYZE usage_staging").await?;
     let staged: i64 = tx
         .query_one("SELECT count(*) FROM usage_staging", &[])
         .await?
@@ -811,10 +899,17 @@ pub async fn import_usage(
         0
     };
     if errors.count > 0 || inserted < staged as u64 {
-        // Slow path: find out why rows were left out.
-        collect_duplicates(&tx, "usage_staging", "event_id", "event_id", &mut errors).await?;
+        // Find out why rows were left out: duplicates within the file, bad references.
+        collect_duplicates(
+            tx,
+            "usage_staging",
+            "account_id, event_id",
+            "event_id",
+            &mut errors,
+        )
+        .await?;
         collect_sql_errors(
-            &tx,
+            tx,
             &format!(
                 "SELECT s.line,
                    CASE WHEN a.id IS NULL THEN 'account_id' WHEN r.id IS NULL THEN 'resource_id'
@@ -837,17 +932,8 @@ pub async fn import_usage(
         .await?;
         errors.into_result(file)?;
     }
-    tx.commit().await?;
-    Ok(ImportReport {
-        kind: ImportKind::Usage,
-        file: file.display().to_string(),
-        rows,
-        inserted,
-        updated: 0,
-        already_imported: staged as u64 - inserted,
-    })
+    Ok((rows, inserted))
 }
-
 fn is_plausible_email(s: &str) -> bool {
     match s.split_once('@') {
         Some((local, domain)) => {

@@ -135,11 +135,12 @@ async fn late_event_is_billed_by_the_next_run() {
 #[tokio::test(flavor = "multi_thread")]
 async fn usage_of_the_next_day_waits_for_its_own_bill() {
     let t = basic().await;
+    // The next day's record arrives first, so arrival numbers interleave with billing days.
     t.import_usage(
         &[
-            "d1,a1,r1,classroom_minutes,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
             // 2026-11-23 in Shanghai already
             "d2,a1,r1,classroom_minutes,100,2026-11-22T16:05:00Z,2026-11-22T16:10:00Z",
+            "d1,a1,r1,classroom_minutes,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
         ],
         DAY_END,
     )
@@ -588,4 +589,29 @@ async fn financial_records_refuse_update_and_delete() {
             .unwrap_or_default();
         assert!(msg.contains("append-only"), "{sql}: {e:?}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_earlier_day_after_a_later_one_is_refused() {
+    let t = basic().await;
+    t.import_usage(
+        &["e1,a1,r1,classroom_minutes,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z"],
+        DAY_END,
+    )
+    .await;
+    t.bill("2026-11-23T16:30:00Z").await;
+    let err = run(
+        &t.db,
+        &t.config,
+        &Options {
+            as_of: at("2026-11-23T16:30:00Z"),
+            bill_day: Some(chrono::NaiveDate::from_ymd_opt(2026, 11, 21).unwrap()),
+            dry_run: false,
+            force: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("is earlier"), "{err}");
+    assert_eq!(t.scalar_i64("SELECT count(*) FROM bills").await, 1);
 }

@@ -1,3 +1,3 @@
 DROP TABLE job_runs, lifecycle_events, ledger_entries, bill_lines, bills, billing_cursor,
-  usage_billing_marks, usage_records, resources, prices, coupons, accounts;
+  usage_records, resources, prices, coupons, accounts;
 DROP FUNCTION arrears_refuse_change();

@@ -35,6 +35,10 @@ CREATE TABLE accounts (
   arrears_since          timestamptz,
   suspended_at           timestamptz,
   first_overdue_alert_at timestamptz,
+  -- Billing mark: every usage record of this account with usage_day <= billed_through_day
+  -- and seq <= billed_through_seq is billed (see src/jobs/generate_bills.rs).
+  billed_through_day     date,
+  billed_through_seq     bigint NOT NULL DEFAULT 0,
   created_at             timestamptz NOT NULL,
   updated_at             timestamptz NOT NULL
 );
@@ -102,14 +106,6 @@ CREATE TABLE usage_records (
 CREATE INDEX usage_records_seq ON usage_records USING brin (seq);
 CREATE TRIGGER usage_records_append_only BEFORE UPDATE OR DELETE ON usage_records
   FOR EACH ROW EXECUTE FUNCTION arrears_refuse_change();
-
--- For each (account, usage day): every record with seq <= billed_through_seq is billed.
-CREATE TABLE usage_billing_marks (
-  account_id          text NOT NULL,
-  usage_day           date NOT NULL,
-  billed_through_seq  bigint NOT NULL,
-  PRIMARY KEY (account_id, usage_day)
-);
 
 -- Every usage record with seq <= low_water_seq is billed; billing scans only above it.
 CREATE TABLE billing_cursor (

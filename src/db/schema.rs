@@ -18,6 +18,8 @@ diesel::table! {
         arrears_since -> Nullable<Timestamptz>,
         suspended_at -> Nullable<Timestamptz>,
         first_overdue_alert_at -> Nullable<Timestamptz>,
+        billed_through_day -> Nullable<Date>,
+        billed_through_seq -> Int8,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
     }
@@ -187,6 +189,8 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
             "arrears_since",
             "suspended_at",
             "first_overdue_alert_at",
+            "billed_through_day",
+            "billed_through_seq",
             "created_at",
             "updated_at",
         ],

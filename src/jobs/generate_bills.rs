@@ -4,18 +4,20 @@
 //! How a usage record is billed exactly once without touching it (usage is append-only and
 //! marking ten million rows would cost more than rating them):
 //! - each record has an arrival number `seq`; `billing_cursor.low_water_seq` says every
-//!   record at or below it is billed, and `usage_billing_marks` says, per (account, usage
-//!   day), that every record at or below `billed_through_seq` is billed;
+//!   record at or below it is billed, and each account's mark says every record of the
+//!   account with `usage_day <= billed_through_day` and `seq <= billed_through_seq` is billed;
 //! - a run first gathers, under a SHARE lock on `usage_records` (so that no import is half
 //!   way through handing out lower numbers), the unbilled records above the low-water mark,
-//!   aggregated per account, resource, meter and usage day;
+//!   aggregated per account, resource, meter and usage day, and sets aside the accounts it
+//!   cannot bill (the day's bill exists already, or a meter lost its price);
 //! - each batch of accounts then, in one transaction, writes the bills, lines, coupon draws,
-//!   ledger entries and balances, and raises the marks of what it billed;
-//! - at the end the low-water mark rises to just below the oldest record still unbilled, and
-//!   marks below it are pruned.
-//! A record that arrives late (its day's bill already issued) sits above the marks and is
-//! billed by the next run, on that run's bill. A session-level advisory lock keeps two
-//! billing runs from interleaving.
+//!   ledger entries, balances and the accounts' new marks, so a crash between batches leaves
+//!   every account either billed and marked or untouched;
+//! - at the end the low-water mark rises to just below the oldest record still unbilled.
+//! A record that arrives late (its day's bill already issued) is above its account's mark
+//! and is billed by the next run, on that run's bill. Days are billed in order (a run for a
+//! day before the latest billed one is refused), so marks only move forward. A
+//! session-level advisory lock keeps two billing runs from interleaving.
 
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
@@ -172,23 +174,75 @@ async fn bill(
     opts: &Options,
     report: &mut GenerateBillsReport,
 ) -> Result<(), JobError> {
-    let tz = config.billing.time_zone;
     let digits = config.billing.minor_unit_digits;
-    let divisor: i64 = 10i64.pow(QUANTITY_DIGITS + PRICE_DIGITS - digits);
-    let as_of = opts.as_of;
-    let day_start = start_of_day(day, tz);
     let cause = format!("generate_bills@{}", report.slot.to_rfc3339());
-
+    let params = BatchParams {
+        batch_size: config.billing.batch_size as i64,
+        day,
+        day_start: start_of_day(day, config.billing.time_zone),
+        as_of: opts.as_of,
+        divisor: 10i64.pow(QUANTITY_DIGITS + PRICE_DIGITS - digits),
+        digits,
+        lo: "",
+        hi: "",
+        cause: &cause,
+    };
     client
         .execute("SELECT pg_advisory_lock($1)", &[&BILLING_LOCK])
         .await?;
+    let result = bill_locked(client, opts.dry_run, report, params).await;
+    let cleanup = client
+        .batch_execute("DROP TABLE IF EXISTS bill_candidates, bill_skipped")
+        .await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&BILLING_LOCK])
+        .await?;
+    let sums = result?;
+    cleanup?;
+    finish_amounts(report, &sums, config);
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+struct BatchParams<'a> {
+    batch_size: i64,
+    day: NaiveDate,
+    day_start: DateTime<Utc>,
+    as_of: DateTime<Utc>,
+    divisor: i64,
+    digits: u32,
+    lo: &'a str,
+    hi: &'a str,
+    cause: &'a str,
+}
+
+async fn bill_locked(
+    client: &mut tokio_postgres::Client,
+    dry_run: bool,
+    report: &mut GenerateBillsReport,
+    params: BatchParams<'_>,
+) -> Result<Sums, JobError> {
+    let day = params.day;
+    // Days are billed in order: marks only move forward, and a late record of an earlier day
+    // goes on the next bill rather than reopening an issued one.
+    let latest: Option<DateTime<Utc>> = client
+        .query_one(
+            "SELECT max(slot) FROM job_runs WHERE job = 'generate_bills' AND status = 'succeeded'",
+            &[],
+        )
+        .await?
+        .get(0);
+    if let Some(latest) = latest.filter(|l| *l > report.slot) {
+        return Err(JobError::Refused(format!(
+            "bills are issued up to the day ending {latest}; billing day {day} is earlier (late usage of an \
+             earlier day is billed on the next day's bill)"
+        )));
+    }
 
     // Pre-pass: what is unbilled, in one scan above the low-water mark.
     let tx = client.transaction().await?;
-    tx.batch_execute(
-        "LOCK TABLE usage_records IN SHARE MODE; DROP TABLE IF EXISTS bill_candidates",
-    )
-    .await?;
+    tx.batch_execute("LOCK TABLE usage_records IN SHARE MODE")
+        .await?;
     let low: i64 = tx
         .query_one("SELECT low_water_seq FROM billing_cursor", &[])
         .await?
@@ -196,11 +250,11 @@ async fn bill(
     tx.execute(
         "CREATE TEMP TABLE bill_candidates AS
          SELECT u.account_id, u.resource_id, u.meter, u.usage_day, count(*)::int AS records,
-                sum(u.quantity)::bigint AS quantity, min(u.seq) AS min_seq, max(u.seq) AS max_seq,
-                false AS billed
+                sum(u.quantity)::bigint AS quantity, min(u.seq) AS min_seq, max(u.seq) AS max_seq
          FROM usage_records u
-         LEFT JOIN usage_billing_marks m ON m.account_id = u.account_id AND m.usage_day = u.usage_day
-         WHERE u.seq > $1 AND u.seq > coalesce(m.billed_through_seq, 0)
+         JOIN accounts a ON a.id = u.account_id
+         WHERE u.seq > $1
+           AND (a.billed_through_day IS NULL OR u.usage_day > a.billed_through_day OR u.seq > a.billed_through_seq)
          GROUP BY 1, 2, 3, 4",
         &[&low],
     )
@@ -209,6 +263,42 @@ async fn bill(
     client
         .batch_execute("CREATE INDEX ON bill_candidates (account_id); ANALYZE bill_candidates")
         .await?;
+    // Accounts this run leaves alone: the day's bill exists (new records wait for the next
+    // day's bill), or a meter they used has no price any more (billing part of a day would
+    // hide the rest: fix the price list and run again).
+    client
+        .execute(
+            "CREATE TEMP TABLE bill_skipped AS
+             SELECT DISTINCT c.account_id, 'already_billed' AS why FROM bill_candidates c
+             JOIN bills b ON b.account_id = c.account_id AND b.bill_day = $1
+             WHERE c.usage_day <= $1
+             UNION
+             SELECT DISTINCT c.account_id, 'unpriced' FROM bill_candidates c
+             JOIN resources r ON r.account_id = c.account_id AND r.id = c.resource_id
+             LEFT JOIN prices p ON p.product = r.product AND p.meter = c.meter
+             WHERE c.usage_day <= $1 AND p.meter IS NULL",
+            &[&day],
+        )
+        .await?;
+    report.accounts_already_billed = client
+        .query_one(
+            "SELECT count(*) FROM bill_skipped WHERE why = 'already_billed'",
+            &[],
+        )
+        .await?
+        .get(0);
+    report.accounts_skipped_unpriced = client
+        .query(&format!("SELECT account_id FROM bill_skipped WHERE why = 'unpriced' ORDER BY 1 LIMIT {LISTED}"), &[])
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !report.accounts_skipped_unpriced.is_empty() {
+        tracing::warn!(
+            job = "generate_bills",
+            "accounts left unbilled: a meter they used has no price"
+        );
+    }
 
     let row = client
         .query_one(
@@ -222,14 +312,14 @@ async fn bill(
     report.unbilled_records = row.get(1);
     report.late_records = row.get(2);
 
-    let batch_size = config.billing.batch_size as i64;
     let bounds: Vec<(String, String)> = client
         .query(
             "SELECT min(account_id), max(account_id) FROM (
                SELECT account_id, (row_number() OVER (ORDER BY account_id) - 1) / $2 AS b
-               FROM (SELECT DISTINCT account_id FROM bill_candidates WHERE usage_day <= $1) x) y
+               FROM (SELECT DISTINCT account_id FROM bill_candidates
+                     WHERE usage_day <= $1 AND account_id NOT IN (SELECT account_id FROM bill_skipped)) x) y
              GROUP BY b ORDER BY b",
-            &[&day, &batch_size],
+            &[&day, &params.batch_size],
         )
         .await?
         .into_iter()
@@ -241,56 +331,27 @@ async fn bill(
     for (lo, hi) in &bounds {
         bill_batch(
             client,
-            BatchParams {
-                day,
-                day_start,
-                as_of,
-                divisor,
-                digits,
-                lo,
-                hi,
-                cause: &cause,
-            },
-            opts.dry_run,
+            BatchParams { lo, hi, ..params },
+            dry_run,
             report,
             &mut sums,
         )
         .await?;
     }
 
-    if !opts.dry_run {
+    if !dry_run {
         client
             .execute(
-                "UPDATE billing_cursor SET low_water_seq = greatest(low_water_seq,
-                   coalesce((SELECT min(min_seq) - 1 FROM bill_candidates WHERE NOT billed),
-                            (SELECT max(max_seq) FROM bill_candidates), low_water_seq))",
-                &[],
-            )
-            .await?;
-        client
-            .execute(
-                "DELETE FROM usage_billing_marks WHERE billed_through_seq <= (SELECT low_water_seq FROM billing_cursor)",
-                &[],
+                "UPDATE billing_cursor SET low_water_seq = greatest(low_water_seq, coalesce(
+                   (SELECT min(min_seq) - 1 FROM bill_candidates
+                    WHERE usage_day > $1 OR account_id IN (SELECT account_id FROM bill_skipped)),
+                   (SELECT max(max_seq) FROM bill_candidates),
+                   low_water_seq))",
+                &[&day],
             )
             .await?;
     }
-    client.batch_execute("DROP TABLE bill_candidates").await?;
-    client
-        .execute("SELECT pg_advisory_unlock($1)", &[&BILLING_LOCK])
-        .await?;
-    finish_amounts(report, &sums, config);
-    Ok(())
-}
-
-struct BatchParams<'a> {
-    day: NaiveDate,
-    day_start: DateTime<Utc>,
-    as_of: DateTime<Utc>,
-    divisor: i64,
-    digits: u32,
-    lo: &'a str,
-    hi: &'a str,
-    cause: &'a str,
+    Ok(sums)
 }
 
 /// Bills the accounts in `[lo, hi]` in one transaction (rolled back on a dry run).
@@ -310,87 +371,65 @@ async fn bill_batch(
         lo,
         hi,
         cause,
+        ..
     } = p;
     let tx = client.transaction().await?;
     // Serialise with top-ups and coupon grants of the same accounts.
     tx.execute(
         "SELECT 1 FROM accounts WHERE id >= $1 AND id <= $2
            AND id IN (SELECT account_id FROM bill_candidates WHERE usage_day <= $3)
+           AND id NOT IN (SELECT account_id FROM bill_skipped)
          ORDER BY id FOR UPDATE",
         &[&lo, &hi, &day],
     )
     .await?;
-    let already: i64 = tx
+    let groups: i64 = tx
+        .execute(
+            "CREATE TEMP TABLE batch_lines ON COMMIT DROP AS
+             WITH g AS (
+               SELECT c.account_id, c.resource_id, c.meter, sum(c.records)::int AS records,
+                      sum(c.quantity)::bigint AS quantity,
+                      coalesce(sum(c.records) FILTER (WHERE c.usage_day < $3), 0)::int AS late_records,
+                      max(c.max_seq) AS max_seq
+               FROM bill_candidates c
+               WHERE c.account_id >= $1 AND c.account_id <= $2 AND c.usage_day <= $3
+                 AND c.account_id NOT IN (SELECT account_id FROM bill_skipped)
+               GROUP BY 1, 2, 3
+             ), q AS (
+               SELECT g.*, p.unit_price_nanos,
+                 CASE WHEN r.billing_mode = 'package' AND p.is_package_meter
+                           AND (r.package_expires_at IS NULL OR r.package_expires_at > $4)
+                      THEN least(g.quantity, greatest(coalesce(r.package_quota, 0) - r.package_used, 0))
+                      ELSE 0 END AS included,
+                 (r.billing_mode <> 'package' OR r.payg_enabled) AS payg
+               FROM g
+               LEFT JOIN resources r ON r.account_id = g.account_id AND r.id = g.resource_id
+               LEFT JOIN prices p ON p.product = r.product AND p.meter = g.meter
+             )
+             SELECT account_id, resource_id, meter, records, late_records, max_seq, quantity, included,
+                    CASE WHEN payg THEN quantity - included ELSE 0 END AS billed,
+                    CASE WHEN payg THEN 0 ELSE quantity - included END AS unbilled,
+                    unit_price_nanos,
+                    -- the rounding rule of domain::money::line_amount: once per line, half away from zero
+                    round((CASE WHEN payg THEN quantity - included ELSE 0 END)::numeric
+                          * unit_price_nanos / $5::bigint)::bigint AS amount
+             FROM q",
+            &[&lo, &hi, &day, &day_start, &divisor],
+        )
+        .await? as i64;
+    let unpriced: i64 = tx
         .query_one(
-            "SELECT count(DISTINCT c.account_id) FROM bill_candidates c
-             JOIN bills b ON b.account_id = c.account_id AND b.bill_day = $3
-             WHERE c.account_id >= $1 AND c.account_id <= $2 AND c.usage_day <= $3",
-            &[&lo, &hi, &day],
+            "SELECT count(*) FROM batch_lines WHERE unit_price_nanos IS NULL",
+            &[],
         )
         .await?
         .get(0);
-    report.accounts_already_billed += already;
-    // A meter whose price was removed from the configuration: leave the whole account
-    // unbilled (and its records unmarked) rather than bill part of its day.
-    let unpriced: Vec<String> = tx
-        .query(
-            "SELECT DISTINCT c.account_id FROM bill_candidates c
-             JOIN resources r ON r.account_id = c.account_id AND r.id = c.resource_id
-             LEFT JOIN prices p ON p.product = r.product AND p.meter = c.meter
-             WHERE c.account_id >= $1 AND c.account_id <= $2 AND c.usage_day <= $3 AND p.meter IS NULL
-             ORDER BY 1",
-            &[&lo, &hi, &day],
-        )
-        .await?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    if !unpriced.is_empty() {
-        tracing::warn!(
-            job = "generate_bills",
-            accounts = unpriced.len(),
-            "accounts left unbilled: a meter they used has no price"
-        );
+    if unpriced > 0 {
+        // The price list changed since the pre-pass: bill nothing rather than part of a day.
+        return Err(JobError::Refused(format!(
+            "{unpriced} of {groups} lines in accounts {lo}..{hi} lost their price during the run; run again"
+        )));
     }
-    report.accounts_skipped_unpriced.extend(
-        unpriced
-            .iter()
-            .take(LISTED.saturating_sub(report.accounts_skipped_unpriced.len()))
-            .cloned(),
-    );
-
-    tx.execute(
-        "CREATE TEMP TABLE batch_lines ON COMMIT DROP AS
-         WITH g AS (
-           SELECT c.account_id, c.resource_id, c.meter, sum(c.records)::int AS records,
-                  sum(c.quantity)::bigint AS quantity,
-                  coalesce(sum(c.records) FILTER (WHERE c.usage_day < $3), 0)::int AS late_records
-           FROM bill_candidates c
-           WHERE c.account_id >= $1 AND c.account_id <= $2 AND c.usage_day <= $3
-             AND c.account_id <> ALL($6)
-             AND NOT EXISTS (SELECT 1 FROM bills b WHERE b.account_id = c.account_id AND b.bill_day = $3)
-           GROUP BY 1, 2, 3
-         ), q AS (
-           SELECT g.*, p.unit_price_nanos,
-             CASE WHEN r.billing_mode = 'package' AND p.is_package_meter
-                       AND (r.package_expires_at IS NULL OR r.package_expires_at > $4)
-                  THEN least(g.quantity, greatest(coalesce(r.package_quota, 0) - r.package_used, 0))
-                  ELSE 0 END AS included,
-             (r.billing_mode <> 'package' OR r.payg_enabled) AS payg
-           FROM g
-           JOIN resources r ON r.account_id = g.account_id AND r.id = g.resource_id
-           JOIN prices p ON p.product = r.product AND p.meter = g.meter
-         )
-         SELECT account_id, resource_id, meter, records, late_records, quantity, included,
-                CASE WHEN payg THEN quantity - included ELSE 0 END AS billed,
-                CASE WHEN payg THEN 0 ELSE quantity - included END AS unbilled,
-                unit_price_nanos,
-                -- the rounding rule of domain::money::line_amount: once per line, half away from zero
-                round((CASE WHEN payg THEN quantity - included ELSE 0 END)::numeric * unit_price_nanos / $5::bigint)::bigint AS amount
-         FROM q",
-        &[&lo, &hi, &day, &day_start, &divisor, &unpriced],
-    )
-    .await?;
 
     tx.execute(
         "CREATE TEMP TABLE batch_draws ON COMMIT DROP AS
@@ -408,7 +447,6 @@ async fn bill_batch(
         &[&as_of],
     )
     .await?;
-
     let bills = tx
         .query(
             "WITH totals AS (
@@ -489,12 +527,18 @@ async fn bill_batch(
     let entered = tx
         .query(
             "WITH charged AS (
-               SELECT a.id, a.state AS old_state, a.cash_balance - b.paid_cash AS new_cash, a.credit_quota
-               FROM accounts a JOIN bills b ON b.account_id = a.id AND b.bill_day = $1
-               WHERE b.paid_cash > 0 AND a.id IN (SELECT account_id FROM batch_lines)
+               SELECT a.id, a.state AS old_state, a.cash_balance - b.paid_cash AS new_cash, a.credit_quota,
+                      m.max_seq
+               FROM accounts a
+               JOIN bills b ON b.account_id = a.id AND b.bill_day = $1
+               JOIN (SELECT account_id, max(max_seq) AS max_seq FROM batch_lines GROUP BY account_id) m
+                 ON m.account_id = a.id
              ), upd AS (
+               -- the new balance, R1's start of arrears, and the account's billing mark
                UPDATE accounts a SET
                  cash_balance = c.new_cash,
+                 billed_through_day = $1,
+                 billed_through_seq = greatest(a.billed_through_seq, c.max_seq),
                  arrears_since = CASE WHEN c.new_cash + c.credit_quota < 0 THEN coalesce(a.arrears_since, $2)
                                       ELSE a.arrears_since END,
                  state = CASE WHEN a.state = 'good' AND c.new_cash + c.credit_quota < 0 THEN 'in_arrears'
@@ -519,22 +563,6 @@ async fn bill_batch(
             .take(LISTED.saturating_sub(report.entered_arrears.len())),
     );
 
-    tx.execute(
-        "INSERT INTO usage_billing_marks (account_id, usage_day, billed_through_seq)
-         SELECT account_id, usage_day, max(max_seq) FROM bill_candidates
-         WHERE account_id IN (SELECT account_id FROM batch_lines) AND usage_day <= $1
-         GROUP BY 1, 2
-         ON CONFLICT (account_id, usage_day) DO UPDATE
-           SET billed_through_seq = greatest(usage_billing_marks.billed_through_seq, excluded.billed_through_seq)",
-        &[&day],
-    )
-    .await?;
-    tx.execute(
-        "UPDATE bill_candidates SET billed = true
-         WHERE account_id IN (SELECT account_id FROM batch_lines) AND usage_day <= $1",
-        &[&day],
-    )
-    .await?;
     if dry_run {
         tx.rollback().await?;
     } else {

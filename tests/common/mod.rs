@@ -173,7 +173,6 @@ impl TestDb {
             "coupons",
             "resources",
             "usage_records",
-            "usage_billing_marks",
             "billing_cursor",
             "bills",
             "bill_lines",
