@@ -8,7 +8,7 @@ use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::money::{self, PRICE_DIGITS};
-use crate::domain::policy::Policy;
+use crate::domain::policy::{Policy, PolicyDuration};
 
 /// The example configuration shipped in the repository, used when no file is named.
 pub const EXAMPLE_CONFIG: &str = include_str!("../arrears.toml");
@@ -40,7 +40,58 @@ struct RawConfig {
     database: DatabaseConfig,
     #[serde(default)]
     embedded: EmbeddedConfig,
+    #[serde(default)]
+    lifecycle: LifecycleConfig,
     products: BTreeMap<String, RawProduct>,
+}
+
+/// Safety knobs of the lifecycle jobs (R9, R10).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LifecycleConfig {
+    /// One release run releases at most this percentage of live resources...
+    #[serde(default = "default_release_percent")]
+    pub max_release_percent: u32,
+    /// ...or this many, whichever is larger, unless --allow-mass-release.
+    #[serde(default = "default_release_always")]
+    pub release_always_allowed: u32,
+    /// Destructive jobs refuse to run when the service and database clocks differ by more.
+    #[serde(default = "default_skew")]
+    pub max_clock_skew: PolicyDuration,
+    /// A release warning must have been accepted at least this long before release (R9).
+    #[serde(default = "default_warning_age")]
+    pub warning_min_age: PolicyDuration,
+    /// enforce_suspensions evaluates at most this many accounts per run.
+    #[serde(default = "default_enforce_max")]
+    pub enforce_max_accounts: usize,
+}
+
+fn default_release_percent() -> u32 {
+    5
+}
+fn default_release_always() -> u32 {
+    10
+}
+fn default_skew() -> PolicyDuration {
+    PolicyDuration(300)
+}
+fn default_warning_age() -> PolicyDuration {
+    PolicyDuration(86_400)
+}
+fn default_enforce_max() -> usize {
+    10_000
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        LifecycleConfig {
+            max_release_percent: default_release_percent(),
+            release_always_allowed: default_release_always(),
+            max_clock_skew: default_skew(),
+            warning_min_age: default_warning_age(),
+            enforce_max_accounts: default_enforce_max(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -159,6 +210,7 @@ pub struct Config {
     pub billing: BillingConfig,
     pub database: DatabaseConfig,
     pub embedded: EmbeddedConfig,
+    pub lifecycle: LifecycleConfig,
     pub products: BTreeMap<String, Product>,
     /// Where it came from, for messages.
     pub origin: String,
@@ -312,6 +364,18 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             "must be greater than 0".into(),
         ));
     }
+    if raw.lifecycle.max_release_percent > 100 {
+        return Err(invalid(
+            "lifecycle.max_release_percent",
+            "must be between 0 and 100".into(),
+        ));
+    }
+    if raw.lifecycle.enforce_max_accounts == 0 {
+        return Err(invalid(
+            "lifecycle.enforce_max_accounts",
+            "must be greater than 0".into(),
+        ));
+    }
     if raw.database.pool_size == 0 {
         return Err(invalid(
             "database.pool_size",
@@ -407,6 +471,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         },
         database: raw.database,
         embedded: raw.embedded,
+        lifecycle: raw.lifecycle,
         products,
         origin: origin.to_string(),
     })

@@ -7,10 +7,12 @@ use diesel::prelude::*;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 
-use crate::db::schema::{accounts, coupons, ledger_entries, lifecycle_events};
+use crate::config::Config;
+use crate::db::schema::{accounts, coupons, ledger_entries};
 use crate::db::{Db, DbError};
 use crate::domain::money::format_scaled;
-use crate::domain::settle::{is_in_arrears, CouponKind};
+use crate::domain::settle::CouponKind;
+use crate::lifecycle::{self, LifecycleError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -32,6 +34,16 @@ pub enum LedgerError {
     Db(#[from] DbError),
 }
 
+impl From<LifecycleError> for LedgerError {
+    fn from(e: LifecycleError) -> Self {
+        match e {
+            LifecycleError::UnknownAccount(a) => LedgerError::UnknownAccount(a),
+            LifecycleError::Db(d) => LedgerError::Db(d),
+            other => LedgerError::Db(DbError::Connect(other.to_string())),
+        }
+    }
+}
+
 impl From<diesel::result::Error> for LedgerError {
     fn from(e: diesel::result::Error) -> Self {
         LedgerError::Db(DbError::Query(e))
@@ -49,18 +61,21 @@ pub struct TopupReport {
     pub state: String,
     /// Whether this top-up ended the account's arrears (cash + credit quota back to >= 0).
     pub arrears_cleared: bool,
+    /// Resources restored by this top-up (R5).
+    pub restored: Vec<String>,
 }
 
 /// Applies a top-up once per (account, reference).
 pub async fn topup(
     db: &Db,
-    digits: u32,
+    config: &Config,
     account_id: &str,
     amount: i64,
     reference: &str,
     as_of: DateTime<Utc>,
     cause: &str,
 ) -> Result<TopupReport, LedgerError> {
+    let digits = config.billing.minor_unit_digits;
     if amount <= 0 {
         return Err(LedgerError::NotPositive);
     }
@@ -75,20 +90,14 @@ pub async fn topup(
         cause.to_string(),
     );
     conn.transaction::<_, LedgerError, _>(async move |conn| {
-        let (balance, credit, state, arrears_since): (i64, i64, String, Option<DateTime<Utc>>) =
-            accounts::table
-                .find(&account)
-                .select((
-                    accounts::cash_balance,
-                    accounts::credit_quota,
-                    accounts::state,
-                    accounts::arrears_since,
-                ))
-                .for_update()
-                .first(conn)
-                .await
-                .optional()?
-                .ok_or_else(|| LedgerError::UnknownAccount(account.clone()))?;
+        let (balance, state): (i64, String) = accounts::table
+            .find(&account)
+            .select((accounts::cash_balance, accounts::state))
+            .for_update()
+            .first(conn)
+            .await
+            .optional()?
+            .ok_or_else(|| LedgerError::UnknownAccount(account.clone()))?;
         let existing: Option<i64> = ledger_entries::table
             .filter(ledger_entries::account_id.eq(&account))
             .filter(ledger_entries::kind.eq("topup"))
@@ -113,6 +122,7 @@ pub async fn topup(
                 cash_balance: format_scaled(balance, digits),
                 state,
                 arrears_cleared: false,
+                restored: vec![],
             });
         }
         diesel::insert_into(ledger_entries::table)
@@ -126,35 +136,23 @@ pub async fn topup(
             .execute(conn)
             .await?;
         let new_balance = balance + amount;
-        let cleared = !is_in_arrears(new_balance, credit) && state == "in_arrears";
-        let new_state = if cleared {
-            "good".to_string()
-        } else {
-            state.clone()
-        };
-        let arrears_since = if cleared { None } else { arrears_since };
         diesel::update(accounts::table.find(&account))
             .set((
                 accounts::cash_balance.eq(new_balance),
-                accounts::state.eq(&new_state),
-                accounts::arrears_since.eq(arrears_since),
                 accounts::updated_at.eq(as_of),
             ))
             .execute(conn)
             .await?;
-        if cleared {
-            record_event(
-                conn,
-                &account,
-                None,
-                &state,
-                "good",
-                "top-up brought cash + credit quota back to >= 0",
-                &cause,
-                as_of,
-            )
-            .await?;
-        }
+        // R5: re-evaluate in this transaction, under the lock taken above, so that a paid-up
+        // account is restored at once and no concurrent job can suspend it meanwhile.
+        let loaded = lifecycle::load(conn, &account, false)
+            .await
+            .map_err(LedgerError::from)?
+            .ok_or_else(|| LedgerError::UnknownAccount(account.clone()))?;
+        let applied = lifecycle::reconcile(conn, config, &loaded, as_of, &cause)
+            .await
+            .map_err(LedgerError::from)?;
+        let new_state = applied.account_to.clone().unwrap_or(state);
         Ok(TopupReport {
             account_id: account,
             reference,
@@ -162,37 +160,15 @@ pub async fn topup(
             replayed: false,
             cash_balance: format_scaled(new_balance, digits),
             state: new_state,
-            arrears_cleared: cleared,
+            arrears_cleared: applied.account_to.as_deref() == Some("good"),
+            restored: applied
+                .restored
+                .into_iter()
+                .map(|m| m.resource_id)
+                .collect(),
         })
     })
     .await
-}
-
-/// Appends one lifecycle event (the audit trail).
-#[allow(clippy::too_many_arguments)]
-pub async fn record_event(
-    conn: &mut AsyncPgConnection,
-    account_id: &str,
-    resource_id: Option<&str>,
-    from: &str,
-    to: &str,
-    reason: &str,
-    cause: &str,
-    at: DateTime<Utc>,
-) -> QueryResult<()> {
-    diesel::insert_into(lifecycle_events::table)
-        .values((
-            lifecycle_events::account_id.eq(account_id),
-            lifecycle_events::resource_id.eq(resource_id),
-            lifecycle_events::from_state.eq(from),
-            lifecycle_events::to_state.eq(to),
-            lifecycle_events::reason.eq(reason),
-            lifecycle_events::cause.eq(cause),
-            lifecycle_events::occurred_at.eq(at),
-        ))
-        .execute(conn)
-        .await
-        .map(|_| ())
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -8,4 +8,5 @@ pub mod domain;
 pub mod import;
 pub mod jobs;
 pub mod ledger;
+pub mod lifecycle;
 pub mod queries;

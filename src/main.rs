@@ -6,10 +6,14 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use arrears::config::Config;
 use arrears::db::{self, Db, MigrationMode};
+use arrears::domain::lifecycle::{gate, Action};
 use arrears::domain::money::parse_non_negative;
+use arrears::domain::money::QUANTITY_DIGITS;
+use arrears::domain::policy::PolicyDuration;
 use arrears::domain::settle::CouponKind;
 use arrears::import::{self, ImportError};
-use arrears::jobs::{generate_bills, JobName};
+use arrears::jobs::{enforce_suspensions, generate_bills, release_resources, JobName};
+use arrears::lifecycle::{self, OperatorAction};
 use arrears::{ledger, queries};
 use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -58,6 +62,29 @@ enum Command {
         /// generate_bills: the billing day (default: the day before --as-of in the billing zone).
         #[arg(long)]
         day: Option<NaiveDate>,
+        /// release_resources: release more than the configured safety fraction in one run.
+        #[arg(long)]
+        allow_mass_release: bool,
+    },
+    /// May ACCOUNT do ACTION (on --resource)? Exit 0 allowed, 1 refused; the reason is printed.
+    Gate {
+        account: String,
+        action: Action,
+        #[arg(long)]
+        resource: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Operator actions on a resource.
+    Resource {
+        #[command(subcommand)]
+        action: ResourceAction,
+    },
+    /// Record lifecycle facts that the notification outbox will record once it exists:
+    /// a channel accepted the overdue alert or a release warning.
+    Facts {
+        #[command(subcommand)]
+        action: FactsAction,
     },
     /// Accounts.
     Account {
@@ -132,6 +159,56 @@ enum AccountAction {
         id: String,
         #[arg(long)]
         json: bool,
+    },
+    /// The audit trail: every state change of the account and its resources.
+    History {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lock the account for a compliance review: every resource suspended, never restored
+    /// automatically.
+    ComplianceLock { id: String },
+    /// Lift a compliance lock (the account is then re-evaluated).
+    ComplianceUnlock { id: String },
+    /// Put the account on legal hold: nothing of it is released.
+    LegalHold { id: String },
+    /// Lift a legal hold.
+    LegalHoldClear { id: String },
+}
+
+#[derive(Subcommand)]
+enum ResourceAction {
+    /// Turn pay-as-you-go on for a package (restores a quota_exhausted suspension).
+    EnablePayg { account: String, resource: String },
+    /// Renew a package: new included quota and expiry, usage counter reset.
+    Renew {
+        account: String,
+        resource: String,
+        /// Included quantity of the package meter.
+        #[arg(long)]
+        quota: String,
+        #[arg(long, value_parser = parse_instant)]
+        expires_at: DateTime<Utc>,
+    },
+    /// The customer stops the resource: no usage after --as-of is accepted, nothing more is
+    /// billed, its data follows the release rules.
+    Unsubscribe { account: String, resource: String },
+}
+
+#[derive(Subcommand)]
+enum FactsAction {
+    /// A channel accepted the first overdue alert of the account's current arrears at --as-of
+    /// (starts the lcic grace clock).
+    OverdueAlert { account: String },
+    /// A channel accepted the release warning LEAD before release (e.g. 7d, 24h) at --as-of,
+    /// for the account's current suspension(s) or --period.
+    ReleaseWarning {
+        account: String,
+        #[arg(long)]
+        lead: String,
+        #[arg(long, value_parser = parse_instant)]
+        period: Option<DateTime<Utc>>,
     },
 }
 
@@ -290,7 +367,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let db = open(&config, MigrationMode::Require).await?;
             let report = ledger::topup(
                 &db,
-                digits,
+                &config,
                 &account,
                 amount,
                 &reference,
@@ -326,6 +403,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             dry_run,
             force,
             day,
+            allow_mass_release,
         } => {
             let db = open(&config, MigrationMode::Require).await?;
             match job {
@@ -336,10 +414,197 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         dry_run,
                         force,
                     };
-                    let report = generate_bills::run(&db, &config, &opts).await?;
-                    print_json(&report)?;
+                    print_json(&generate_bills::run(&db, &config, &opts).await?)?;
+                }
+                JobName::EnforceSuspensions => {
+                    let opts = enforce_suspensions::Options {
+                        as_of,
+                        dry_run,
+                        force,
+                    };
+                    print_json(&enforce_suspensions::run(&db, &config, &opts).await?)?;
+                }
+                JobName::ReleaseResources => {
+                    let opts = release_resources::Options {
+                        as_of,
+                        service_now: Utc::now(),
+                        dry_run,
+                        force,
+                        allow_mass_release,
+                    };
+                    print_json(&release_resources::run(&db, &config, &opts).await?)?;
                 }
             }
+        }
+        Command::Gate {
+            account,
+            action,
+            resource,
+            json,
+        } => {
+            let db = open(&config, MigrationMode::Require).await?;
+            let mut conn = db.conn().await?;
+            let Some(loaded) = lifecycle::load(&mut conn, &account, false).await? else {
+                bail!("unknown account {account:?}");
+            };
+            let policies = loaded.with_policies(&config);
+            let target = match &resource {
+                None => None,
+                Some(rid) => match policies.iter().find(|(r, _)| &r.id == rid) {
+                    Some((r, p)) => Some((r, *p)),
+                    None => bail!("unknown resource {rid:?} of account {account:?}"),
+                },
+            };
+            let decision = gate(&loaded.account, target, action);
+            if json {
+                print_json(&serde_json::json!({
+                    "account_id": account,
+                    "resource_id": resource,
+                    "action": action,
+                    "allowed": decision.allowed,
+                    "code": decision.code,
+                    "reason": decision.reason,
+                }))?;
+            } else {
+                println!(
+                    "{}: {}",
+                    if decision.allowed {
+                        "allowed"
+                    } else {
+                        "refused"
+                    },
+                    decision.reason
+                );
+            }
+            return Ok(if decision.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        Command::Resource { action } => {
+            let db = open(&config, MigrationMode::Require).await?;
+            let (account, op, cause) = match action {
+                ResourceAction::EnablePayg { account, resource } => (
+                    account,
+                    OperatorAction::EnablePayg { resource },
+                    "cli:resource enable-payg",
+                ),
+                ResourceAction::Renew {
+                    account,
+                    resource,
+                    quota,
+                    expires_at,
+                } => {
+                    let quota = parse_non_negative(&quota, QUANTITY_DIGITS)
+                        .with_context(|| format!("quota {quota:?}"))?;
+                    (
+                        account,
+                        OperatorAction::RenewPackage {
+                            resource,
+                            quota,
+                            expires_at,
+                        },
+                        "cli:resource renew",
+                    )
+                }
+                ResourceAction::Unsubscribe { account, resource } => (
+                    account,
+                    OperatorAction::Unsubscribe { resource },
+                    "cli:resource unsubscribe",
+                ),
+            };
+            print_json(
+                &lifecycle::operator_action(&db, &config, &account, op, as_of, cause).await?,
+            )?;
+        }
+        Command::Facts { action } => {
+            let db = open(&config, MigrationMode::Require).await?;
+            match action {
+                FactsAction::OverdueAlert { account } => {
+                    let at = lifecycle::record_overdue_alert(&db, &account, as_of).await?;
+                    print_json(
+                        &serde_json::json!({ "account_id": account, "first_overdue_alert_at": at }),
+                    )?;
+                }
+                FactsAction::ReleaseWarning {
+                    account,
+                    lead,
+                    period,
+                } => {
+                    let lead: PolicyDuration = lead.parse()?;
+                    let periods = lifecycle::record_release_warning(
+                        &db,
+                        &account,
+                        lead.seconds(),
+                        period,
+                        as_of,
+                    )
+                    .await?;
+                    print_json(&serde_json::json!({
+                        "account_id": account, "lead": lead, "accepted_at": as_of, "periods": periods
+                    }))?;
+                }
+            }
+        }
+        Command::Account {
+            action: AccountAction::History { id, json },
+        } => {
+            let db = open(&config, MigrationMode::Require).await?;
+            let events = queries::history(&db, &id).await?;
+            if json {
+                print_json(&events)?;
+            } else {
+                if events.is_empty() {
+                    println!("no lifecycle events for {id}");
+                }
+                for e in &events {
+                    println!(
+                        "{}  {:<16} {} -> {}  {}  [{}]",
+                        e.occurred_at.format("%Y-%m-%d %H:%M:%S"),
+                        e.resource_id.as_deref().unwrap_or("(account)"),
+                        e.from,
+                        e.to,
+                        e.reason,
+                        e.cause
+                    );
+                }
+            }
+        }
+        Command::Account {
+            action:
+                action @ (AccountAction::ComplianceLock { .. }
+                | AccountAction::ComplianceUnlock { .. }
+                | AccountAction::LegalHold { .. }
+                | AccountAction::LegalHoldClear { .. }),
+        } => {
+            let db = open(&config, MigrationMode::Require).await?;
+            let (id, op, cause) = match action {
+                AccountAction::ComplianceLock { id } => (
+                    id,
+                    OperatorAction::ComplianceLock(true),
+                    "cli:account compliance-lock",
+                ),
+                AccountAction::ComplianceUnlock { id } => (
+                    id,
+                    OperatorAction::ComplianceLock(false),
+                    "cli:account compliance-unlock",
+                ),
+                AccountAction::LegalHold { id } => (
+                    id,
+                    OperatorAction::LegalHold(true),
+                    "cli:account legal-hold",
+                ),
+                AccountAction::LegalHoldClear { id } => (
+                    id,
+                    OperatorAction::LegalHold(false),
+                    "cli:account legal-hold-clear",
+                ),
+                AccountAction::Show { .. } | AccountAction::History { .. } => {
+                    unreachable!("matched above")
+                }
+            };
+            print_json(&lifecycle::operator_action(&db, &config, &id, op, as_of, cause).await?)?;
         }
         Command::Account {
             action: AccountAction::Show { id, json },

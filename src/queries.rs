@@ -336,3 +336,50 @@ pub async fn bills(
         })
         .collect())
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EventView {
+    pub occurred_at: DateTime<Utc>,
+    pub resource_id: Option<String>,
+    pub from: String,
+    pub to: String,
+    pub reason: String,
+    pub cause: String,
+}
+
+/// The audit trail of an account, oldest first.
+pub async fn history(db: &Db, account_id: &str) -> Result<Vec<EventView>, DbError> {
+    use crate::db::schema::lifecycle_events as e;
+    let mut conn = db.conn().await?;
+    let rows: Vec<(
+        DateTime<Utc>,
+        Option<String>,
+        String,
+        String,
+        String,
+        String,
+    )> = e::table
+        .filter(e::account_id.eq(account_id))
+        .order(e::id)
+        .select((
+            e::occurred_at,
+            e::resource_id,
+            e::from_state,
+            e::to_state,
+            e::reason,
+            e::cause,
+        ))
+        .load(&mut conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| EventView {
+            occurred_at: r.0,
+            resource_id: r.1,
+            from: r.2,
+            to: r.3,
+            reason: r.4,
+            cause: r.5,
+        })
+        .collect())
+}

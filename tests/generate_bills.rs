@@ -451,7 +451,7 @@ async fn arrears_start_when_cash_plus_credit_goes_below_zero() {
     // A top-up of exactly the debt ends arrears; the ledger still matches.
     let rep = arrears::ledger::topup(
         &t.db,
-        2,
+        &t.config,
         "poor",
         50,
         "pay-1",

@@ -12,7 +12,7 @@ async fn topup_is_idempotent_by_reference() {
     t.import_accounts(&["a1,Alpha,,,en,UTC,1.00,0,"]).await;
     let first = topup(
         &t.db,
-        2,
+        &t.config,
         "a1",
         500,
         "bank-1",
@@ -25,7 +25,7 @@ async fn topup_is_idempotent_by_reference() {
     assert_eq!(first.cash_balance, "6.00");
     let again = topup(
         &t.db,
-        2,
+        &t.config,
         "a1",
         500,
         "bank-1",
@@ -38,7 +38,7 @@ async fn topup_is_idempotent_by_reference() {
     assert_eq!(t.balance("a1").await, 600);
     let err = topup(
         &t.db,
-        2,
+        &t.config,
         "a1",
         700,
         "bank-1",
@@ -49,11 +49,29 @@ async fn topup_is_idempotent_by_reference() {
     .unwrap_err();
     assert!(matches!(err, LedgerError::ReferenceReused { .. }), "{err}");
     assert!(matches!(
-        topup(&t.db, 2, "a1", 0, "x", at("2026-11-03T00:00:00Z"), "t").await,
+        topup(
+            &t.db,
+            &t.config,
+            "a1",
+            0,
+            "x",
+            at("2026-11-03T00:00:00Z"),
+            "t"
+        )
+        .await,
         Err(LedgerError::NotPositive)
     ));
     assert!(matches!(
-        topup(&t.db, 2, "zz", 1, "x", at("2026-11-03T00:00:00Z"), "t").await,
+        topup(
+            &t.db,
+            &t.config,
+            "zz",
+            1,
+            "x",
+            at("2026-11-03T00:00:00Z"),
+            "t"
+        )
+        .await,
         Err(LedgerError::UnknownAccount(_))
     ));
     assert_eq!(
@@ -71,8 +89,18 @@ async fn concurrent_topups_with_one_reference_apply_once() {
     let mut handles = Vec::new();
     for _ in 0..8 {
         let db = t.db.clone();
+        let cfg = t.config.clone();
         handles.push(tokio::spawn(async move {
-            topup(&db, 2, "a1", 1000, "same", at("2026-11-02T00:00:00Z"), "t").await
+            topup(
+                &db,
+                &cfg,
+                "a1",
+                1000,
+                "same",
+                at("2026-11-02T00:00:00Z"),
+                "t",
+            )
+            .await
         }));
     }
     let mut applied = 0;

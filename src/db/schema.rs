@@ -167,6 +167,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     ledger_entries,
     lifecycle_events,
     job_runs,
+    release_warnings,
+    control_plane_orders,
 );
 
 /// Every (table, column) above, for the schema-drift test.
@@ -326,4 +328,43 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
             "error",
         ],
     ),
+    (
+        "release_warnings",
+        &["account_id", "period", "lead_seconds", "accepted_at"],
+    ),
+    (
+        "control_plane_orders",
+        &[
+            "account_id",
+            "id",
+            "resource_id",
+            "product",
+            "kind",
+            "reason",
+            "cause",
+            "created_at",
+        ],
+    ),
 ];
+
+diesel::table! {
+    release_warnings (account_id, period, lead_seconds) {
+        account_id -> Text,
+        period -> Timestamptz,
+        lead_seconds -> Int4,
+        accepted_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    control_plane_orders (account_id, id) {
+        account_id -> Text,
+        id -> Int8,
+        resource_id -> Text,
+        product -> Text,
+        kind -> Text,
+        reason -> Nullable<Text>,
+        cause -> Text,
+        created_at -> Timestamptz,
+    }
+}

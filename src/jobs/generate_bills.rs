@@ -374,16 +374,17 @@ async fn bill_batch(
         ..
     } = p;
     let tx = client.transaction().await?;
-    // Serialise with top-ups and coupon grants of the same accounts.
+    // Serialise with top-ups, coupon grants and lifecycle decisions on the same accounts.
     tx.execute(
         "SELECT 1 FROM accounts WHERE id >= $1 AND id <= $2
-           AND id IN (SELECT account_id FROM bill_candidates WHERE usage_day <= $3)
+           AND id IN (SELECT account_id FROM bill_candidates WHERE account_id >= $1 AND account_id <= $2
+                        AND usage_day <= $3)
            AND id NOT IN (SELECT account_id FROM bill_skipped)
          ORDER BY id FOR UPDATE",
         &[&lo, &hi, &day],
     )
     .await?;
-    let groups: i64 = tx
+    let groups = tx
         .execute(
             "CREATE TEMP TABLE batch_lines ON COMMIT DROP AS
              WITH g AS (
@@ -397,7 +398,8 @@ async fn bill_batch(
                GROUP BY 1, 2, 3
              ), q AS (
                SELECT g.*, p.unit_price_nanos,
-                 CASE WHEN r.billing_mode = 'package' AND p.is_package_meter
+                 CASE WHEN r.billing_mode = 'prepaid' THEN g.quantity  -- covered by the prepaid term
+                      WHEN r.billing_mode = 'package' AND p.is_package_meter
                            AND (r.package_expires_at IS NULL OR r.package_expires_at > $4)
                       THEN least(g.quantity, greatest(coalesce(r.package_quota, 0) - r.package_used, 0))
                       ELSE 0 END AS included,
@@ -416,7 +418,7 @@ async fn bill_batch(
              FROM q",
             &[&lo, &hi, &day, &day_start, &divisor],
         )
-        .await? as i64;
+        .await?;
     let unpriced: i64 = tx
         .query_one(
             "SELECT count(*) FROM batch_lines WHERE unit_price_nanos IS NULL",
@@ -430,7 +432,6 @@ async fn bill_batch(
             "{unpriced} of {groups} lines in accounts {lo}..{hi} lost their price during the run; run again"
         )));
     }
-
     tx.execute(
         "CREATE TEMP TABLE batch_draws ON COMMIT DROP AS
          WITH totals AS (SELECT account_id, sum(amount)::bigint AS total FROM batch_lines GROUP BY account_id),
@@ -447,49 +448,33 @@ async fn bill_batch(
         &[&as_of],
     )
     .await?;
-    let bills = tx
-        .query(
-            "WITH totals AS (
-               SELECT account_id, sum(amount)::bigint AS total, sum(records)::int AS records,
-                      sum(late_records)::int AS late, count(*) AS lines
-               FROM batch_lines GROUP BY account_id
-             ), draws AS (
-               SELECT account_id,
-                      coalesce(sum(draw) FILTER (WHERE kind = 'cash'), 0)::bigint AS cash_c,
-                      coalesce(sum(draw) FILTER (WHERE kind = 'general'), 0)::bigint AS gen_c
-               FROM batch_draws GROUP BY account_id
-             ), ins AS (
-               INSERT INTO bills (account_id, bill_day, total, paid_cash_coupons, paid_general_coupons, paid_cash,
-                                  records, late_records, issued_at)
-               SELECT t.account_id, $1, t.total, coalesce(d.cash_c, 0), coalesce(d.gen_c, 0),
-                      t.total - coalesce(d.cash_c, 0) - coalesce(d.gen_c, 0), t.records, t.late, $2
-               FROM totals t LEFT JOIN draws d ON d.account_id = t.account_id
-               RETURNING account_id, total, paid_cash_coupons, paid_general_coupons, paid_cash
-             )
-             SELECT ins.*, t.lines FROM ins JOIN totals t USING (account_id) ORDER BY account_id",
+    // One row per bill: settled from cash coupons, general coupons, then cash.
+    tx.batch_execute(
+        "CREATE TEMP TABLE batch_bills ON COMMIT DROP AS
+         WITH totals AS (
+           SELECT account_id, sum(amount)::bigint AS total, sum(records)::int AS records,
+                  sum(late_records)::int AS late, count(*) AS lines, max(max_seq) AS max_seq
+           FROM batch_lines GROUP BY account_id
+         ), draws AS (
+           SELECT account_id,
+                  coalesce(sum(draw) FILTER (WHERE kind = 'cash'), 0)::bigint AS cash_c,
+                  coalesce(sum(draw) FILTER (WHERE kind = 'general'), 0)::bigint AS gen_c
+           FROM batch_draws GROUP BY account_id
+         )
+         SELECT t.account_id, t.total, coalesce(d.cash_c, 0) AS cash_c, coalesce(d.gen_c, 0) AS gen_c,
+                t.total - coalesce(d.cash_c, 0) - coalesce(d.gen_c, 0) AS paid_cash,
+                t.records, t.late, t.lines, t.max_seq
+         FROM totals t LEFT JOIN draws d ON d.account_id = t.account_id",
+    )
+    .await?;
+    let inserted = tx
+        .execute(
+            "INSERT INTO bills (account_id, bill_day, total, paid_cash_coupons, paid_general_coupons, paid_cash,
+                                records, late_records, issued_at)
+             SELECT account_id, $1, total, cash_c, gen_c, paid_cash, records, late, $2 FROM batch_bills",
             &[&day, &as_of],
         )
         .await?;
-    for b in &bills {
-        let (total, cc, gc, cash): (i64, i64, i64, i64) = (b.get(1), b.get(2), b.get(3), b.get(4));
-        sums.total += total;
-        sums.cash_coupons += cc;
-        sums.general_coupons += gc;
-        sums.cash += cash;
-        report.lines += b.get::<_, i64>(5);
-        if dry_run && report.would_issue.len() < LISTED {
-            report.would_issue.push(BillPreview {
-                account_id: b.get(0),
-                total: format_scaled(total, digits),
-                paid_cash_coupons: format_scaled(cc, digits),
-                paid_general_coupons: format_scaled(gc, digits),
-                paid_cash: format_scaled(cash, digits),
-                lines: b.get(5),
-            });
-        }
-    }
-    report.bills_issued += bills.len() as i64;
-
     tx.execute(
         "INSERT INTO bill_lines (account_id, bill_day, resource_id, meter, records, quantity, included_quantity,
                                  billed_quantity, unbilled_quantity, unit_price_nanos, amount)
@@ -504,15 +489,9 @@ async fn bill_batch(
          FROM batch_draws d WHERE c.account_id = d.account_id AND c.id = d.coupon_id",
     )
     .await?;
-    let overage: i64 = tx
-        .query_one("SELECT count(*) FROM batch_lines WHERE unbilled > 0", &[])
-        .await?
-        .get(0);
-    report.lines_with_unbilled_overage += overage;
     tx.execute(
         "INSERT INTO ledger_entries (account_id, kind, amount, bill_day, coupon_id, effective_at)
-         SELECT account_id, 'charge', -total, bill_day, NULL::bigint, $2::timestamptz FROM bills
-         WHERE bill_day = $1::date AND total > 0 AND account_id IN (SELECT account_id FROM batch_lines)
+         SELECT account_id, 'charge', -total, $1::date, NULL::bigint, $2::timestamptz FROM batch_bills WHERE total > 0
          UNION ALL
          SELECT account_id, 'coupon_use', draw, $1::date, coupon_id, $2::timestamptz FROM batch_draws",
         &[&day, &as_of],
@@ -520,7 +499,8 @@ async fn bill_batch(
     .await?;
     tx.execute(
         "UPDATE resources r SET package_used = r.package_used + l.included, updated_at = $1
-         FROM batch_lines l WHERE l.included > 0 AND r.account_id = l.account_id AND r.id = l.resource_id",
+         FROM batch_lines l
+         WHERE l.included > 0 AND r.billing_mode = 'package' AND r.account_id = l.account_id AND r.id = l.resource_id",
         &[&as_of],
     )
     .await?;
@@ -528,11 +508,8 @@ async fn bill_batch(
         .query(
             "WITH charged AS (
                SELECT a.id, a.state AS old_state, a.cash_balance - b.paid_cash AS new_cash, a.credit_quota,
-                      m.max_seq
-               FROM accounts a
-               JOIN bills b ON b.account_id = a.id AND b.bill_day = $1
-               JOIN (SELECT account_id, max(max_seq) AS max_seq FROM batch_lines GROUP BY account_id) m
-                 ON m.account_id = a.id
+                      b.max_seq
+               FROM accounts a JOIN batch_bills b ON b.account_id = a.id
              ), upd AS (
                -- the new balance, R1's start of arrears, and the account's billing mark
                UPDATE accounts a SET
@@ -548,13 +525,29 @@ async fn bill_batch(
                RETURNING a.id, c.old_state, a.state
              )
              INSERT INTO lifecycle_events (account_id, from_state, to_state, reason, cause, occurred_at)
-             SELECT id, old_state, state, 'arrears: settling the bill of ' || $1 || ' left cash + credit quota below zero',
-                    $3, $2
+             SELECT id, old_state, state,
+                    'arrears: settling the bill of ' || $1 || ' left cash + credit quota below zero', $3, $2
              FROM upd WHERE old_state <> state
              RETURNING account_id",
             &[&day, &as_of, &cause],
         )
         .await?;
+    let totals = tx
+        .query_one(
+            "SELECT coalesce(sum(total), 0)::bigint, coalesce(sum(cash_c), 0)::bigint, coalesce(sum(gen_c), 0)::bigint,
+                    coalesce(sum(paid_cash), 0)::bigint, coalesce(sum(lines), 0)::bigint,
+                    (SELECT count(*) FROM batch_lines WHERE unbilled > 0)
+             FROM batch_bills",
+            &[],
+        )
+        .await?;
+    sums.total += totals.get::<_, i64>(0);
+    sums.cash_coupons += totals.get::<_, i64>(1);
+    sums.general_coupons += totals.get::<_, i64>(2);
+    sums.cash += totals.get::<_, i64>(3);
+    report.lines += totals.get::<_, i64>(4);
+    report.lines_with_unbilled_overage += totals.get::<_, i64>(5);
+    report.bills_issued += inserted as i64;
     report.entered_arrears_count += entered.len() as i64;
     let mut ids: Vec<String> = entered.iter().map(|r| r.get(0)).collect();
     ids.sort();
@@ -562,8 +555,27 @@ async fn bill_batch(
         ids.into_iter()
             .take(LISTED.saturating_sub(report.entered_arrears.len())),
     );
-
     if dry_run {
+        if report.would_issue.len() < LISTED {
+            let rows = tx
+                .query(
+                    &format!(
+                        "SELECT account_id, total, cash_c, gen_c, paid_cash, lines FROM batch_bills
+                         ORDER BY account_id LIMIT {}",
+                        LISTED - report.would_issue.len()
+                    ),
+                    &[],
+                )
+                .await?;
+            report.would_issue.extend(rows.iter().map(|b| BillPreview {
+                account_id: b.get(0),
+                total: format_scaled(b.get(1), digits),
+                paid_cash_coupons: format_scaled(b.get(2), digits),
+                paid_general_coupons: format_scaled(b.get(3), digits),
+                paid_cash: format_scaled(b.get(4), digits),
+                lines: b.get(5),
+            }));
+        }
         tx.rollback().await?;
     } else {
         tx.commit().await?;

@@ -1,7 +1,9 @@
 //! The jobs, one module each, named as in jobs/*.toml and on the CLI, and the record of
 //! their runs (job, slot, start, end, status, report, error).
 
+pub mod enforce_suspensions;
 pub mod generate_bills;
+pub mod release_resources;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -14,12 +16,16 @@ use crate::db::DbError;
 #[value(rename_all = "snake_case")]
 pub enum JobName {
     GenerateBills,
+    EnforceSuspensions,
+    ReleaseResources,
 }
 
 impl JobName {
     pub fn as_str(self) -> &'static str {
         match self {
             JobName::GenerateBills => "generate_bills",
+            JobName::EnforceSuspensions => "enforce_suspensions",
+            JobName::ReleaseResources => "release_resources",
         }
     }
 }

@@ -1,0 +1,1052 @@
+//! The lifecycle rules R1–R10 (PRODUCT.md §3) as pure decisions: given an account, its
+//! resources with their products' policies, the facts (balances, accepted alerts and
+//! warnings) and an instant, what state should each be in, may this resource be released,
+//! and may this action go ahead. The jobs and commands do the I/O around these functions.
+
+use std::fmt;
+
+use chrono::{DateTime, Duration, Utc};
+use serde::Serialize;
+
+use crate::domain::policy::{GraceStart, Policy, SuspendScope};
+use crate::domain::settle::is_in_arrears;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccountState {
+    Good,
+    InArrears,
+    Suspended,
+    ComplianceLocked,
+}
+
+impl AccountState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccountState::Good => "good",
+            AccountState::InArrears => "in_arrears",
+            AccountState::Suspended => "suspended",
+            AccountState::ComplianceLocked => "compliance_locked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "good" => AccountState::Good,
+            "in_arrears" => AccountState::InArrears,
+            "suspended" => AccountState::Suspended,
+            "compliance_locked" => AccountState::ComplianceLocked,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    Arrears,
+    QuotaExhausted,
+    PackageExpired,
+    Compliance,
+    Unsubscribed,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Arrears => "arrears",
+            Reason::QuotaExhausted => "quota_exhausted",
+            Reason::PackageExpired => "package_expired",
+            Reason::Compliance => "compliance",
+            Reason::Unsubscribed => "unsubscribed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "arrears" => Reason::Arrears,
+            "quota_exhausted" => Reason::QuotaExhausted,
+            "package_expired" => Reason::PackageExpired,
+            "compliance" => Reason::Compliance,
+            "unsubscribed" => Reason::Unsubscribed,
+            _ => return None,
+        })
+    }
+}
+
+/// A resource's state with its reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceState {
+    Active,
+    Suspended(Reason),
+    Released,
+}
+
+impl ResourceState {
+    pub fn state_str(self) -> &'static str {
+        match self {
+            ResourceState::Active => "active",
+            ResourceState::Suspended(_) => "suspended",
+            ResourceState::Released => "released",
+        }
+    }
+
+    pub fn reason(self) -> Option<Reason> {
+        match self {
+            ResourceState::Suspended(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    pub fn parse(state: &str, reason: Option<&str>) -> Option<Self> {
+        Some(match state {
+            "active" => ResourceState::Active,
+            "released" => ResourceState::Released,
+            "suspended" => ResourceState::Suspended(Reason::parse(reason?)?),
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for ResourceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ResourceState::Suspended(r) => write!(f, "suspended ({})", r.as_str()),
+            s => f.write_str(s.state_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BillingMode {
+    Prepaid,
+    PayPerUse,
+    Package,
+}
+
+impl BillingMode {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "prepaid" => BillingMode::Prepaid,
+            "pay_per_use" => BillingMode::PayPerUse,
+            "package" => BillingMode::Package,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AccountFacts {
+    pub cash_balance: i64,
+    pub credit_quota: i64,
+    pub state: AccountState,
+    pub arrears_since: Option<DateTime<Utc>>,
+    pub suspended_at: Option<DateTime<Utc>>,
+    /// When the first overdue alert of the current arrears was accepted by a channel.
+    pub first_overdue_alert_at: Option<DateTime<Utc>>,
+    pub compliance_locked: bool,
+    pub legal_hold: bool,
+}
+
+impl AccountFacts {
+    pub fn in_arrears(&self) -> bool {
+        is_in_arrears(self.cash_balance, self.credit_quota)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ResourceFacts {
+    pub id: String,
+    pub billing_mode: BillingMode,
+    pub state: ResourceState,
+    pub package_quota: Option<i64>,
+    pub package_used: i64,
+    pub package_expires_at: Option<DateTime<Utc>>,
+    pub payg_enabled: bool,
+    pub term_ends_at: Option<DateTime<Utc>>,
+    pub suspended_at: Option<DateTime<Utc>>,
+}
+
+/// R2: when grace ends for resources of a product with `policy`, if it has started.
+/// lcic counts from the first accepted overdue alert (no alert, no deadline: R9); sa from
+/// the start of arrears.
+pub fn grace_deadline(account: &AccountFacts, policy: &Policy) -> Option<DateTime<Utc>> {
+    let start = match policy.grace_starts {
+        GraceStart::FirstOverdueAlert => account.first_overdue_alert_at?,
+        GraceStart::ArrearsStart => account.arrears_since?,
+    };
+    Some(start + policy.grace.to_chrono())
+}
+
+fn grace_over(account: &AccountFacts, policy: &Policy, now: DateTime<Utc>) -> bool {
+    account.in_arrears() && grace_deadline(account, policy).is_some_and(|d| now >= d)
+}
+
+/// Whether R3 suspends this resource once grace is over: lcic suspends everything; sa
+/// freezes pay-per-use (and package) resources and lets prepaid ones run to their term end.
+fn in_suspend_scope(r: &ResourceFacts, policy: &Policy, now: DateTime<Utc>) -> bool {
+    match policy.suspend_scope {
+        SuspendScope::AllResources => true,
+        SuspendScope::PayPerUseOnly => {
+            r.billing_mode != BillingMode::Prepaid || r.term_ends_at.is_some_and(|t| now >= t)
+        }
+    }
+}
+
+/// The state a resource should be in at `now`. Released and unsubscribed resources stay as
+/// they are; a compliance lock wins over everything; arrears over the package reasons (R6).
+pub fn desired_resource_state(
+    account: &AccountFacts,
+    r: &ResourceFacts,
+    policy: &Policy,
+    now: DateTime<Utc>,
+) -> ResourceState {
+    match r.state {
+        ResourceState::Released | ResourceState::Suspended(Reason::Unsubscribed) => return r.state,
+        _ => {}
+    }
+    if account.compliance_locked {
+        return ResourceState::Suspended(Reason::Compliance);
+    }
+    let already_for_arrears = r.state == ResourceState::Suspended(Reason::Arrears);
+    if account.in_arrears()
+        && (already_for_arrears
+            || (grace_over(account, policy, now) && in_suspend_scope(r, policy, now)))
+    {
+        return ResourceState::Suspended(Reason::Arrears);
+    }
+    if r.billing_mode == BillingMode::Package {
+        if r.package_expires_at.is_some_and(|t| now >= t) {
+            return ResourceState::Suspended(Reason::PackageExpired);
+        }
+        if !r.payg_enabled && r.package_used >= r.package_quota.unwrap_or(0) {
+            return ResourceState::Suspended(Reason::QuotaExhausted);
+        }
+    }
+    ResourceState::Active
+}
+
+/// The state the account should be in at `now`: suspended once grace is over for any of its
+/// live resources' products, good as soon as cash + credit quota is back to >= 0 (R5).
+pub fn desired_account_state<'a>(
+    account: &AccountFacts,
+    resources: impl IntoIterator<Item = (&'a ResourceFacts, &'a Policy)>,
+    now: DateTime<Utc>,
+) -> AccountState {
+    if account.compliance_locked {
+        return AccountState::ComplianceLocked;
+    }
+    if !account.in_arrears() {
+        return AccountState::Good;
+    }
+    let suspended = account.state == AccountState::Suspended
+        || resources
+            .into_iter()
+            .any(|(r, p)| r.state != ResourceState::Released && grace_over(account, p, now));
+    if suspended {
+        AccountState::Suspended
+    } else {
+        AccountState::InArrears
+    }
+}
+
+/// One change the engine should make to a resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResourceChange {
+    pub resource_id: String,
+    pub from: ResourceState,
+    pub to: ResourceState,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Evaluation {
+    pub account_from: AccountState,
+    pub account_to: AccountState,
+    pub changes: Vec<ResourceChange>,
+}
+
+/// Everything that should change for one account at `now`.
+pub fn evaluate(
+    account: &AccountFacts,
+    resources: &[(ResourceFacts, &Policy)],
+    now: DateTime<Utc>,
+) -> Evaluation {
+    let changes = resources
+        .iter()
+        .filter_map(|(r, p)| {
+            let to = desired_resource_state(account, r, p, now);
+            (to != r.state).then(|| ResourceChange {
+                resource_id: r.id.clone(),
+                from: r.state,
+                to,
+            })
+        })
+        .collect();
+    Evaluation {
+        account_from: account.state,
+        account_to: desired_account_state(account, resources.iter().map(|(r, p)| (r, *p)), now),
+        changes,
+    }
+}
+
+/// Why a resource is not released now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "why")]
+pub enum NotReleased {
+    NotSuspended,
+    /// Compliance suspensions are a legal matter: never released automatically.
+    ComplianceSuspension,
+    /// R6: non-arrears suspensions are released only when the policy says so.
+    PolicyKeepsNonArrearsSuspensions,
+    LegalHold,
+    RetentionNotOver {
+        release_at: DateTime<Utc>,
+    },
+    /// R9: the warning `lead` before release was not accepted by a channel.
+    WarningMissing {
+        lead: String,
+    },
+    /// R9: accepted, but less than the minimum age ago.
+    WarningTooRecent {
+        lead: String,
+        accepted_at: DateTime<Utc>,
+    },
+}
+
+/// A release warning accepted by a channel, for the suspension that began at `period`.
+#[derive(Debug, Clone)]
+pub struct AcceptedWarning {
+    pub lead_seconds: i64,
+    pub accepted_at: DateTime<Utc>,
+}
+
+/// R4, R9, R10's legal hold: may this resource be released at `now`?
+pub fn release_check(
+    account: &AccountFacts,
+    r: &ResourceFacts,
+    policy: &Policy,
+    warnings: &[AcceptedWarning],
+    warning_min_age: Duration,
+    now: DateTime<Utc>,
+) -> Result<DateTime<Utc>, NotReleased> {
+    let (ResourceState::Suspended(reason), Some(suspended_at)) = (r.state, r.suspended_at) else {
+        return Err(NotReleased::NotSuspended);
+    };
+    match reason {
+        Reason::Compliance => return Err(NotReleased::ComplianceSuspension),
+        Reason::QuotaExhausted | Reason::PackageExpired
+            if !policy.release_non_arrears_suspensions =>
+        {
+            return Err(NotReleased::PolicyKeepsNonArrearsSuspensions)
+        }
+        _ => {}
+    }
+    if account.legal_hold {
+        return Err(NotReleased::LegalHold);
+    }
+    let release_at = suspended_at + policy.retention.to_chrono();
+    if now < release_at {
+        return Err(NotReleased::RetentionNotOver { release_at });
+    }
+    for lead in &policy.release_warnings {
+        match warnings
+            .iter()
+            .filter(|w| w.lead_seconds == lead.seconds())
+            .map(|w| w.accepted_at)
+            .min()
+        {
+            None => {
+                return Err(NotReleased::WarningMissing {
+                    lead: lead.to_string(),
+                })
+            }
+            Some(at) if at + warning_min_age > now => {
+                return Err(NotReleased::WarningTooRecent {
+                    lead: lead.to_string(),
+                    accepted_at: at,
+                })
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(release_at)
+}
+
+/// What a product's control plane may ask before acting (PRODUCT.md §5 `gate`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum Action {
+    CreateResource,
+    Purchase,
+    Upgrade,
+    Renew,
+    Operate,
+    AccessData,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::CreateResource => "create_resource",
+            Action::Purchase => "purchase",
+            Action::Upgrade => "upgrade",
+            Action::Renew => "renew",
+            Action::Operate => "operate",
+            Action::AccessData => "access_data",
+        }
+    }
+
+    fn incurs_fees(self) -> bool {
+        matches!(
+            self,
+            Action::CreateResource | Action::Purchase | Action::Upgrade | Action::Renew
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GateDecision {
+    pub allowed: bool,
+    /// Machine-readable reason: `ok`, `compliance_locked`, `in_arrears`, `resource_released`,
+    /// `resource_suspended`, `account_suspended`.
+    pub code: &'static str,
+    pub reason: String,
+}
+
+fn refuse(code: &'static str, reason: String) -> GateDecision {
+    GateDecision {
+        allowed: false,
+        code,
+        reason,
+    }
+}
+
+/// May `action` go ahead on the account (and the resource with its product's policy)?
+/// R2: in arrears, fee-incurring actions are refused; R3: a suspended lcic resource refuses
+/// operation and data access, a frozen sa resource refuses everything, a prepaid sa resource
+/// that keeps running keeps `operate`.
+pub fn gate(
+    account: &AccountFacts,
+    resource: Option<(&ResourceFacts, &Policy)>,
+    action: Action,
+) -> GateDecision {
+    if account.compliance_locked {
+        return refuse(
+            "compliance_locked",
+            "the account is locked for a compliance review".into(),
+        );
+    }
+    if let Some((r, policy)) = resource {
+        match r.state {
+            ResourceState::Released => {
+                return refuse(
+                    "resource_released",
+                    format!("resource {} was released and is gone", r.id),
+                )
+            }
+            ResourceState::Suspended(reason) => {
+                let frozen_everything = policy.suspend_scope == SuspendScope::PayPerUseOnly
+                    && reason == Reason::Arrears;
+                // Otherwise the service is unusable and its data inaccessible; buying, renewing or
+                // upgrading is what lifts a package suspension, so those go on to the fee rule.
+                if frozen_everything || matches!(action, Action::Operate | Action::AccessData) {
+                    return refuse(
+                        "resource_suspended",
+                        format!(
+                            "resource {} is suspended ({}): {} is not allowed",
+                            r.id,
+                            reason.as_str(),
+                            action.as_str()
+                        ),
+                    );
+                }
+            }
+            ResourceState::Active => {}
+        }
+    }
+    if account.in_arrears() && action.incurs_fees() {
+        return refuse(
+            "in_arrears",
+            format!(
+                "the account is in arrears: {} incurs fees and is refused until it is topped up",
+                action.as_str()
+            ),
+        );
+    }
+    if account.state == AccountState::Suspended
+        && resource.is_none()
+        && matches!(action, Action::Operate | Action::AccessData)
+    {
+        return refuse(
+            "account_suspended",
+            "the account is suspended for arrears".into(),
+        );
+    }
+    GateDecision {
+        allowed: true,
+        code: "ok",
+        reason: format!("{} is allowed", action.as_str()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, EXAMPLE_CONFIG};
+    use chrono::TimeZone;
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap()
+    }
+    fn secs(n: i64) -> Duration {
+        Duration::seconds(n)
+    }
+    fn hours(n: i64) -> Duration {
+        Duration::hours(n)
+    }
+    fn days(n: i64) -> Duration {
+        Duration::days(n)
+    }
+
+    fn policies() -> (Policy, Policy) {
+        let c = Config::from_toml(EXAMPLE_CONFIG, "test", &[]).unwrap();
+        (
+            c.products["lcic"].policy.clone(),
+            c.products["sa"].policy.clone(),
+        )
+    }
+
+    /// In arrears since t0 by one unit, first overdue alert accepted at t0 + 1 h.
+    fn debtor() -> AccountFacts {
+        AccountFacts {
+            cash_balance: -100,
+            credit_quota: 0,
+            state: AccountState::InArrears,
+            arrears_since: Some(t0()),
+            suspended_at: None,
+            first_overdue_alert_at: Some(t0() + hours(1)),
+            compliance_locked: false,
+            legal_hold: false,
+        }
+    }
+
+    fn res(id: &str, mode: BillingMode) -> ResourceFacts {
+        ResourceFacts {
+            id: id.into(),
+            billing_mode: mode,
+            state: ResourceState::Active,
+            package_quota: (mode == BillingMode::Package).then_some(1000),
+            package_used: 0,
+            package_expires_at: None,
+            payg_enabled: false,
+            term_ends_at: (mode == BillingMode::Prepaid).then(|| t0() + days(180)),
+            suspended_at: None,
+        }
+    }
+
+    const ARREARS: ResourceState = ResourceState::Suspended(Reason::Arrears);
+    const ACTIVE: ResourceState = ResourceState::Active;
+
+    #[test]
+    fn lcic_grace_is_24h_from_the_first_accepted_alert() {
+        let (lcic, _) = policies();
+        let deadline = t0() + hours(1) + hours(24);
+        // (account tweak, resource mode, instant, expected)
+        let cases: Vec<(
+            &str,
+            AccountFacts,
+            BillingMode,
+            DateTime<Utc>,
+            ResourceState,
+        )> = vec![
+            (
+                "one second before the deadline",
+                debtor(),
+                BillingMode::PayPerUse,
+                deadline - secs(1),
+                ACTIVE,
+            ),
+            (
+                "exactly at the deadline",
+                debtor(),
+                BillingMode::PayPerUse,
+                deadline,
+                ARREARS,
+            ),
+            (
+                "one second after",
+                debtor(),
+                BillingMode::PayPerUse,
+                deadline + secs(1),
+                ARREARS,
+            ),
+            (
+                "packages included",
+                debtor(),
+                BillingMode::Package,
+                deadline,
+                ARREARS,
+            ),
+            (
+                "prepaid included",
+                debtor(),
+                BillingMode::Prepaid,
+                deadline,
+                ARREARS,
+            ),
+            (
+                "no accepted alert: never suspended (R9)",
+                AccountFacts {
+                    first_overdue_alert_at: None,
+                    ..debtor()
+                },
+                BillingMode::PayPerUse,
+                deadline + days(30),
+                ACTIVE,
+            ),
+            (
+                "paid within grace",
+                AccountFacts {
+                    cash_balance: 0,
+                    state: AccountState::Good,
+                    ..debtor()
+                },
+                BillingMode::PayPerUse,
+                deadline + days(1),
+                ACTIVE,
+            ),
+        ];
+        for (name, account, mode, now, want) in cases {
+            assert_eq!(
+                desired_resource_state(&account, &res("r", mode), &lcic, now),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn sa_grace_is_15_days_from_arrears_and_prepaid_runs_to_its_term() {
+        let (_, sa) = policies();
+        let deadline = t0() + days(15);
+        let ended_prepaid = ResourceFacts {
+            term_ends_at: Some(deadline - days(1)),
+            ..res("p", BillingMode::Prepaid)
+        };
+        let cases: Vec<(&str, ResourceFacts, DateTime<Utc>, ResourceState)> = vec![
+            (
+                "pay-per-use one second before",
+                res("u", BillingMode::PayPerUse),
+                deadline - secs(1),
+                ACTIVE,
+            ),
+            (
+                "pay-per-use at the deadline freezes",
+                res("u", BillingMode::PayPerUse),
+                deadline,
+                ARREARS,
+            ),
+            (
+                "prepaid keeps running",
+                res("p", BillingMode::Prepaid),
+                deadline + days(3),
+                ACTIVE,
+            ),
+            (
+                "prepaid whose term ended freezes",
+                ended_prepaid,
+                deadline,
+                ARREARS,
+            ),
+        ];
+        let account = AccountFacts {
+            first_overdue_alert_at: None,
+            ..debtor()
+        };
+        for (name, r, now, want) in cases {
+            assert_eq!(
+                desired_resource_state(&account, &r, &sa, now),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn restore_needs_cash_plus_credit_back_to_zero() {
+        let (lcic, _) = policies();
+        let suspended = ResourceFacts {
+            state: ARREARS,
+            suspended_at: Some(t0() + days(2)),
+            ..res("r", BillingMode::PayPerUse)
+        };
+        let now = t0() + days(30);
+        let cases = [
+            ("top-up of exactly the debt", 0, 0, ACTIVE),
+            ("one cent short", -1, 0, ARREARS),
+            ("credit quota covers the rest", -100, 100, ACTIVE),
+            ("credit quota one short", -101, 100, ARREARS),
+        ];
+        for (name, cash, credit, want) in cases {
+            let a = AccountFacts {
+                cash_balance: cash,
+                credit_quota: credit,
+                state: AccountState::Suspended,
+                ..debtor()
+            };
+            assert_eq!(
+                desired_resource_state(&a, &suspended, &lcic, now),
+                want,
+                "{name}"
+            );
+            let want_account = if want == ACTIVE {
+                AccountState::Good
+            } else {
+                AccountState::Suspended
+            };
+            assert_eq!(
+                desired_account_state(&a, [(&suspended, &lcic)], now),
+                want_account,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn released_and_unsubscribed_stay_and_compliance_wins() {
+        let (lcic, _) = policies();
+        let paid = AccountFacts {
+            cash_balance: 500,
+            state: AccountState::Good,
+            ..debtor()
+        };
+        let released = ResourceFacts {
+            state: ResourceState::Released,
+            ..res("r", BillingMode::PayPerUse)
+        };
+        assert_eq!(
+            desired_resource_state(&paid, &released, &lcic, t0()),
+            ResourceState::Released
+        );
+        let unsub = ResourceFacts {
+            state: ResourceState::Suspended(Reason::Unsubscribed),
+            ..res("u", BillingMode::PayPerUse)
+        };
+        assert_eq!(
+            desired_resource_state(&paid, &unsub, &lcic, t0()),
+            unsub.state
+        );
+        let locked = AccountFacts {
+            compliance_locked: true,
+            ..paid.clone()
+        };
+        let c = ResourceState::Suspended(Reason::Compliance);
+        assert_eq!(
+            desired_resource_state(&locked, &res("r", BillingMode::PayPerUse), &lcic, t0()),
+            c
+        );
+        let susp = ResourceFacts {
+            state: c,
+            ..res("r", BillingMode::PayPerUse)
+        };
+        assert_eq!(
+            desired_resource_state(&locked, &susp, &lcic, t0() + days(100)),
+            c,
+            "never restored while locked"
+        );
+        assert_eq!(
+            desired_account_state(&locked, [(&susp, &lcic)], t0()),
+            AccountState::ComplianceLocked
+        );
+        assert_eq!(
+            desired_resource_state(&paid, &susp, &lcic, t0()),
+            ACTIVE,
+            "restored when the lock is lifted"
+        );
+    }
+
+    #[test]
+    fn package_suspensions_not_caused_by_arrears() {
+        let (lcic, _) = policies();
+        let paid = AccountFacts {
+            cash_balance: 500,
+            state: AccountState::Good,
+            ..debtor()
+        };
+        let used_up = ResourceFacts {
+            package_used: 1000,
+            ..res("p", BillingMode::Package)
+        };
+        let cases = [
+            ("quota left", res("p", BillingMode::Package), ACTIVE),
+            (
+                "quota used up, pay-as-you-go off",
+                used_up.clone(),
+                ResourceState::Suspended(Reason::QuotaExhausted),
+            ),
+            (
+                "quota used up, pay-as-you-go on",
+                ResourceFacts {
+                    payg_enabled: true,
+                    ..used_up.clone()
+                },
+                ACTIVE,
+            ),
+            (
+                "expired",
+                ResourceFacts {
+                    package_expires_at: Some(t0()),
+                    ..res("p", BillingMode::Package)
+                },
+                ResourceState::Suspended(Reason::PackageExpired),
+            ),
+            (
+                "renewed after exhaustion",
+                ResourceFacts {
+                    state: ResourceState::Suspended(Reason::QuotaExhausted),
+                    package_used: 0,
+                    ..res("p", BillingMode::Package)
+                },
+                ACTIVE,
+            ),
+        ];
+        for (name, r, want) in cases {
+            assert_eq!(
+                desired_resource_state(&paid, &r, &lcic, t0()),
+                want,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn account_state_follows_grace() {
+        let (lcic, _) = policies();
+        let r = res("r", BillingMode::PayPerUse);
+        let deadline = t0() + hours(25);
+        assert_eq!(
+            desired_account_state(&debtor(), [(&r, &lcic)], deadline - secs(1)),
+            AccountState::InArrears
+        );
+        assert_eq!(
+            desired_account_state(&debtor(), [(&r, &lcic)], deadline),
+            AccountState::Suspended
+        );
+        let e = evaluate(&debtor(), &[(r.clone(), &lcic)], deadline);
+        assert_eq!(e.account_to, AccountState::Suspended);
+        assert_eq!(
+            e.changes,
+            vec![ResourceChange {
+                resource_id: "r".into(),
+                from: ACTIVE,
+                to: ARREARS
+            }]
+        );
+        assert!(evaluate(&debtor(), &[(r, &lcic)], deadline - secs(1))
+            .changes
+            .is_empty());
+    }
+
+    #[test]
+    fn release_needs_retention_both_warnings_a_day_old_and_no_hold() {
+        let (lcic, _) = policies();
+        let suspended_at = t0() + hours(25);
+        let release_at = suspended_at + days(60);
+        let r = ResourceFacts {
+            state: ARREARS,
+            suspended_at: Some(suspended_at),
+            ..res("r", BillingMode::PayPerUse)
+        };
+        let w = |lead_days: i64, at: DateTime<Utc>| AcceptedWarning {
+            lead_seconds: lead_days * 86_400,
+            accepted_at: at,
+        };
+        let both = vec![w(7, release_at - days(7)), w(1, release_at - days(1))];
+        let min_age = hours(24);
+        let a = debtor();
+        assert_eq!(
+            release_check(&a, &r, &lcic, &both, min_age, release_at),
+            Ok(release_at)
+        );
+        assert_eq!(
+            release_check(&a, &r, &lcic, &both, min_age, release_at - secs(1)),
+            Err(NotReleased::RetentionNotOver { release_at })
+        );
+        assert_eq!(
+            release_check(&a, &r, &lcic, &both[..1], min_age, release_at),
+            Err(NotReleased::WarningMissing { lead: "24h".into() })
+        );
+        let late = vec![w(7, release_at - days(7)), w(1, release_at - hours(2))];
+        assert!(matches!(
+            release_check(&a, &r, &lcic, &late, min_age, release_at),
+            Err(NotReleased::WarningTooRecent { .. })
+        ));
+        assert_eq!(
+            release_check(&a, &r, &lcic, &late, min_age, release_at + hours(22)),
+            Ok(release_at)
+        );
+        let held = AccountFacts {
+            legal_hold: true,
+            ..debtor()
+        };
+        assert_eq!(
+            release_check(&held, &r, &lcic, &both, min_age, release_at),
+            Err(NotReleased::LegalHold)
+        );
+        let comp = ResourceFacts {
+            state: ResourceState::Suspended(Reason::Compliance),
+            ..r.clone()
+        };
+        assert_eq!(
+            release_check(&a, &comp, &lcic, &both, min_age, release_at),
+            Err(NotReleased::ComplianceSuspension)
+        );
+        let quota = ResourceFacts {
+            state: ResourceState::Suspended(Reason::QuotaExhausted),
+            ..r.clone()
+        };
+        assert_eq!(
+            release_check(&a, &quota, &lcic, &both, min_age, release_at),
+            Err(NotReleased::PolicyKeepsNonArrearsSuspensions)
+        );
+        let active = res("x", BillingMode::PayPerUse);
+        assert_eq!(
+            release_check(&a, &active, &lcic, &both, min_age, release_at),
+            Err(NotReleased::NotSuspended)
+        );
+    }
+
+    #[test]
+    fn gate_answers_per_state() {
+        let (lcic, sa) = policies();
+        let good = AccountFacts {
+            cash_balance: 100,
+            state: AccountState::Good,
+            arrears_since: None,
+            ..debtor()
+        };
+        let grace = debtor();
+        let suspended = AccountFacts {
+            state: AccountState::Suspended,
+            ..debtor()
+        };
+        let locked = AccountFacts {
+            compliance_locked: true,
+            state: AccountState::ComplianceLocked,
+            ..good.clone()
+        };
+        let active = res("r", BillingMode::PayPerUse);
+        let lcic_susp = ResourceFacts {
+            state: ARREARS,
+            ..res("r", BillingMode::PayPerUse)
+        };
+        let sa_prepaid = res("p", BillingMode::Prepaid);
+        let released = ResourceFacts {
+            state: ResourceState::Released,
+            ..res("r", BillingMode::PayPerUse)
+        };
+        use Action::*;
+        let cases: Vec<(
+            &str,
+            &AccountFacts,
+            Option<(&ResourceFacts, &Policy)>,
+            Action,
+            bool,
+        )> = vec![
+            ("good: create", &good, None, CreateResource, true),
+            ("grace: create refused", &grace, None, CreateResource, false),
+            ("grace: purchase refused", &grace, None, Purchase, false),
+            (
+                "grace: upgrade refused",
+                &grace,
+                Some((&active, &lcic)),
+                Upgrade,
+                false,
+            ),
+            (
+                "grace: renew refused",
+                &grace,
+                Some((&sa_prepaid, &sa)),
+                Renew,
+                false,
+            ),
+            (
+                "grace: operate allowed",
+                &grace,
+                Some((&active, &lcic)),
+                Operate,
+                true,
+            ),
+            (
+                "lcic suspended: operate refused",
+                &suspended,
+                Some((&lcic_susp, &lcic)),
+                Operate,
+                false,
+            ),
+            (
+                "lcic suspended: data refused",
+                &suspended,
+                Some((&lcic_susp, &lcic)),
+                AccessData,
+                false,
+            ),
+            (
+                "lcic suspended account: operate refused",
+                &suspended,
+                None,
+                Operate,
+                false,
+            ),
+            (
+                "sa frozen: operate refused",
+                &suspended,
+                Some((&lcic_susp, &sa)),
+                Operate,
+                false,
+            ),
+            (
+                "sa frozen: data refused",
+                &suspended,
+                Some((&lcic_susp, &sa)),
+                AccessData,
+                false,
+            ),
+            (
+                "sa prepaid keeps operate",
+                &suspended,
+                Some((&sa_prepaid, &sa)),
+                Operate,
+                true,
+            ),
+            (
+                "sa prepaid renewal refused",
+                &suspended,
+                Some((&sa_prepaid, &sa)),
+                Renew,
+                false,
+            ),
+            (
+                "compliance: everything refused",
+                &locked,
+                Some((&active, &lcic)),
+                Operate,
+                false,
+            ),
+            (
+                "released: refused",
+                &good,
+                Some((&released, &lcic)),
+                AccessData,
+                false,
+            ),
+        ];
+        for (name, account, resource, action, allowed) in cases {
+            let d = gate(account, resource, action);
+            assert_eq!(d.allowed, allowed, "{name}: {}", d.reason);
+            assert!(!d.reason.is_empty());
+        }
+    }
+}
