@@ -44,6 +44,8 @@ pub struct BenchReport {
     pub handwritten_rating_seconds: f64,
     /// arrears' billing time / hand-written rating statement time (target <= 1.3).
     pub billing_ratio: f64,
+    /// Where generate_bills spent its time, by phase.
+    pub billing_phases: std::collections::BTreeMap<String, f64>,
     /// Peak resident memory of this process (the arrears code under test), MiB.
     pub peak_rss_mib: f64,
     pub database: String,
@@ -192,6 +194,7 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
         bills_issued: bills.bills_issued,
         handwritten_rating_seconds,
         billing_ratio: billing_seconds / handwritten_rating_seconds,
+        billing_phases: bills.timings.clone(),
         peak_rss_mib: peak_rss_mib(),
         database: if config.database.url.is_some() {
             "configured".into()

@@ -268,3 +268,299 @@ fn embedded_default_needs_no_setup() {
     let stop = run(&["embedded", "stop"]);
     assert_eq!(String::from_utf8_lossy(&stop.stdout).trim(), "stopped");
 }
+
+fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn lcic_and_sa_timelines_through_the_cli() {
+    let t = TestDb::new().await;
+    let u = Some(t.url.as_str());
+    let accounts = csv(
+        ACCOUNTS_HEADER,
+        &[
+            "L,Lcic,l@example.com,,en,UTC,1.00,0,",
+            "S,Sa,,,zh-CN,UTC,1.00,0,",
+        ],
+    );
+    let resources = csv(
+        RESOURCES_HEADER,
+        &[
+            "L-1,L,lcic,pay_per_use,,,,",
+            "S-ppu,S,sa,pay_per_use,,,,",
+            "S-pre,S,sa,prepaid,,,,2027-12-31T00:00:00Z",
+        ],
+    );
+    let usage = csv(
+        USAGE_HEADER,
+        &[
+            "l1,L,L-1,classroom_minutes,200,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+            "s1,S,S-ppu,assets_scanned,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+        ],
+    );
+    let p = |c: &Csv| c.path.to_str().unwrap().to_string();
+    ok_json(arrears(
+        u,
+        &[
+            "import",
+            "accounts",
+            &p(&accounts),
+            "--as-of",
+            "2026-11-20T00:00:00Z",
+        ],
+    ));
+    ok_json(arrears(
+        u,
+        &[
+            "import",
+            "resources",
+            &p(&resources),
+            "--as-of",
+            "2026-11-20T00:00:00Z",
+        ],
+    ));
+    ok_json(arrears(
+        u,
+        &[
+            "import",
+            "usage",
+            &p(&usage),
+            "--as-of",
+            "2026-11-22T12:00:00Z",
+        ],
+    ));
+    ok_json(arrears(
+        u,
+        &["run", "generate_bills", "--as-of", "2026-11-22T16:30:00Z"],
+    ));
+
+    // lcic: in grace, new resources refused.
+    let gate = arrears(u, &["gate", "L", "create_resource", "--json"]);
+    assert_eq!(code(&gate), 1);
+    let g: serde_json::Value = serde_json::from_slice(&gate.stdout).unwrap();
+    assert_eq!(
+        (g["allowed"].as_bool(), g["code"].as_str()),
+        (Some(false), Some("in_arrears"))
+    );
+    ok_json(arrears(
+        u,
+        &[
+            "facts",
+            "overdue-alert",
+            "L",
+            "--as-of",
+            "2026-11-22T17:00:00Z",
+        ],
+    ));
+    let dry = ok_json(arrears(
+        u,
+        &[
+            "run",
+            "enforce_suspensions",
+            "--as-of",
+            "2026-11-23T17:00:00Z",
+            "--dry-run",
+        ],
+    ));
+    assert_eq!(dry["resources_suspended"], 1);
+    let l = ok_json(arrears(u, &["account", "show", "L", "--json"]));
+    assert_eq!(l["state"], "in_arrears", "the dry run changed nothing");
+    ok_json(arrears(
+        u,
+        &[
+            "run",
+            "enforce_suspensions",
+            "--as-of",
+            "2026-11-23T17:00:00Z",
+        ],
+    ));
+    let l = ok_json(arrears(u, &["account", "show", "L", "--json"]));
+    assert_eq!(
+        (l["state"].as_str(), l["suspended_at"].as_str()),
+        (Some("suspended"), Some("2026-11-23T17:00:00Z"))
+    );
+    assert_eq!(
+        (
+            l["resources"][0]["state"].as_str(),
+            l["resources"][0]["reason"].as_str()
+        ),
+        (Some("suspended"), Some("arrears"))
+    );
+    assert_eq!(
+        code(&arrears(
+            u,
+            &["gate", "L", "access_data", "--resource", "L-1"]
+        )),
+        1
+    );
+    // sa: frozen when its 15 days of grace are over, the prepaid resource keeps running.
+    let r = ok_json(arrears(
+        u,
+        &[
+            "run",
+            "enforce_suspensions",
+            "--as-of",
+            "2026-12-07T16:30:00Z",
+        ],
+    ));
+    assert_eq!(r["resources_suspended"], 1, "{r}");
+    let s = ok_json(arrears(u, &["account", "show", "S", "--json"]));
+    assert_eq!(s["state"], "suspended");
+    let by_id = |v: &serde_json::Value, id: &str| {
+        v["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by_id(&s, "S-ppu")["state"], "suspended");
+    assert_eq!(by_id(&s, "S-pre")["state"], "active");
+    assert_eq!(
+        code(&arrears(
+            u,
+            &["gate", "S", "operate", "--resource", "S-pre"]
+        )),
+        0
+    );
+    assert_eq!(
+        code(&arrears(
+            u,
+            &["gate", "S", "operate", "--resource", "S-ppu"]
+        )),
+        1
+    );
+    assert_eq!(
+        code(&arrears(u, &["gate", "S", "renew", "--resource", "S-pre"])),
+        1
+    );
+    // 15 days of retention, both warnings accepted: released.
+    ok_json(arrears(
+        u,
+        &[
+            "facts",
+            "release-warning",
+            "S",
+            "--lead",
+            "7d",
+            "--as-of",
+            "2026-12-15T16:30:00Z",
+        ],
+    ));
+    ok_json(arrears(
+        u,
+        &[
+            "facts",
+            "release-warning",
+            "S",
+            "--lead",
+            "24h",
+            "--as-of",
+            "2026-12-21T16:30:00Z",
+        ],
+    ));
+    let rel = ok_json(arrears(
+        u,
+        &[
+            "run",
+            "release_resources",
+            "--as-of",
+            "2026-12-22T16:30:00Z",
+            "--dry-run",
+        ],
+    ));
+    assert_eq!(rel["released_count"], 1, "{rel}");
+    let rel = ok_json(arrears(
+        u,
+        &[
+            "run",
+            "release_resources",
+            "--as-of",
+            "2026-12-22T16:30:00Z",
+        ],
+    ));
+    assert_eq!(rel["released_count"], 1, "{rel}");
+    assert_eq!(rel["released"][0]["resource_id"], "S-ppu");
+    assert_eq!(
+        by_id(
+            &ok_json(arrears(u, &["account", "show", "S", "--json"])),
+            "S-ppu"
+        )["state"],
+        "released"
+    );
+
+    // lcic: 60 days after its suspension, after both warnings, released.
+    ok_json(arrears(
+        u,
+        &[
+            "facts",
+            "release-warning",
+            "L",
+            "--lead",
+            "7d",
+            "--as-of",
+            "2027-01-15T17:00:00Z",
+        ],
+    ));
+    ok_json(arrears(
+        u,
+        &[
+            "facts",
+            "release-warning",
+            "L",
+            "--lead",
+            "24h",
+            "--as-of",
+            "2027-01-21T17:00:00Z",
+        ],
+    ));
+    let rel = ok_json(arrears(
+        u,
+        &[
+            "run",
+            "release_resources",
+            "--as-of",
+            "2027-01-22T17:00:00Z",
+        ],
+    ));
+    assert_eq!(rel["released_count"], 1, "{rel}");
+    let l = ok_json(arrears(u, &["account", "show", "L", "--json"]));
+    assert_eq!(l["resources"][0]["state"], "released");
+    let hist = ok_json(arrears(u, &["account", "history", "L", "--json"]));
+    let tos: Vec<&str> = hist
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["to"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        tos,
+        vec!["in_arrears", "suspended (arrears)", "suspended", "released"]
+    );
+    let text = arrears(u, &["account", "history", "L"]);
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains("enforce_suspensions@"),
+        "the cause is named"
+    );
+
+    // Paying S's debt ends its arrears; renewal is allowed again.
+    let topup = ok_json(arrears(
+        u,
+        &[
+            "topup",
+            "S",
+            "1.00",
+            "--reference",
+            "pay-S",
+            "--as-of",
+            "2027-01-23T00:00:00Z",
+        ],
+    ));
+    assert_eq!(topup["state"], "good");
+    assert_eq!(
+        code(&arrears(u, &["gate", "S", "renew", "--resource", "S-pre"])),
+        0
+    );
+}

@@ -115,7 +115,7 @@ async fn enforce(
     let cause = format!("enforce_suspensions@{}", opts.as_of.to_rfc3339());
     for id in ids.iter().take(limit as usize) {
         report.accounts_evaluated += 1;
-        match enforce_one(db, config, id, opts, &cause).await {
+        match enforce_account(db, config, id, opts, &cause).await {
             Ok(applied) if applied.is_empty() => {}
             Ok(applied) => {
                 report.accounts_changed += 1;
@@ -136,7 +136,7 @@ async fn enforce(
     Ok(())
 }
 
-async fn enforce_one(
+pub async fn enforce_account(
     db: &Db,
     config: &Config,
     id: &str,

@@ -87,6 +87,17 @@ pub struct GenerateBillsReport {
     pub entered_arrears: Vec<String>,
     /// Dry run only: the first bills (by account id) that would be issued.
     pub would_issue: Vec<BillPreview>,
+    /// Seconds spent per phase, summed over batches (where the time goes).
+    pub timings: std::collections::BTreeMap<String, f64>,
+}
+
+fn lap_mark(
+    timings: &mut std::collections::BTreeMap<String, f64>,
+    phase: &str,
+    lap: &mut std::time::Instant,
+) {
+    *timings.entry(phase.to_string()).or_insert(0.0) += lap.elapsed().as_secs_f64();
+    *lap = std::time::Instant::now();
 }
 
 #[derive(Default)]
@@ -240,6 +251,7 @@ async fn bill_locked(
     }
 
     // Pre-pass: what is unbilled, in one scan above the low-water mark.
+    let mut lap = std::time::Instant::now();
     let tx = client.transaction().await?;
     tx.batch_execute("LOCK TABLE usage_records IN SHARE MODE")
         .await?;
@@ -263,6 +275,7 @@ async fn bill_locked(
     client
         .batch_execute("CREATE INDEX ON bill_candidates (account_id); ANALYZE bill_candidates")
         .await?;
+    lap_mark(&mut report.timings, "prepass", &mut lap);
     // Accounts this run leaves alone: the day's bill exists (new records wait for the next
     // day's bill), or a meter they used has no price any more (billing part of a day would
     // hide the rest: fix the price list and run again).
@@ -374,6 +387,7 @@ async fn bill_batch(
         ..
     } = p;
     let tx = client.transaction().await?;
+    let mut lap = std::time::Instant::now();
     // Serialise with top-ups, coupon grants and lifecycle decisions on the same accounts.
     tx.execute(
         "SELECT 1 FROM accounts WHERE id >= $1 AND id <= $2
@@ -384,6 +398,7 @@ async fn bill_batch(
         &[&lo, &hi, &day],
     )
     .await?;
+    lap_mark(&mut report.timings, "lock_accounts", &mut lap);
     let groups = tx
         .execute(
             "CREATE TEMP TABLE batch_lines ON COMMIT DROP AS
@@ -419,6 +434,7 @@ async fn bill_batch(
             &[&lo, &hi, &day, &day_start, &divisor],
         )
         .await?;
+    lap_mark(&mut report.timings, "rate_lines", &mut lap);
     let unpriced: i64 = tx
         .query_one(
             "SELECT count(*) FROM batch_lines WHERE unit_price_nanos IS NULL",
@@ -426,6 +442,7 @@ async fn bill_batch(
         )
         .await?
         .get(0);
+    lap_mark(&mut report.timings, "price_check", &mut lap);
     if unpriced > 0 {
         // The price list changed since the pre-pass: bill nothing rather than part of a day.
         return Err(JobError::Refused(format!(
@@ -448,6 +465,7 @@ async fn bill_batch(
         &[&as_of],
     )
     .await?;
+    lap_mark(&mut report.timings, "coupon_draws", &mut lap);
     // One row per bill: settled from cash coupons, general coupons, then cash.
     tx.batch_execute(
         "CREATE TEMP TABLE batch_bills ON COMMIT DROP AS
@@ -467,6 +485,7 @@ async fn bill_batch(
          FROM totals t LEFT JOIN draws d ON d.account_id = t.account_id",
     )
     .await?;
+    lap_mark(&mut report.timings, "settle", &mut lap);
     let inserted = tx
         .execute(
             "INSERT INTO bills (account_id, bill_day, total, paid_cash_coupons, paid_general_coupons, paid_cash,
@@ -475,6 +494,7 @@ async fn bill_batch(
             &[&day, &as_of],
         )
         .await?;
+    lap_mark(&mut report.timings, "insert_bills", &mut lap);
     tx.execute(
         "INSERT INTO bill_lines (account_id, bill_day, resource_id, meter, records, quantity, included_quantity,
                                  billed_quantity, unbilled_quantity, unit_price_nanos, amount)
@@ -484,11 +504,13 @@ async fn bill_batch(
         &[&day],
     )
     .await?;
+    lap_mark(&mut report.timings, "insert_lines", &mut lap);
     tx.batch_execute(
         "UPDATE coupons c SET remaining = c.remaining - d.draw
          FROM batch_draws d WHERE c.account_id = d.account_id AND c.id = d.coupon_id",
     )
     .await?;
+    lap_mark(&mut report.timings, "update_coupons", &mut lap);
     tx.execute(
         "INSERT INTO ledger_entries (account_id, kind, amount, bill_day, coupon_id, effective_at)
          SELECT account_id, 'charge', -total, $1::date, NULL::bigint, $2::timestamptz FROM batch_bills WHERE total > 0
@@ -497,6 +519,7 @@ async fn bill_batch(
         &[&day, &as_of],
     )
     .await?;
+    lap_mark(&mut report.timings, "insert_ledger", &mut lap);
     tx.execute(
         "UPDATE resources r SET package_used = r.package_used + l.included, updated_at = $1
          FROM batch_lines l
@@ -504,6 +527,7 @@ async fn bill_batch(
         &[&as_of],
     )
     .await?;
+    lap_mark(&mut report.timings, "update_packages", &mut lap);
     let entered = tx
         .query(
             "WITH charged AS (
@@ -532,6 +556,7 @@ async fn bill_batch(
             &[&day, &as_of, &cause],
         )
         .await?;
+    lap_mark(&mut report.timings, "update_accounts", &mut lap);
     let totals = tx
         .query_one(
             "SELECT coalesce(sum(total), 0)::bigint, coalesce(sum(cash_c), 0)::bigint, coalesce(sum(gen_c), 0)::bigint,
@@ -541,6 +566,7 @@ async fn bill_batch(
             &[],
         )
         .await?;
+    lap_mark(&mut report.timings, "totals", &mut lap);
     sums.total += totals.get::<_, i64>(0);
     sums.cash_coupons += totals.get::<_, i64>(1);
     sums.general_coupons += totals.get::<_, i64>(2);
@@ -580,5 +606,6 @@ async fn bill_batch(
     } else {
         tx.commit().await?;
     }
+    lap_mark(&mut report.timings, "commit", &mut lap);
     Ok(())
 }

@@ -274,7 +274,7 @@ fn lifecycle_err(e: LifecycleError) -> JobError {
 
 /// Re-checks and releases, under the account's lock, the planned resources that are still
 /// releasable (a top-up since the plan restores them instead, and wins).
-async fn release_account(
+pub async fn release_account(
     db: &Db,
     config: &Config,
     account: &str,
