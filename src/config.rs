@@ -42,7 +42,173 @@ struct RawConfig {
     embedded: EmbeddedConfig,
     #[serde(default)]
     lifecycle: LifecycleConfig,
+    #[serde(default)]
+    notifications: NotificationsConfig,
+    #[serde(default)]
+    email: EmailConfig,
+    #[serde(default)]
+    sms: SmsConfig,
+    #[serde(default)]
+    webhooks: WebhooksConfig,
     products: BTreeMap<String, RawProduct>,
+}
+
+/// The outbox and its delivery (R8).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotificationsConfig {
+    /// An operator folder overriding the compiled-in templates (absolute path; same layout
+    /// as templates/ in the repository). Files it lacks fall back to the defaults.
+    pub templates_dir: Option<PathBuf>,
+    /// "Your services will be suspended at ..." goes out this long before the deadline.
+    #[serde(default = "default_imminent")]
+    pub suspension_imminent_lead: PolicyDuration,
+    /// A notice still failing after this many attempts is dead.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Notices claimed per delivery batch.
+    #[serde(default = "default_notice_batch")]
+    pub batch_size: usize,
+    /// Exponential backoff with jitter: first retry after `retry_base`, doubling, at most `retry_max`.
+    #[serde(default = "default_retry_base")]
+    pub retry_base: PolicyDuration,
+    #[serde(default = "default_retry_max")]
+    pub retry_max: PolicyDuration,
+    /// A claimed notice whose sender died is taken over after this long.
+    #[serde(default = "default_lease")]
+    pub lease: PolicyDuration,
+    /// Every network call (SMTP, SMS, webhook) is cut off after this long.
+    #[serde(default = "default_send_timeout")]
+    pub send_timeout: PolicyDuration,
+}
+
+fn default_imminent() -> PolicyDuration {
+    PolicyDuration(6 * 3600)
+}
+fn default_attempts() -> u32 {
+    10
+}
+fn default_notice_batch() -> usize {
+    100
+}
+fn default_retry_base() -> PolicyDuration {
+    PolicyDuration(60)
+}
+fn default_retry_max() -> PolicyDuration {
+    PolicyDuration(3600)
+}
+fn default_lease() -> PolicyDuration {
+    PolicyDuration(300)
+}
+fn default_send_timeout() -> PolicyDuration {
+    PolicyDuration(10)
+}
+
+impl Default for NotificationsConfig {
+    fn default() -> Self {
+        NotificationsConfig {
+            templates_dir: None,
+            suspension_imminent_lead: default_imminent(),
+            max_attempts: default_attempts(),
+            batch_size: default_notice_batch(),
+            retry_base: default_retry_base(),
+            retry_max: default_retry_max(),
+            lease: default_lease(),
+            send_timeout: default_send_timeout(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EmailConfig {
+    /// `smtps://user:pass@host:465` (implicit TLS), `smtp://user:pass@host:587` (STARTTLS
+    /// required), `smtp://host:25?tls=none` (plain). Unset: .eml files into the state
+    /// directory's outbox folder.
+    pub smtp_url: Option<String>,
+    /// The sender, e.g. `Billing <billing@example.com>`.
+    pub from: Option<String>,
+    /// A PEM file of extra CA certificates to trust (a private relay).
+    pub ca_file: Option<PathBuf>,
+    #[serde(default = "default_smtp_pool")]
+    pub pool_size: u32,
+}
+
+fn default_smtp_pool() -> u32 {
+    4
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SmsProviderKind {
+    /// Writes each message (number masked) to a log file: for local use and the demo.
+    #[default]
+    Log,
+    Twilio,
+    Tencent,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmsConfig {
+    #[serde(default)]
+    pub provider: SmsProviderKind,
+    pub log_file: Option<PathBuf>,
+    pub twilio: Option<TwilioConfig>,
+    pub tencent: Option<TencentConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TwilioConfig {
+    pub account_sid: String,
+    pub auth_token: String,
+    pub from: String,
+    #[serde(default = "default_twilio_base")]
+    pub base_url: String,
+}
+
+fn default_twilio_base() -> String {
+    "https://api.twilio.com".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TencentConfig {
+    pub secret_id: String,
+    pub secret_key: String,
+    pub sdk_app_id: String,
+    pub sign_name: String,
+    #[serde(default = "default_tencent_region")]
+    pub region: String,
+    #[serde(default = "default_tencent_endpoint")]
+    pub endpoint: String,
+    /// Pre-approved template id per notice kind (providers in that region require them).
+    pub templates: BTreeMap<String, String>,
+}
+
+fn default_tencent_region() -> String {
+    "ap-guangzhou".into()
+}
+fn default_tencent_endpoint() -> String {
+    "https://sms.tencentcloudapi.com".into()
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhooksConfig {
+    /// The default HMAC key (ARREARS_WEBHOOK_SECRET); a product's own key wins.
+    pub secret: Option<String>,
+    /// Control-plane endpoint per product.
+    #[serde(default)]
+    pub products: BTreeMap<String, WebhookEndpoint>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpoint {
+    pub url: String,
+    pub secret: Option<String>,
 }
 
 /// Safety knobs of the lifecycle jobs (R9, R10).
@@ -211,13 +377,23 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub embedded: EmbeddedConfig,
     pub lifecycle: LifecycleConfig,
+    pub notifications: NotificationsConfig,
+    pub email: EmailConfig,
+    pub sms: SmsConfig,
+    pub webhooks: WebhooksConfig,
     pub products: BTreeMap<String, Product>,
     /// Where it came from, for messages.
     pub origin: String,
 }
 
 /// Environment variables with fixed names (PRODUCT.md §6) and the key each sets.
-const FIXED_ENV: &[(&str, &[&str])] = &[("DATABASE_URL", &["database", "url"])];
+const FIXED_ENV: &[(&str, &[&str])] = &[
+    ("DATABASE_URL", &["database", "url"]),
+    ("ARREARS_SMTP_URL", &["email", "smtp_url"]),
+    ("ARREARS_EMAIL_FROM", &["email", "from"]),
+    ("ARREARS_SMS_PROVIDER", &["sms", "provider"]),
+    ("ARREARS_WEBHOOK_SECRET", &["webhooks", "secret"]),
+];
 /// ARREARS_* variables that are not configuration keys.
 const NON_KEY_ENV: &[&str] = &["ARREARS_CONFIG", "ARREARS_LOG"];
 
@@ -376,6 +552,41 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             "must be greater than 0".into(),
         ));
     }
+    if let Some(dir) = &raw.notifications.templates_dir {
+        if !dir.is_absolute() {
+            return Err(invalid(
+                "notifications.templates_dir",
+                "must be an absolute path (a relative one would depend on the working directory)"
+                    .into(),
+            ));
+        }
+    }
+    match raw.sms.provider {
+        SmsProviderKind::Twilio if raw.sms.twilio.is_none() => {
+            return Err(invalid(
+                "sms.twilio",
+                "the twilio provider needs account_sid, auth_token and from".into(),
+            ))
+        }
+        SmsProviderKind::Tencent if raw.sms.tencent.is_none() => {
+            return Err(invalid(
+                "sms.tencent",
+                "the tencent provider needs its credentials and templates".into(),
+            ))
+        }
+        _ => {}
+    }
+    if let Some(url) = &raw.email.smtp_url {
+        crate::notify::email::SmtpSettings::parse(url).map_err(|e| invalid("email.smtp_url", e))?;
+    }
+    for product in raw.webhooks.products.keys() {
+        if !raw.products.contains_key(product) {
+            return Err(invalid(
+                &format!("webhooks.products.{product}"),
+                "no such product".into(),
+            ));
+        }
+    }
     if raw.database.pool_size == 0 {
         return Err(invalid(
             "database.pool_size",
@@ -472,6 +683,10 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         database: raw.database,
         embedded: raw.embedded,
         lifecycle: raw.lifecycle,
+        notifications: raw.notifications,
+        email: raw.email,
+        sms: raw.sms,
+        webhooks: raw.webhooks,
         products,
         origin: origin.to_string(),
     })

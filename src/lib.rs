@@ -9,4 +9,5 @@ pub mod import;
 pub mod jobs;
 pub mod ledger;
 pub mod lifecycle;
+pub mod notify;
 pub mod queries;

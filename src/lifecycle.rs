@@ -14,10 +14,11 @@ use crate::db::schema::{
 };
 use crate::db::{Db, DbError};
 use crate::domain::lifecycle::{
-    evaluate, AcceptedWarning, AccountFacts, AccountState, BillingMode, Evaluation, ResourceFacts,
-    ResourceState,
+    evaluate, AcceptedWarning, AccountFacts, AccountState, BillingMode, Evaluation, Reason,
+    ResourceFacts, ResourceState,
 };
 use crate::domain::policy::Policy;
+use crate::notify::{self, NoticeKind};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LifecycleError {
@@ -228,11 +229,12 @@ pub async fn reconcile(
     cause: &str,
 ) -> Result<Applied, LifecycleError> {
     let eval = evaluate(&loaded.account, &loaded.with_policies(config), now);
-    apply(conn, loaded, &eval, now, cause).await
+    apply(conn, config, loaded, &eval, now, cause).await
 }
 
 async fn apply(
     conn: &mut AsyncPgConnection,
+    config: &Config,
     loaded: &Loaded,
     eval: &Evaluation,
     now: DateTime<Utc>,
@@ -276,6 +278,8 @@ async fn apply(
         )
         .await?;
         let product = loaded.product_of(&ch.resource_id).unwrap_or_default();
+        // An order when the resource stops or starts serving (a change of suspension
+        // reason is not news to the control plane).
         let kind = match (ch.from, ch.to) {
             (ResourceState::Active, ResourceState::Suspended(_)) => Some("suspend"),
             (ResourceState::Suspended(_), ResourceState::Active) => Some("restore"),
@@ -284,6 +288,7 @@ async fn apply(
         if let Some(kind) = kind {
             record_order(
                 conn,
+                config,
                 id,
                 &ch.resource_id,
                 product,
@@ -294,6 +299,37 @@ async fn apply(
             )
             .await?;
         }
+        // R6 notices: the package ran out or expired.
+        let package_notice = match ch.to {
+            ResourceState::Suspended(Reason::QuotaExhausted) => Some(NoticeKind::PackageExhausted),
+            ResourceState::Suspended(Reason::PackageExpired) => Some(NoticeKind::PackageExpired),
+            _ => None,
+        };
+        if let Some(k) = package_notice {
+            let r = notify::recipient(conn, id).await?;
+            let extra =
+                serde_json::json!({ "resource_id": ch.resource_id, "suspended_at": r.at(now) });
+            let period = format!("{}:{}", ch.resource_id, now.to_rfc3339());
+            notify::notify_customer(conn, config, &r, k, &period, extra, now).await?;
+        }
+    }
+    let restored = eval
+        .changes
+        .iter()
+        .any(|c| c.to == ResourceState::Active && c.from.reason() == Some(Reason::Arrears));
+    if restored {
+        let r = notify::recipient(conn, id).await?;
+        let extra = serde_json::json!({ "restored_at": r.at(now) });
+        notify::notify_customer(
+            conn,
+            config,
+            &r,
+            NoticeKind::Restored,
+            &now.to_rfc3339(),
+            extra,
+            now,
+        )
+        .await?;
     }
     if eval.account_to != eval.account_from {
         let a = &loaded.account;
@@ -340,6 +376,44 @@ async fn apply(
             now,
         )
         .await?;
+        if eval.account_to == AccountState::Suspended {
+            let r = notify::recipient(conn, id).await?;
+            let retention = loaded
+                .with_policies(config)
+                .iter()
+                .map(|(_, p)| p.retention.to_chrono())
+                .min()
+                .unwrap_or_default();
+            let extra = serde_json::json!({ "suspended_at": r.at(now), "release_at": r.at(now + retention) });
+            notify::notify_customer(
+                conn,
+                config,
+                &r,
+                NoticeKind::Suspended,
+                &now.to_rfc3339(),
+                extra,
+                now,
+            )
+            .await?;
+        }
+        let mut products: Vec<&str> = loaded.resources.iter().map(|(_, p)| p.as_str()).collect();
+        products.sort();
+        products.dedup();
+        for product in products {
+            let data = serde_json::json!({ "from": eval.account_from.as_str(), "to": eval.account_to.as_str() });
+            let period = now.to_rfc3339();
+            notify::notify_control_plane(
+                conn,
+                config,
+                id,
+                product,
+                NoticeKind::AccountStateChanged,
+                &period,
+                data,
+                now,
+            )
+            .await?;
+        }
     }
     Ok(describe(id, eval))
 }
@@ -371,9 +445,12 @@ pub async fn record_event(
         .map(|_| ())
 }
 
+/// Records an order for a product's control plane and writes its signed webhook into the
+/// outbox, in the caller's transaction.
 #[allow(clippy::too_many_arguments)]
 pub async fn record_order(
     conn: &mut AsyncPgConnection,
+    config: &Config,
     account_id: &str,
     resource_id: &str,
     product: &str,
@@ -393,8 +470,25 @@ pub async fn record_order(
             control_plane_orders::created_at.eq(at),
         ))
         .execute(conn)
-        .await
-        .map(|_| ())
+        .await?;
+    let event = match kind {
+        "suspend" => NoticeKind::ResourceSuspended,
+        "restore" => NoticeKind::ResourceRestored,
+        _ => NoticeKind::ResourceReleased,
+    };
+    let data = serde_json::json!({ "resource_id": resource_id, "reason": reason });
+    notify::notify_control_plane(
+        conn,
+        config,
+        account_id,
+        product,
+        event,
+        &format!("{resource_id}:{}", at.to_rfc3339()),
+        data,
+        at,
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Release warnings accepted for this account, by suspension period.
@@ -555,6 +649,7 @@ pub async fn operator_action(
                 let product = loaded.product_of(resource).unwrap_or_default().to_string();
                 record_order(
                     conn,
+                    config,
                     &account_id,
                     resource,
                     &product,

@@ -12,7 +12,10 @@ use arrears::domain::money::QUANTITY_DIGITS;
 use arrears::domain::policy::PolicyDuration;
 use arrears::domain::settle::CouponKind;
 use arrears::import::{self, ImportError};
-use arrears::jobs::{enforce_suspensions, generate_bills, release_resources, JobName};
+use arrears::jobs::{
+    deliver_notifications, enforce_suspensions, generate_bills, release_resources, send_alerts,
+    JobName,
+};
 use arrears::lifecycle::{self, OperatorAction};
 use arrears::{ledger, queries};
 use chrono::{DateTime, NaiveDate, Utc};
@@ -106,8 +109,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Validate the configuration.
+    /// Validate the configuration and the channels' settings, and render every template in
+    /// every locale with sample data.
     Check,
+    /// The outbox of notices.
+    Notices {
+        #[command(subcommand)]
+        action: NoticesAction,
+    },
     /// Benchmark: generate, import and bill N accounts and M usage records in a scratch
     /// database `arrears_bench` on the same server; prints a JSON report.
     Bench {
@@ -197,6 +206,24 @@ enum ResourceAction {
 }
 
 #[derive(Subcommand)]
+enum NoticesAction {
+    /// Notices with their kind, channel, status, attempts, last error and provider id.
+    List {
+        /// pending, sending, sent, retrying or dead
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        account: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a dead (or retrying) notice back in the queue, due at --as-of.
+    Retry { id: i64 },
+}
+
+#[derive(Subcommand)]
 enum FactsAction {
     /// A channel accepted the first overdue alert of the account's current arrears at --as-of
     /// (starts the lcic grace clock).
@@ -269,10 +296,26 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     let digits = config.billing.minor_unit_digits;
     match cli.command {
         Command::Check => {
+            let templates = arrears::notify::templates::Templates::load(
+                config.notifications.templates_dir.as_deref(),
+            )?;
+            let rendered = match templates.check_all() {
+                Ok(n) => n,
+                Err(errors) => {
+                    for e in &errors {
+                        eprintln!("  {e}");
+                    }
+                    bail!("{} template(s) failed to render", errors.len());
+                }
+            };
+            deliver_notifications::Channels::from_config(&config).map_err(anyhow::Error::msg)?;
             println!(
-                "configuration OK ({}): {} product(s)",
+                "configuration OK ({}): {} product(s); {rendered} templates rendered in {} locales; email via {}; sms via {:?}",
                 config.origin,
-                config.products.len()
+                config.products.len(),
+                arrears::import::LOCALES.len(),
+                if config.email.smtp_url.is_some() { "SMTP" } else { "the file transport" },
+                config.sms.provider
             );
         }
         Command::Products { json } => {
@@ -434,7 +477,66 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     };
                     print_json(&release_resources::run(&db, &config, &opts).await?)?;
                 }
+                JobName::SendAlerts => {
+                    let opts = send_alerts::Options {
+                        as_of,
+                        dry_run,
+                        force,
+                    };
+                    print_json(&send_alerts::run(&db, &config, &opts).await?)?;
+                }
+                JobName::DeliverNotifications => {
+                    let channels = deliver_notifications::Channels::from_config(&config)
+                        .map_err(anyhow::Error::msg)?;
+                    let opts = deliver_notifications::Options {
+                        as_of,
+                        dry_run,
+                        max_batches: 100,
+                    };
+                    print_json(&deliver_notifications::run(&db, &config, &channels, &opts).await?)?;
+                }
             }
+        }
+        Command::Notices {
+            action:
+                NoticesAction::List {
+                    status,
+                    account,
+                    limit,
+                    json,
+                },
+        } => {
+            let db = open(&config, MigrationMode::Require).await?;
+            let list = queries::notices(&db, status.as_deref(), account.as_deref(), limit).await?;
+            if json {
+                print_json(&list)?;
+            } else {
+                for n in &list {
+                    println!(
+                        "{:>6} {:<12} {:<22} {:<8} {:<8} attempts {} {}{}",
+                        n.id,
+                        n.account_id,
+                        n.kind,
+                        n.channel,
+                        n.status,
+                        n.attempts,
+                        n.provider_message_id.as_deref().unwrap_or(""),
+                        n.last_error
+                            .as_deref()
+                            .map(|e| format!("  error: {e}"))
+                            .unwrap_or_default()
+                    );
+                }
+            }
+        }
+        Command::Notices {
+            action: NoticesAction::Retry { id },
+        } => {
+            let db = open(&config, MigrationMode::Require).await?;
+            if !queries::retry_notice(&db, id, as_of).await? {
+                bail!("no dead or retrying notice {id}");
+            }
+            println!("notice {id} queued again for {as_of}");
         }
         Command::Gate {
             account,

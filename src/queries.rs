@@ -383,3 +383,102 @@ pub async fn history(db: &Db, account_id: &str) -> Result<Vec<EventView>, DbErro
         })
         .collect())
 }
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NoticeView {
+    pub id: i64,
+    pub account_id: String,
+    pub kind: String,
+    pub channel: String,
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub provider_message_id: Option<String>,
+    pub accepted_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The outbox, newest first.
+pub async fn notices(
+    db: &Db,
+    status: Option<&str>,
+    account: Option<&str>,
+    limit: i64,
+) -> Result<Vec<NoticeView>, DbError> {
+    use crate::db::schema::notices as n;
+    let mut conn = db.conn().await?;
+    let mut q = n::table.into_boxed();
+    if let Some(s) = status {
+        q = q.filter(n::status.eq(s.to_string()));
+    }
+    if let Some(a) = account {
+        q = q.filter(n::account_id.eq(a.to_string()));
+    }
+    type Row = (
+        i64,
+        String,
+        String,
+        String,
+        String,
+        i32,
+        DateTime<Utc>,
+        Option<String>,
+        Option<String>,
+        Option<DateTime<Utc>>,
+        DateTime<Utc>,
+    );
+    let rows: Vec<Row> = q
+        .order(n::id.desc())
+        .limit(limit)
+        .select((
+            n::id,
+            n::account_id,
+            n::kind,
+            n::channel,
+            n::status,
+            n::attempts,
+            n::next_attempt_at,
+            n::last_error,
+            n::provider_message_id,
+            n::accepted_at,
+            n::created_at,
+        ))
+        .load(&mut conn)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| NoticeView {
+            id: r.0,
+            account_id: r.1,
+            kind: r.2,
+            channel: r.3,
+            status: r.4,
+            attempts: r.5,
+            next_attempt_at: r.6,
+            last_error: r.7,
+            provider_message_id: r.8,
+            accepted_at: r.9,
+            created_at: r.10,
+        })
+        .collect())
+}
+
+/// Queues a dead or retrying notice again; returns whether there was one.
+pub async fn retry_notice(db: &Db, id: i64, at: DateTime<Utc>) -> Result<bool, DbError> {
+    use crate::db::schema::notices as n;
+    let mut conn = db.conn().await?;
+    let updated = diesel::update(
+        n::table
+            .filter(n::id.eq(id))
+            .filter(n::status.eq_any(["dead", "retrying"])),
+    )
+    .set((
+        n::status.eq("pending"),
+        n::next_attempt_at.eq(at),
+        n::attempts.eq(0),
+    ))
+    .execute(&mut conn)
+    .await?;
+    Ok(updated > 0)
+}

@@ -22,6 +22,7 @@ diesel::table! {
         billed_through_seq -> Int8,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        balance_alert_armed -> Bool,
     }
 }
 
@@ -169,7 +170,27 @@ diesel::allow_tables_to_appear_in_same_query!(
     job_runs,
     release_warnings,
     control_plane_orders,
+    notices,
 );
+
+diesel::table! {
+    notices (account_id, id) {
+        account_id -> Text,
+        id -> Int8,
+        kind -> Text,
+        channel -> Text,
+        dedupe_key -> Text,
+        payload -> Jsonb,
+        status -> Text,
+        attempts -> Int4,
+        next_attempt_at -> Timestamptz,
+        lease_until -> Nullable<Timestamptz>,
+        last_error -> Nullable<Text>,
+        provider_message_id -> Nullable<Text>,
+        accepted_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+    }
+}
 
 /// Every (table, column) above, for the schema-drift test.
 pub const COLUMNS: &[(&str, &[&str])] = &[
@@ -195,6 +216,7 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
             "billed_through_seq",
             "created_at",
             "updated_at",
+            "balance_alert_armed",
         ],
     ),
     (
@@ -342,6 +364,25 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
             "kind",
             "reason",
             "cause",
+            "created_at",
+        ],
+    ),
+    (
+        "notices",
+        &[
+            "account_id",
+            "id",
+            "kind",
+            "channel",
+            "dedupe_key",
+            "payload",
+            "status",
+            "attempts",
+            "next_attempt_at",
+            "lease_until",
+            "last_error",
+            "provider_message_id",
+            "accepted_at",
             "created_at",
         ],
     ),

@@ -435,6 +435,9 @@ async fn bill_batch(
         )
         .await?;
     lap_mark(&mut report.timings, "rate_lines", &mut lap);
+    // Statistics for the planner: a temp table without them looks tiny or huge at random,
+    // and the joins below then scan whole tables once per batch.
+    tx.batch_execute("ANALYZE batch_lines").await?;
     let unpriced: i64 = tx
         .query_one(
             "SELECT count(*) FROM batch_lines WHERE unit_price_nanos IS NULL",
@@ -485,6 +488,7 @@ async fn bill_batch(
          FROM totals t LEFT JOIN draws d ON d.account_id = t.account_id",
     )
     .await?;
+    tx.batch_execute("ANALYZE batch_bills").await?;
     lap_mark(&mut report.timings, "settle", &mut lap);
     let inserted = tx
         .execute(

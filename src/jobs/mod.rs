@@ -1,9 +1,11 @@
 //! The jobs, one module each, named as in jobs/*.toml and on the CLI, and the record of
 //! their runs (job, slot, start, end, status, report, error).
 
+pub mod deliver_notifications;
 pub mod enforce_suspensions;
 pub mod generate_bills;
 pub mod release_resources;
+pub mod send_alerts;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -18,6 +20,8 @@ pub enum JobName {
     GenerateBills,
     EnforceSuspensions,
     ReleaseResources,
+    SendAlerts,
+    DeliverNotifications,
 }
 
 impl JobName {
@@ -26,6 +30,8 @@ impl JobName {
             JobName::GenerateBills => "generate_bills",
             JobName::EnforceSuspensions => "enforce_suspensions",
             JobName::ReleaseResources => "release_resources",
+            JobName::SendAlerts => "send_alerts",
+            JobName::DeliverNotifications => "deliver_notifications",
         }
     }
 }

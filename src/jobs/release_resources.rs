@@ -314,6 +314,7 @@ pub async fn release_account(
             .await?;
             lifecycle::record_order(
                 conn,
+                config,
                 &account,
                 &d.resource_id,
                 &d.product,
@@ -324,6 +325,13 @@ pub async fn release_account(
             )
             .await?;
             done.push(d);
+        }
+        if !done.is_empty() {
+            let r = crate::notify::recipient(conn, &account).await?;
+            let extra = serde_json::json!({ "released_at": r.at(now) });
+            let kind = crate::notify::NoticeKind::Released;
+            crate::notify::notify_customer(conn, config, &r, kind, &now.to_rfc3339(), extra, now)
+                .await?;
         }
         Ok(done)
     })

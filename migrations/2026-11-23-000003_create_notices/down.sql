@@ -1,0 +1,2 @@
+ALTER TABLE accounts DROP COLUMN balance_alert_armed;
+DROP TABLE notices;

@@ -1,0 +1,387 @@
+//! `deliver_notifications`: claims due notices from the outbox (FOR UPDATE SKIP LOCKED, with a
+//! lease, so several workers share the work and a crashed worker's notices are taken over),
+//! renders them in the account's locale, sends them with a timeout around every network call,
+//! and records the outcome: sent (with the provider's message id), retrying with exponential
+//! backoff and jitter on a temporary failure, dead on a permanent one. Delivery is at least
+//! once; a notice is never created twice (the outbox's dedupe key).
+//!
+//! A channel accepting the first overdue alert starts the lcic grace clock (R2), and a
+//! channel accepting a release warning is what allows the release (R9): both facts are
+//! written here, in the transaction that marks the notice sent.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::db::schema::{accounts, notices, release_warnings};
+use crate::db::{Db, DbError};
+use crate::import::mask_contact;
+use crate::jobs::{JobError, JobName};
+use crate::notify::email::{build_message, Mailer};
+use crate::notify::sms::{template_params, SmsSender};
+use crate::notify::templates::Templates;
+use crate::notify::{webhook, NoticeKind, SendError};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub as_of: DateTime<Utc>,
+    pub dry_run: bool,
+    /// Stop after this many batches (bounded runs); the next run goes on.
+    pub max_batches: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DeliverReport {
+    pub job: &'static str,
+    pub as_of: DateTime<Utc>,
+    pub dry_run: bool,
+    pub due: i64,
+    pub claimed: usize,
+    pub sent: usize,
+    pub retrying: usize,
+    pub dead: usize,
+    /// The first failures: notice id and error (addresses never appear).
+    pub failures: Vec<String>,
+}
+
+/// The channels, built once per process.
+pub struct Channels {
+    pub templates: Templates,
+    pub mailer: Mailer,
+    pub sms: SmsSender,
+    pub http: reqwest::Client,
+}
+
+impl Channels {
+    pub fn from_config(config: &Config) -> Result<Channels, String> {
+        let templates = Templates::load(config.notifications.templates_dir.as_deref())
+            .map_err(|e| e.to_string())?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(
+                config.notifications.send_timeout.seconds() as u64,
+            ))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Channels {
+            templates,
+            mailer: Mailer::from_config(config)?,
+            sms: SmsSender::from_config(config, http.clone()),
+            http,
+        })
+    }
+}
+
+struct Claimed {
+    account_id: String,
+    id: i64,
+    kind: String,
+    channel: String,
+    payload: serde_json::Value,
+    attempts: i32,
+}
+
+pub async fn run(
+    db: &Db,
+    config: &Config,
+    channels: &Channels,
+    opts: &Options,
+) -> Result<DeliverReport, JobError> {
+    let mut report = DeliverReport {
+        job: JobName::DeliverNotifications.as_str(),
+        as_of: opts.as_of,
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    let client = db.raw_client().await?;
+    report.due = client
+        .query_one(
+            "SELECT count(*) FROM notices
+             WHERE (status IN ('pending', 'retrying') AND next_attempt_at <= $1) OR (status = 'sending' AND lease_until <= $1)",
+            &[&opts.as_of],
+        )
+        .await?
+        .get(0);
+    if opts.dry_run {
+        return Ok(report);
+    }
+    let lease_until = opts.as_of + config.notifications.lease.to_chrono();
+    for _ in 0..opts.max_batches.max(1) {
+        let rows = client
+            .query(
+                "UPDATE notices n SET status = 'sending', lease_until = $2, attempts = n.attempts + 1
+                 FROM (SELECT account_id, id FROM notices
+                       WHERE (status IN ('pending', 'retrying') AND next_attempt_at <= $1)
+                          OR (status = 'sending' AND lease_until <= $1)
+                       ORDER BY next_attempt_at, id LIMIT $3
+                       FOR UPDATE SKIP LOCKED) due
+                 WHERE n.account_id = due.account_id AND n.id = due.id
+                 RETURNING n.account_id, n.id, n.kind, n.channel, n.payload, n.attempts",
+                &[&opts.as_of, &lease_until, &(config.notifications.batch_size as i64)],
+            )
+            .await?;
+        if rows.is_empty() {
+            break;
+        }
+        report.claimed += rows.len();
+        for r in rows {
+            let n = Claimed {
+                account_id: r.get(0),
+                id: r.get(1),
+                kind: r.get(2),
+                channel: r.get(3),
+                payload: r.get(4),
+                attempts: r.get(5),
+            };
+            let outcome = deliver_one(db, config, channels, &n, opts.as_of).await;
+            record(db, config, &n, outcome, opts.as_of, &mut report).await?;
+        }
+    }
+    tracing::info!(
+        job = report.job,
+        sent = report.sent,
+        retrying = report.retrying,
+        dead = report.dead,
+        "deliver_notifications finished"
+    );
+    Ok(report)
+}
+
+async fn deliver_one(
+    db: &Db,
+    config: &Config,
+    ch: &Channels,
+    n: &Claimed,
+    now: DateTime<Utc>,
+) -> Result<String, SendError> {
+    let kind = NoticeKind::parse(&n.kind)
+        .ok_or_else(|| SendError::Permanent(format!("unknown notice kind {:?}", n.kind)))?;
+    let timeout = Duration::from_secs(config.notifications.send_timeout.seconds() as u64);
+    if n.channel == "webhook" {
+        let product = n.payload["product"].as_str().unwrap_or_default();
+        let endpoint = config.webhooks.products.get(product).ok_or_else(|| {
+            SendError::Permanent(format!(
+                "no webhook endpoint configured for product {product:?}"
+            ))
+        })?;
+        let secret = endpoint
+            .secret
+            .as_deref()
+            .or(config.webhooks.secret.as_deref())
+            .ok_or_else(|| {
+                SendError::Permanent("no webhook secret configured (ARREARS_WEBHOOK_SECRET)".into())
+            })?;
+        let body =
+            serde_json::to_vec(&n.payload).map_err(|e| SendError::Permanent(e.to_string()))?;
+        let event_id = n.payload["event_id"].as_str().unwrap_or_default();
+        return webhook::post(
+            &ch.http,
+            &endpoint.url,
+            secret,
+            event_id,
+            &body,
+            now.timestamp(),
+            timeout,
+        )
+        .await;
+    }
+    let mut conn = db
+        .conn()
+        .await
+        .map_err(|e| SendError::Temporary(e.to_string()))?;
+    let (email, phone, locale): (Option<String>, Option<String>, String) = accounts::table
+        .find(&n.account_id)
+        .select((accounts::email, accounts::phone, accounts::locale))
+        .first(&mut conn)
+        .await
+        .map_err(|e| SendError::Temporary(format!("loading the account: {e}")))?;
+    drop(conn);
+    match n.channel.as_str() {
+        "email" => {
+            let to = email
+                .ok_or_else(|| SendError::Permanent("the account has no email address".into()))?;
+            let mail = ch
+                .templates
+                .email(kind, &locale, &n.payload)
+                .map_err(|e| SendError::Permanent(e.to_string()))?;
+            let from = config
+                .email
+                .from
+                .as_deref()
+                .unwrap_or("arrears <billing@localhost>");
+            let domain = from
+                .rsplit('@')
+                .next()
+                .unwrap_or("localhost")
+                .trim_end_matches('>');
+            let message_id = format!("<notice-{}-{}@{domain}>", n.id, n.attempts);
+            let msg = build_message(from, &to, &mail, &message_id)?;
+            tracing::debug!(notice = n.id, to = %mask_contact(&to), "sending email");
+            ch.mailer.send(msg, &message_id, timeout).await
+        }
+        "sms" => {
+            let to = phone
+                .ok_or_else(|| SendError::Permanent("the account has no phone number".into()))?;
+            let text = ch
+                .templates
+                .sms(kind, &locale, &n.payload)
+                .map_err(|e| SendError::Permanent(e.to_string()))?;
+            tracing::debug!(notice = n.id, to = %mask_contact(&to), "sending sms");
+            ch.sms
+                .send(
+                    &to,
+                    kind,
+                    &text,
+                    &template_params(kind, &n.payload),
+                    now,
+                    timeout,
+                )
+                .await
+        }
+        other => Err(SendError::Permanent(format!("unknown channel {other:?}"))),
+    }
+}
+
+/// Backoff before attempt `attempts + 1`: base x 2^(attempts-1), at most max, +/-20% jitter.
+pub fn backoff(config: &Config, attempts: i32, seed: i64) -> chrono::Duration {
+    let base = config.notifications.retry_base.seconds();
+    let max = config.notifications.retry_max.seconds();
+    let exp = base
+        .saturating_mul(1i64 << (attempts.clamp(1, 30) - 1))
+        .min(max);
+    // Deterministic jitter from the notice id and attempt: spreads retries without a RNG.
+    let h = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15u64 as i64) ^ i64::from(attempts))
+        .rem_euclid(41)
+        - 20;
+    chrono::Duration::seconds((exp + exp * h / 100).max(1))
+}
+
+async fn record(
+    db: &Db,
+    config: &Config,
+    n: &Claimed,
+    outcome: Result<String, SendError>,
+    now: DateTime<Utc>,
+    report: &mut DeliverReport,
+) -> Result<(), JobError> {
+    let mut conn = db.conn().await?;
+    let key = (n.account_id.as_str(), n.id);
+    match outcome {
+        Ok(provider_id) => {
+            use diesel_async::AsyncConnection;
+            let (account, kind, payload) =
+                (n.account_id.clone(), n.kind.clone(), n.payload.clone());
+            conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
+                diesel::update(notices::table.find(key))
+                    .set((
+                        notices::status.eq("sent"),
+                        notices::provider_message_id.eq(&provider_id),
+                        notices::accepted_at.eq(now),
+                        notices::lease_until.eq(None::<DateTime<Utc>>),
+                        notices::last_error.eq(None::<String>),
+                    ))
+                    .execute(conn)
+                    .await?;
+                accepted_facts(conn, &account, &kind, &payload, now).await
+            })
+            .await
+            .map_err(DbError::Query)?;
+            report.sent += 1;
+        }
+        Err(e) => {
+            let dead = matches!(e, SendError::Permanent(_))
+                || n.attempts >= config.notifications.max_attempts as i32;
+            let status = if dead { "dead" } else { "retrying" };
+            diesel::update(notices::table.find(key))
+                .set((
+                    notices::status.eq(status),
+                    notices::last_error.eq(e.to_string()),
+                    notices::lease_until.eq(None::<DateTime<Utc>>),
+                    notices::next_attempt_at.eq(now + backoff(config, n.attempts, n.id)),
+                ))
+                .execute(&mut conn)
+                .await
+                .map_err(DbError::Query)?;
+            tracing::warn!(job = "deliver_notifications", notice = n.id, account_id = %n.account_id, error = %e, status, "delivery failed");
+            if dead {
+                report.dead += 1;
+            } else {
+                report.retrying += 1;
+            }
+            if report.failures.len() < 100 {
+                report.failures.push(format!("{}: {e}", n.id));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// R2 and R9: the facts that an accepted notice establishes.
+async fn accepted_facts(
+    conn: &mut diesel_async::AsyncPgConnection,
+    account: &str,
+    kind: &str,
+    payload: &serde_json::Value,
+    now: DateTime<Utc>,
+) -> QueryResult<()> {
+    match kind {
+        "overdue" => {
+            // Only for the arrears the alert was about, and only the first acceptance counts.
+            let since: Option<DateTime<Utc>> = payload["_arrears_since"]
+                .as_str()
+                .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
+                .map(|t| t.with_timezone(&Utc));
+            if let Some(since) = since {
+                diesel::update(
+                    accounts::table
+                        .find(account)
+                        .filter(accounts::first_overdue_alert_at.is_null())
+                        .filter(accounts::arrears_since.eq(since)),
+                )
+                .set(accounts::first_overdue_alert_at.eq(now))
+                .execute(conn)
+                .await?;
+            }
+        }
+        "release_warning" => {
+            let period: Option<DateTime<Utc>> =
+                serde_json::from_value(payload["_period"].clone()).ok();
+            let lead = payload["_lead_seconds"]
+                .as_i64()
+                .and_then(|l| i32::try_from(l).ok());
+            if let (Some(period), Some(lead)) = (period, lead) {
+                diesel::insert_into(release_warnings::table)
+                    .values((
+                        release_warnings::account_id.eq(account),
+                        release_warnings::period.eq(period),
+                        release_warnings::lead_seconds.eq(lead),
+                        release_warnings::accepted_at.eq(now),
+                    ))
+                    .on_conflict_do_nothing()
+                    .execute(conn)
+                    .await?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped_with_jitter() {
+        let c = Config::from_toml(crate::config::EXAMPLE_CONFIG, "t", &[]).unwrap();
+        for id in 0..50 {
+            let first = backoff(&c, 1, id).num_seconds();
+            assert!((48..=72).contains(&first), "{first}");
+            let later = backoff(&c, 20, id).num_seconds();
+            assert!((2880..=4320).contains(&later), "{later}");
+        }
+    }
+}
