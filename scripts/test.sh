@@ -24,4 +24,11 @@ if [ -z "${DATABASE_URL:-}" ]; then
   pg_ready || { echo "PostgreSQL is not answering on 127.0.0.1:5432" >&2; exit 1; }
 fi
 
+# The SMTP tests run a real SMTP server: Python's aiosmtpd.
+if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
+  echo "installing aiosmtpd"
+  python3 -m pip install --quiet --disable-pip-version-check aiosmtpd \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages aiosmtpd
+fi
+
 cargo test --locked -- --test-threads="${TEST_THREADS:-4}"

@@ -436,16 +436,34 @@ impl Config {
                     origin: origin.to_string(),
                     message: e.to_string(),
                 })?;
-        apply_env_overrides(&mut table, env)?;
-        let raw: RawConfig =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                ConfigError::Invalid {
-                    origin: origin.to_string(),
-                    key: e.path().to_string(),
-                    message: e.inner().to_string(),
+        let overrides = apply_env_overrides(&mut table, env)?;
+        // An override is typed when it reads as TOML ("5000", "true"); where the key wants a
+        // string after all (an app id "1400000000"), it is retried as the string it was.
+        let mut retried = 0;
+        loop {
+            match serde_path_to_error::deserialize::<_, RawConfig>(toml::Value::Table(
+                table.clone(),
+            )) {
+                Ok(raw) => return validate(raw, origin),
+                Err(e) => {
+                    let key = e.path().to_string();
+                    let retry = overrides.iter().find(|(p, _)| p.join(".") == key);
+                    match retry {
+                        Some((p, raw)) if retried < overrides.len() => {
+                            set_path(&mut table, p, toml::Value::String(raw.clone()));
+                            retried += 1;
+                        }
+                        _ => {
+                            return Err(ConfigError::Invalid {
+                                origin: origin.to_string(),
+                                key,
+                                message: e.inner().to_string(),
+                            })
+                        }
+                    }
                 }
-            })?;
-        validate(raw, origin)
+            }
+        }
     }
 
     pub fn product(&self, id: &str) -> Option<&Product> {
@@ -453,10 +471,23 @@ impl Config {
     }
 }
 
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
+    let mut cur = table;
+    for seg in &path[..path.len() - 1] {
+        match cur.get_mut(seg).and_then(|v| v.as_table_mut()) {
+            Some(t) => cur = t,
+            None => return,
+        }
+    }
+    cur.insert(path[path.len() - 1].clone(), value);
+}
+
+/// Applies ARREARS_* overrides; returns each (key path, raw value) applied.
 fn apply_env_overrides(
     table: &mut toml::Table,
     env: &[(String, String)],
-) -> Result<(), ConfigError> {
+) -> Result<Vec<(Vec<String>, String)>, ConfigError> {
+    let mut applied = Vec::new();
     for (var, value) in env {
         let path: Vec<String> = if let Some((_, p)) = FIXED_ENV.iter().find(|(name, _)| name == var)
         {
@@ -492,13 +523,19 @@ fn apply_env_overrides(
             })?;
         }
         cur.insert(path[path.len() - 1].clone(), parsed);
+        applied.push((path, value.clone()));
     }
-    Ok(())
+    Ok(applied)
 }
 
 /// An override value is TOML when it parses as TOML (`5000`, `true`, `["7d","1d"]`), else a
 /// plain string.
 fn parse_env_value(value: &str) -> toml::Value {
+    // "+15550001111" and "0123" are phone numbers and codes, not numbers.
+    let t = value.trim_start();
+    if t.starts_with('+') || (t.starts_with('0') && t.len() > 1 && !t.starts_with("0.")) {
+        return toml::Value::String(value.to_string());
+    }
     let doc = format!("v = {value}");
     match doc.parse::<toml::Table>() {
         Ok(mut t) => t

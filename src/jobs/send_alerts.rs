@@ -181,7 +181,10 @@ async fn account_alerts(
         )
         .await?;
         if a.state != AccountState::Suspended {
-            if let Some(first) = a.first_overdue_alert_at {
+            // Reminders stop at the grace deadline: from then on the suspension notice speaks.
+            if let (Some(first), true) =
+                (a.first_overdue_alert_at, deadline.is_none_or(|d| now < d))
+            {
                 let n = (now - first).num_seconds() / cadence.num_seconds().max(1);
                 if n >= 1 {
                     let period = format!("{since}:{n}");

@@ -1,0 +1,82 @@
+"""A real SMTP server for the tests: aiosmtpd with STARTTLS required and AUTH.
+
+Usage: smtp_server.py CERT KEY MAILDIR MODEFILE USER PASSWORD [PORT]
+Prints the port it listens on (127.0.0.1) and serves until killed. Each accepted message is
+written to MAILDIR as <n>.eml. The first line of MODEFILE, read on every command, picks the
+behaviour: "ok" accepts, "421" answers 421 (try later) to every RCPT. Recipients whose local
+part starts with "bounce" get 550 (no such user).
+"""
+
+import asyncio
+import os
+import signal
+import ssl
+import sys
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+
+def main():
+    cert, key, maildir, modefile, user, password = sys.argv[1:7]
+    os.makedirs(maildir, exist_ok=True)
+
+    def mode():
+        try:
+            with open(modefile) as f:
+                return f.readline().strip()
+        except OSError:
+            return "ok"
+
+    class Handler:
+        count = 0
+
+        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+            if mode() == "421":
+                return "421 4.3.0 mailbox busy, try again later"
+            if address.split("@")[0].startswith("bounce"):
+                return "550 5.1.1 no such user"
+            envelope.rcpt_tos.append(address)
+            return "250 OK"
+
+        async def handle_DATA(self, server, session, envelope):
+            Handler.count += 1
+            name = os.path.join(maildir, f"{Handler.count:04d}.eml")
+            with open(name + ".tmp", "wb") as f:
+                f.write(envelope.original_content or envelope.content)
+            os.rename(name + ".tmp", name)
+            return f"250 2.0.0 OK queued as q{Handler.count}"
+
+    def authenticator(server, session, envelope, mechanism, auth_data):
+        ok = isinstance(auth_data, LoginPassword) and auth_data.login.decode() == user and auth_data.password.decode() == password
+        return AuthResult(success=ok)
+
+    import socket
+
+    if len(sys.argv) > 7:
+        port = int(sys.argv[7])
+    else:
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+        probe.close()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    controller = Controller(
+        Handler(),
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=ctx,
+        require_starttls=True,
+        authenticator=authenticator,
+        auth_required=True,
+        auth_require_tls=True,
+    )
+    controller.start()
+    print(controller.port, flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    controller.stop()
+
+
+if __name__ == "__main__":
+    main()
