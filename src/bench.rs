@@ -310,3 +310,191 @@ fn peak_rss_mib() -> f64 {
         })
         .map_or(0.0, |kib| kib / 1024.0)
 }
+
+#[derive(Debug, Clone)]
+pub struct EmailBenchOptions {
+    pub count: u64,
+    /// An SMTP server to deliver to (a local one: the benchmark sends `count` messages).
+    pub smtp_url: String,
+    /// Connections of the plain load generator.
+    pub connections: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct EmailBenchReport {
+    pub count: u64,
+    pub smtp_pool_size: u32,
+    pub concurrency: usize,
+    /// deliver_notifications: claim from the outbox, render, send through the pool, record.
+    pub arrears_seconds: f64,
+    pub arrears_emails_per_second: f64,
+    /// A plain SMTP load generator (raw protocol, no database, no templates) against the
+    /// same server, same message size.
+    pub plain_seconds: f64,
+    pub plain_emails_per_second: f64,
+    pub ratio: f64,
+    pub message_bytes: usize,
+}
+
+/// `arrears bench-email`: outbox delivery rate against a plain load generator.
+pub async fn run_email(
+    config: &Config,
+    opts: &EmailBenchOptions,
+) -> Result<EmailBenchReport, BenchError> {
+    use crate::jobs::deliver_notifications::{self, Channels};
+    let base = Db::open(config, MigrationMode::Apply).await?;
+    let (server, _) = base
+        .url
+        .rsplit_once('/')
+        .ok_or_else(|| DbError::Connect("no database name in URL".into()))?;
+    let admin = db::raw_connect(&format!("{server}/postgres")).await?;
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS arrears_bench_email WITH (FORCE)")
+        .await?;
+    admin
+        .batch_execute("CREATE DATABASE arrears_bench_email")
+        .await?;
+    let db = Db::open_url(
+        &format!("{server}/arrears_bench_email"),
+        8,
+        MigrationMode::Apply,
+    )
+    .await?;
+    let client = db.raw_client().await?;
+    let n = opts.count as i64;
+    let vars = crate::notify::templates::sample_vars();
+    client
+        .execute(
+            "INSERT INTO accounts (id, name, email, locale, timezone, created_at, updated_at)
+             SELECT 'm' || i, 'Mail ' || i, 'user' || i || '@example.com', 'en', 'Asia/Shanghai', now(), now()
+             FROM generate_series(1, $1::bigint) i",
+            &[&n],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO notices (account_id, kind, channel, dedupe_key, payload, next_attempt_at, created_at)
+             SELECT 'm' || i, 'overdue', 'email', 'bench:' || i, $2, now(), now() FROM generate_series(1, $1::bigint) i",
+            &[&n, &vars],
+        )
+        .await?;
+    let mut cfg = config.clone();
+    cfg.email.smtp_url = Some(opts.smtp_url.clone());
+    cfg.email.from = Some("Bench <bench@example.com>".into());
+    let channels =
+        Channels::from_config(&cfg).map_err(|e| BenchError::Io(std::io::Error::other(e)))?;
+    let t = Instant::now();
+    let rep = deliver_notifications::run(
+        &db,
+        &cfg,
+        &channels,
+        &deliver_notifications::Options {
+            as_of: Utc::now() + chrono::Duration::minutes(1),
+            dry_run: false,
+            max_batches: usize::MAX,
+        },
+    )
+    .await?;
+    let arrears_seconds = t.elapsed().as_secs_f64();
+    if rep.sent as u64 != opts.count {
+        return Err(BenchError::Io(std::io::Error::other(format!(
+            "only {} of {} sent: {:?}",
+            rep.sent, opts.count, rep.failures
+        ))));
+    }
+
+    // The same message, as bytes, for the plain generator.
+    let mail = channels
+        .templates
+        .email(crate::notify::NoticeKind::Overdue, "en", &vars)
+        .map_err(|e| BenchError::Io(std::io::Error::other(e.to_string())))?;
+    let msg = crate::notify::email::build_message(
+        "Bench <bench@example.com>",
+        "user@example.com",
+        &mail,
+        "<plain@example.com>",
+    )
+    .map_err(|e| BenchError::Io(std::io::Error::other(e.to_string())))?;
+    let bytes = msg.formatted();
+    let settings = crate::notify::email::SmtpSettings::parse(&opts.smtp_url)
+        .map_err(|e| BenchError::Io(std::io::Error::other(e)))?;
+    let t = Instant::now();
+    let per_conn = opts.count / opts.connections.max(1) as u64;
+    let mut tasks = Vec::new();
+    for c in 0..opts.connections.max(1) {
+        let (host, port, body) = (settings.host.clone(), settings.port, bytes.clone());
+        let k = if c == 0 {
+            opts.count - per_conn * (opts.connections.max(1) as u64 - 1)
+        } else {
+            per_conn
+        };
+        tasks.push(tokio::spawn(async move {
+            plain_smtp(&host, port, &body, k).await
+        }));
+    }
+    for task in tasks {
+        task.await
+            .map_err(|e| BenchError::Io(std::io::Error::other(e)))??;
+    }
+    let plain_seconds = t.elapsed().as_secs_f64();
+    let count = opts.count as f64;
+    drop(client);
+    drop(db);
+    admin
+        .batch_execute("DROP DATABASE IF EXISTS arrears_bench_email WITH (FORCE)")
+        .await?;
+    Ok(EmailBenchReport {
+        count: opts.count,
+        smtp_pool_size: cfg.email.pool_size,
+        concurrency: cfg.notifications.concurrency,
+        arrears_seconds,
+        arrears_emails_per_second: count / arrears_seconds,
+        plain_seconds,
+        plain_emails_per_second: count / plain_seconds,
+        ratio: plain_seconds / arrears_seconds,
+        message_bytes: bytes.len(),
+    })
+}
+
+/// A minimal SMTP client on one connection: EHLO once, then MAIL/RCPT/DATA per message.
+async fn plain_smtp(host: &str, port: u16, body: &[u8], count: u64) -> Result<(), BenchError> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let stream = tokio::net::TcpStream::connect((host, port)).await?;
+    stream.set_nodelay(true)?;
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::new(r);
+    async fn reply(r: &mut BufReader<tokio::net::tcp::OwnedReadHalf>) -> Result<(), BenchError> {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if r.read_line(&mut line).await? == 0 {
+                return Err(BenchError::Io(std::io::Error::other("connection closed")));
+            }
+            if !line.starts_with('2') && !line.starts_with('3') {
+                return Err(BenchError::Io(std::io::Error::other(format!(
+                    "server said {line}"
+                ))));
+            }
+            if line.as_bytes().get(3) == Some(&b' ') {
+                return Ok(());
+            }
+        }
+    }
+    reply(&mut r).await?;
+    w.write_all(b"EHLO bench\r\n").await?;
+    reply(&mut r).await?;
+    for _ in 0..count {
+        w.write_all(b"MAIL FROM:<bench@example.com>\r\n").await?;
+        reply(&mut r).await?;
+        w.write_all(b"RCPT TO:<user@example.com>\r\n").await?;
+        reply(&mut r).await?;
+        w.write_all(b"DATA\r\n").await?;
+        reply(&mut r).await?;
+        let mut data = body.to_vec();
+        data.extend_from_slice(b"\r\n.\r\n");
+        w.write_all(&data).await?;
+        reply(&mut r).await?;
+    }
+    w.write_all(b"QUIT\r\n").await?;
+    Ok(())
+}

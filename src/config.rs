@@ -80,6 +80,13 @@ pub struct NotificationsConfig {
     /// Every network call (SMTP, SMS, webhook) is cut off after this long.
     #[serde(default = "default_send_timeout")]
     pub send_timeout: PolicyDuration,
+    /// Notices sent at once by one worker.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_concurrency() -> usize {
+    16
 }
 
 fn default_imminent() -> PolicyDuration {
@@ -115,11 +122,12 @@ impl Default for NotificationsConfig {
             retry_max: default_retry_max(),
             lease: default_lease(),
             send_timeout: default_send_timeout(),
+            concurrency: default_concurrency(),
         }
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EmailConfig {
     /// `smtps://user:pass@host:465` (implicit TLS), `smtp://user:pass@host:587` (STARTTLS
@@ -136,6 +144,17 @@ pub struct EmailConfig {
 
 fn default_smtp_pool() -> u32 {
     4
+}
+
+impl Default for EmailConfig {
+    fn default() -> Self {
+        EmailConfig {
+            smtp_url: None,
+            from: None,
+            ca_file: None,
+            pool_size: default_smtp_pool(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -128,6 +128,17 @@ enum Command {
         #[arg(long, default_value = "target/bench-data")]
         dir: PathBuf,
     },
+    /// Email benchmark: delivers COUNT outbox notices to a local SMTP server through the pool
+    /// and compares with a plain SMTP load generator against the same server.
+    BenchEmail {
+        #[arg(long, default_value_t = 5000)]
+        count: u64,
+        /// e.g. smtp://127.0.0.1:2525?tls=none
+        #[arg(long)]
+        smtp_url: String,
+        #[arg(long, default_value_t = 16)]
+        connections: usize,
+    },
     /// The embedded default database.
     Embedded {
         #[command(subcommand)]
@@ -361,6 +372,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             )
             .await?;
             print_json(&report)?;
+        }
+        Command::BenchEmail {
+            count,
+            smtp_url,
+            connections,
+        } => {
+            let opts = arrears::bench::EmailBenchOptions {
+                count,
+                smtp_url,
+                connections,
+            };
+            print_json(&arrears::bench::run_email(&config, &opts).await?)?;
         }
         Command::Embedded { action } => match action {
             EmbeddedAction::Url => {

@@ -9,16 +9,15 @@
 //! channel accepting a release warning is what allows the release (R9): both facts are
 //! written here, in the transaction that marks the notice sent.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use diesel::prelude::*;
-use diesel_async::RunQueryDsl;
+use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::db::schema::{accounts, notices, release_warnings};
-use crate::db::{Db, DbError};
+use crate::db::Db;
 use crate::import::mask_contact;
 use crate::jobs::{JobError, JobName};
 use crate::notify::email::{build_message, Mailer};
@@ -96,7 +95,7 @@ pub async fn run(
         dry_run: opts.dry_run,
         ..Default::default()
     };
-    let client = db.raw_client().await?;
+    let mut client = db.raw_client().await?;
     report.due = client
         .query_one(
             "SELECT count(*) FROM notices
@@ -127,18 +126,60 @@ pub async fn run(
             break;
         }
         report.claimed += rows.len();
-        for r in rows {
-            let n = Claimed {
+        let claimed: Vec<Claimed> = rows
+            .into_iter()
+            .map(|r| Claimed {
                 account_id: r.get(0),
                 id: r.get(1),
                 kind: r.get(2),
                 channel: r.get(3),
                 payload: r.get(4),
                 attempts: r.get(5),
-            };
-            let outcome = deliver_one(db, config, channels, &n, opts.as_of).await;
-            record(db, config, &n, outcome, opts.as_of, &mut report).await?;
+            })
+            .collect();
+        // Contacts for the whole batch up front: a send in flight holds no database
+        // connection (recording outcomes needs them while other sends wait).
+        let ids: Vec<&str> = claimed.iter().map(|n| n.account_id.as_str()).collect();
+        let contacts: HashMap<String, Contact> = client
+            .query(
+                "SELECT id, email, phone, locale FROM accounts WHERE id = ANY($1)",
+                &[&ids],
+            )
+            .await?
+            .into_iter()
+            .map(|r| {
+                (
+                    r.get(0),
+                    Contact {
+                        email: r.get(1),
+                        phone: r.get(2),
+                        locale: r.get(3),
+                    },
+                )
+            })
+            .collect();
+        // Send concurrently (the SMTP pool and the HTTP client are shared); record each
+        // outcome as soon as it is known.
+        let contacts = &contacts;
+        let mut sends = futures_util::stream::iter(claimed)
+            .map(|n| async move {
+                let outcome = deliver_one(
+                    config,
+                    channels,
+                    &n,
+                    contacts.get(&n.account_id),
+                    opts.as_of,
+                )
+                .await;
+                (n, outcome)
+            })
+            .buffer_unordered(config.notifications.concurrency.max(1));
+        let mut outcomes = Vec::with_capacity(config.notifications.batch_size);
+        while let Some(done) = sends.next().await {
+            outcomes.push(done);
         }
+        drop(sends);
+        record_batch(&mut client, config, outcomes, opts.as_of, &mut report).await?;
     }
     tracing::info!(
         job = report.job,
@@ -150,11 +191,17 @@ pub async fn run(
     Ok(report)
 }
 
+struct Contact {
+    email: Option<String>,
+    phone: Option<String>,
+    locale: String,
+}
+
 async fn deliver_one(
-    db: &Db,
     config: &Config,
     ch: &Channels,
     n: &Claimed,
+    contact: Option<&Contact>,
     now: DateTime<Utc>,
 ) -> Result<String, SendError> {
     let kind = NoticeKind::parse(&n.kind)
@@ -188,17 +235,13 @@ async fn deliver_one(
         )
         .await;
     }
-    let mut conn = db
-        .conn()
-        .await
-        .map_err(|e| SendError::Temporary(e.to_string()))?;
-    let (email, phone, locale): (Option<String>, Option<String>, String) = accounts::table
-        .find(&n.account_id)
-        .select((accounts::email, accounts::phone, accounts::locale))
-        .first(&mut conn)
-        .await
-        .map_err(|e| SendError::Temporary(format!("loading the account: {e}")))?;
-    drop(conn);
+    let contact = contact
+        .ok_or_else(|| SendError::Permanent(format!("account {} not found", n.account_id)))?;
+    let (email, phone, locale) = (
+        contact.email.clone(),
+        contact.phone.clone(),
+        contact.locale.as_str(),
+    );
     match n.channel.as_str() {
         "email" => {
             let to = email
@@ -259,110 +302,100 @@ pub fn backoff(config: &Config, attempts: i32, seed: i64) -> chrono::Duration {
     chrono::Duration::seconds((exp + exp * h / 100).max(1))
 }
 
-async fn record(
-    db: &Db,
+/// Records a batch of outcomes in one transaction: the sent ones with one statement, with
+/// the facts they establish (R2, R9); failures with their backoff or as dead. A crash before
+/// this commit leaves the notices claimed: they are sent again when the lease runs out (at
+/// least once).
+async fn record_batch(
+    client: &mut tokio_postgres::Client,
     config: &Config,
-    n: &Claimed,
-    outcome: Result<String, SendError>,
+    outcomes: Vec<(Claimed, Result<String, SendError>)>,
     now: DateTime<Utc>,
     report: &mut DeliverReport,
 ) -> Result<(), JobError> {
-    let mut conn = db.conn().await?;
-    let key = (n.account_id.as_str(), n.id);
-    match outcome {
-        Ok(provider_id) => {
-            use diesel_async::AsyncConnection;
-            let (account, kind, payload) =
-                (n.account_id.clone(), n.kind.clone(), n.payload.clone());
-            conn.transaction::<_, diesel::result::Error, _>(async move |conn| {
-                diesel::update(notices::table.find(key))
-                    .set((
-                        notices::status.eq("sent"),
-                        notices::provider_message_id.eq(&provider_id),
-                        notices::accepted_at.eq(now),
-                        notices::lease_until.eq(None::<DateTime<Utc>>),
-                        notices::last_error.eq(None::<String>),
-                    ))
-                    .execute(conn)
-                    .await?;
-                accepted_facts(conn, &account, &kind, &payload, now).await
-            })
-            .await
-            .map_err(DbError::Query)?;
-            report.sent += 1;
-        }
-        Err(e) => {
-            let dead = matches!(e, SendError::Permanent(_))
-                || n.attempts >= config.notifications.max_attempts as i32;
-            let status = if dead { "dead" } else { "retrying" };
-            diesel::update(notices::table.find(key))
-                .set((
-                    notices::status.eq(status),
-                    notices::last_error.eq(e.to_string()),
-                    notices::lease_until.eq(None::<DateTime<Utc>>),
-                    notices::next_attempt_at.eq(now + backoff(config, n.attempts, n.id)),
-                ))
-                .execute(&mut conn)
-                .await
-                .map_err(DbError::Query)?;
-            tracing::warn!(job = "deliver_notifications", notice = n.id, account_id = %n.account_id, error = %e, status, "delivery failed");
-            if dead {
-                report.dead += 1;
-            } else {
-                report.retrying += 1;
+    let tx = client.transaction().await?;
+    let (mut accounts, mut ids, mut provider_ids) = (Vec::new(), Vec::new(), Vec::new());
+    for (n, outcome) in &outcomes {
+        match outcome {
+            Ok(provider_id) => {
+                accounts.push(n.account_id.as_str());
+                ids.push(n.id);
+                provider_ids.push(provider_id.as_str());
+                accepted_facts(&tx, n, now).await?;
+                report.sent += 1;
             }
-            if report.failures.len() < 100 {
-                report.failures.push(format!("{}: {e}", n.id));
+            Err(e) => {
+                let dead = matches!(e, SendError::Permanent(_))
+                    || n.attempts >= config.notifications.max_attempts as i32;
+                let status = if dead { "dead" } else { "retrying" };
+                let next = now + backoff(config, n.attempts, n.id);
+                tx.execute(
+                    "UPDATE notices SET status = $3, last_error = $4, lease_until = NULL, next_attempt_at = $5
+                     WHERE account_id = $1 AND id = $2",
+                    &[&n.account_id, &n.id, &status, &e.to_string(), &next],
+                )
+                .await?;
+                tracing::warn!(job = "deliver_notifications", notice = n.id, account_id = %n.account_id, error = %e, status, "delivery failed");
+                if dead {
+                    report.dead += 1;
+                } else {
+                    report.retrying += 1;
+                }
+                if report.failures.len() < 100 {
+                    report.failures.push(format!("{}: {e}", n.id));
+                }
             }
         }
     }
+    if !ids.is_empty() {
+        tx.execute(
+            "UPDATE notices n SET status = 'sent', provider_message_id = u.pid, accepted_at = $4,
+                    lease_until = NULL, last_error = NULL
+             FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(account_id, id, pid)
+             WHERE n.account_id = u.account_id AND n.id = u.id",
+            &[&accounts, &ids, &provider_ids, &now],
+        )
+        .await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
 /// R2 and R9: the facts that an accepted notice establishes.
 async fn accepted_facts(
-    conn: &mut diesel_async::AsyncPgConnection,
-    account: &str,
-    kind: &str,
-    payload: &serde_json::Value,
+    tx: &tokio_postgres::Transaction<'_>,
+    n: &Claimed,
     now: DateTime<Utc>,
-) -> QueryResult<()> {
-    match kind {
+) -> Result<(), JobError> {
+    match n.kind.as_str() {
         "overdue" => {
             // Only for the arrears the alert was about, and only the first acceptance counts.
-            let since: Option<DateTime<Utc>> = payload["_arrears_since"]
+            let since: Option<DateTime<Utc>> = n.payload["_arrears_since"]
                 .as_str()
                 .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
                 .map(|t| t.with_timezone(&Utc));
             if let Some(since) = since {
-                diesel::update(
-                    accounts::table
-                        .find(account)
-                        .filter(accounts::first_overdue_alert_at.is_null())
-                        .filter(accounts::arrears_since.eq(since)),
+                tx.execute(
+                    "UPDATE accounts SET first_overdue_alert_at = $2
+                     WHERE id = $1 AND first_overdue_alert_at IS NULL AND arrears_since = $3",
+                    &[&n.account_id, &now, &since],
                 )
-                .set(accounts::first_overdue_alert_at.eq(now))
-                .execute(conn)
                 .await?;
             }
         }
         "release_warning" => {
             let period: Option<DateTime<Utc>> =
-                serde_json::from_value(payload["_period"].clone()).ok();
-            let lead = payload["_lead_seconds"]
+                serde_json::from_value(n.payload["_period"].clone()).ok();
+            let lead = n.payload["_lead_seconds"]
                 .as_i64()
                 .and_then(|l| i32::try_from(l).ok());
             if let (Some(period), Some(lead)) = (period, lead) {
-                diesel::insert_into(release_warnings::table)
-                    .values((
-                        release_warnings::account_id.eq(account),
-                        release_warnings::period.eq(period),
-                        release_warnings::lead_seconds.eq(lead),
-                        release_warnings::accepted_at.eq(now),
-                    ))
-                    .on_conflict_do_nothing()
-                    .execute(conn)
-                    .await?;
+                tx.execute(
+                    "INSERT INTO release_warnings (account_id, period, lead_seconds, accepted_at)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    &[&n.account_id, &period, &lead, &now],
+                )
+                .await?;
             }
         }
         _ => {}

@@ -1,6 +1,7 @@
 """A real SMTP server for the tests: aiosmtpd with STARTTLS required and AUTH.
 
 Usage: smtp_server.py CERT KEY MAILDIR MODEFILE USER PASSWORD [PORT]
+(CERT "-" serves plain SMTP without TLS or AUTH, for the email benchmark.)
 Prints the port it listens on (127.0.0.1) and serves until killed. Each accepted message is
 written to MAILDIR as <n>.eml. The first line of MODEFILE, read on every command, picks the
 behaviour: "ok" accepts, "421" answers 421 (try later) to every RCPT. Recipients whose local
@@ -60,6 +61,14 @@ def main():
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
         probe.close()
+    if cert == "-":
+        # Plain mode, for the email benchmark: no TLS, no AUTH.
+        controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+        controller.start()
+        print(controller.port, flush=True)
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        controller.stop()
+        return
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
     controller = Controller(
