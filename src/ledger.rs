@@ -22,6 +22,8 @@ pub enum LedgerError {
     NotPositive,
     #[error("reference: must not be empty")]
     EmptyReference,
+    #[error("amount: the balance would overflow")]
+    TooLarge,
     #[error("reference {reference:?} was already used for a top-up of {existing} to account {account}; refusing a different amount")]
     ReferenceReused {
         account: String,
@@ -135,7 +137,7 @@ pub async fn topup(
             ))
             .execute(conn)
             .await?;
-        let new_balance = balance + amount;
+        let new_balance = balance.checked_add(amount).ok_or(LedgerError::TooLarge)?;
         diesel::update(accounts::table.find(&account))
             .set((
                 accounts::cash_balance.eq(new_balance),

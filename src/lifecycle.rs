@@ -401,7 +401,7 @@ async fn apply(
         products.dedup();
         for product in products {
             let data = serde_json::json!({ "from": eval.account_from.as_str(), "to": eval.account_to.as_str() });
-            let period = now.to_rfc3339();
+            let period = format!("{product}:{}", now.to_rfc3339());
             notify::notify_control_plane(
                 conn,
                 config,

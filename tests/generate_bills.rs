@@ -615,3 +615,33 @@ async fn an_earlier_day_after_a_later_one_is_refused() {
     assert!(err.to_string().contains("is earlier"), "{err}");
     assert_eq!(t.scalar_i64("SELECT count(*) FROM bills").await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn after_a_run_that_failed_part_way_an_earlier_day_is_refused() {
+    let t = basic().await;
+    t.import_usage(
+        &["e1,a1,r1,classroom_minutes,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z"],
+        DAY_END,
+    )
+    .await;
+    t.bill(DAY_END).await;
+    // As if the run for 2026-11-22 had committed this batch and then failed: no succeeded slot.
+    t.client()
+        .await
+        .batch_execute("DELETE FROM job_runs")
+        .await
+        .unwrap();
+    let err = run(
+        &t.db,
+        &t.config,
+        &Options {
+            as_of: at(DAY_END),
+            bill_day: Some(chrono::NaiveDate::from_ymd_opt(2026, 11, 21).unwrap()),
+            dry_run: false,
+            force: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("billed up to 2026-11-22"), "{err}");
+}

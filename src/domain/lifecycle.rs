@@ -295,6 +295,9 @@ pub fn evaluate(
 #[serde(rename_all = "snake_case", tag = "why")]
 pub enum NotReleased {
     NotSuspended,
+    /// Suspended for arrears, but cash + credit quota is back to >= 0 (a credit quota raised
+    /// outside a top-up, say): the next enforcement restores it; it is never released.
+    ArrearsPaid,
     /// Compliance suspensions are a legal matter: never released automatically.
     ComplianceSuspension,
     /// R6: non-arrears suspensions are released only when the policy says so.
@@ -334,6 +337,7 @@ pub fn release_check(
         return Err(NotReleased::NotSuspended);
     };
     match reason {
+        Reason::Arrears if !account.in_arrears() => return Err(NotReleased::ArrearsPaid),
         Reason::Compliance => return Err(NotReleased::ComplianceSuspension),
         Reason::QuotaExhausted | Reason::PackageExpired
             if !policy.release_non_arrears_suspensions =>

@@ -314,13 +314,15 @@ async fn record_batch(
     report: &mut DeliverReport,
 ) -> Result<(), JobError> {
     let tx = client.transaction().await?;
-    let (mut accounts, mut ids, mut provider_ids) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut accounts, mut ids, mut provider_ids, mut attempts) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (n, outcome) in &outcomes {
         match outcome {
             Ok(provider_id) => {
                 accounts.push(n.account_id.as_str());
                 ids.push(n.id);
                 provider_ids.push(provider_id.as_str());
+                attempts.push(n.attempts);
                 accepted_facts(&tx, n, now).await?;
                 report.sent += 1;
             }
@@ -329,10 +331,12 @@ async fn record_batch(
                     || n.attempts >= config.notifications.max_attempts as i32;
                 let status = if dead { "dead" } else { "retrying" };
                 let next = now + backoff(config, n.attempts, n.id);
+                // Only while this claim is still ours: a worker whose lease ran out must not
+                // overwrite what the worker that took the notice over recorded.
                 tx.execute(
                     "UPDATE notices SET status = $3, last_error = $4, lease_until = NULL, next_attempt_at = $5
-                     WHERE account_id = $1 AND id = $2",
-                    &[&n.account_id, &n.id, &status, &e.to_string(), &next],
+                     WHERE account_id = $1 AND id = $2 AND status = 'sending' AND attempts = $6",
+                    &[&n.account_id, &n.id, &status, &e.to_string(), &next, &n.attempts],
                 )
                 .await?;
                 tracing::warn!(job = "deliver_notifications", notice = n.id, account_id = %n.account_id, error = %e, status, "delivery failed");
@@ -351,9 +355,9 @@ async fn record_batch(
         tx.execute(
             "UPDATE notices n SET status = 'sent', provider_message_id = u.pid, accepted_at = $4,
                     lease_until = NULL, last_error = NULL
-             FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(account_id, id, pid)
-             WHERE n.account_id = u.account_id AND n.id = u.id",
-            &[&accounts, &ids, &provider_ids, &now],
+             FROM unnest($1::text[], $2::bigint[], $3::text[], $5::int[]) AS u(account_id, id, pid, attempts)
+             WHERE n.account_id = u.account_id AND n.id = u.id AND n.status = 'sending' AND n.attempts = u.attempts",
+            &[&accounts, &ids, &provider_ids, &now, &attempts],
         )
         .await?;
     }

@@ -250,6 +250,19 @@ async fn bill_locked(
         )));
     }
 
+    // A run that failed part way leaves some accounts billed and marked for a later day:
+    // billing an earlier day for them would move their marks backwards.
+    let latest_mark: Option<NaiveDate> = client
+        .query_one("SELECT max(billed_through_day) FROM accounts", &[])
+        .await?
+        .get(0);
+    if let Some(mark) = latest_mark.filter(|m| *m > day) {
+        return Err(JobError::Refused(format!(
+            "accounts are billed up to {mark}; billing day {day} is earlier (late usage of an earlier day is \
+             billed on the next day's bill)"
+        )));
+    }
+
     // Pre-pass: what is unbilled, in one scan above the low-water mark.
     let mut lap = std::time::Instant::now();
     let tx = client.transaction().await?;

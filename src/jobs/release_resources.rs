@@ -116,6 +116,7 @@ pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<ReleaseRepo
 fn why(n: &NotReleased) -> &'static str {
     match n {
         NotReleased::NotSuspended => "not_suspended",
+        NotReleased::ArrearsPaid => "arrears_paid",
         NotReleased::ComplianceSuspension => "compliance_suspension",
         NotReleased::PolicyKeepsNonArrearsSuspensions => "non_arrears_suspension_kept_by_policy",
         NotReleased::LegalHold => "legal_hold",
