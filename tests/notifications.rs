@@ -735,3 +735,56 @@ async fn a_full_lcic_timeline_notifies_in_order_once_each_in_the_customers_local
         .get(0);
     assert_eq!(state, "released");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_product_hears_of_an_account_state_change() {
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(204))
+        .mount(&server)
+        .await;
+    let t = TestDb::with_config(config_with(&[
+        ("ARREARS_WEBHOOK_SECRET", "whsec"),
+        (
+            "ARREARS_WEBHOOKS__PRODUCTS__LCIC__URL",
+            &format!("{}/lcic", server.uri()),
+        ),
+        (
+            "ARREARS_WEBHOOKS__PRODUCTS__SA__URL",
+            &format!("{}/sa", server.uri()),
+        ),
+    ]))
+    .await;
+    t.import_accounts(&["a1,Acme,,,en,UTC,-1.00,0,"]).await;
+    t.import_resources(&[
+        "a1-class,a1,lcic,pay_per_use,,,,",
+        "a1-sa,a1,sa,pay_per_use,,,,",
+    ])
+    .await;
+    enforce_suspensions::run(
+        &t.db,
+        &t.config,
+        &enforce_suspensions::Options {
+            as_of: at(T0),
+            dry_run: false,
+            force: false,
+        },
+    )
+    .await
+    .unwrap();
+    let d = deliver(&t, at(T0)).await;
+    assert_eq!(d.sent, 2, "{:?}", d.failures);
+    let mut paths: Vec<String> = server
+        .received_requests()
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.url.path().to_string())
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        vec!["/lcic".to_string(), "/sa".to_string()],
+        "one account.state_changed per product"
+    );
+}
