@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::domain::calendar::{default_billing_day, end_of_day, start_of_day};
 use crate::domain::money::{format_scaled, PRICE_DIGITS, QUANTITY_DIGITS};
-use crate::jobs::{claim_slot, finish_slot, Claim, JobError, JobName};
+use crate::jobs::{begin_slot, end_slot, JobError, JobName};
 
 /// Arbitrary constant naming the billing run's advisory lock.
 const BILLING_LOCK: i64 = 0x6172_7265_6172_7301;
@@ -134,38 +134,30 @@ pub async fn run(
         ..Default::default()
     };
     let mut client = db.raw_client().await?;
-    if !opts.dry_run {
-        if let Claim::AlreadyDone(at) = claim_slot(
-            &client,
-            JobName::GenerateBills,
-            slot,
-            opts.as_of,
-            opts.force,
-        )
-        .await?
-        {
-            report.skipped = Some(format!(
-                "slot already ran (finished {at}); use --force to run it again"
-            ));
-            finish_amounts(&mut report, &Sums::default(), config);
-            return Ok(report);
-        }
+    if let Some(skip) = begin_slot(
+        &client,
+        JobName::GenerateBills,
+        slot,
+        opts.as_of,
+        opts.force,
+        opts.dry_run,
+    )
+    .await?
+    {
+        report.skipped = Some(skip);
+        finish_amounts(&mut report, &Sums::default(), config);
+        return Ok(report);
     }
     let result = bill(&mut client, config, day, opts, &mut report).await;
-    if !opts.dry_run {
-        let outcome = match &result {
-            Ok(()) => Ok(serde_json::to_value(&report).unwrap_or_default()),
-            Err(e) => Err(e.to_string()),
-        };
-        let recorded = match &outcome {
-            Ok(v) => finish_slot(&client, JobName::GenerateBills, slot, Ok(v)).await,
-            Err(e) => finish_slot(&client, JobName::GenerateBills, slot, Err(e)).await,
-        };
-        result?;
-        recorded?;
-    } else {
-        result?;
-    }
+    end_slot(
+        &client,
+        JobName::GenerateBills,
+        slot,
+        opts.dry_run,
+        result,
+        &report,
+    )
+    .await?;
     tracing::info!(job = report.job, slot = %slot, bills = report.bills_issued, dry_run = opts.dry_run, "generate_bills finished");
     Ok(report)
 }

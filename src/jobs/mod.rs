@@ -113,3 +113,53 @@ pub async fn finish_slot(
         .await?;
     Ok(())
 }
+
+/// Claims `(job, slot)` unless this is a dry run. Returns why the run is skipped when the slot
+/// already finished (and `force` was not given).
+pub async fn begin_slot(
+    client: &tokio_postgres::Client,
+    job: JobName,
+    slot: DateTime<Utc>,
+    as_of: DateTime<Utc>,
+    force: bool,
+    dry_run: bool,
+) -> Result<Option<String>, JobError> {
+    if dry_run {
+        return Ok(None);
+    }
+    Ok(match claim_slot(client, job, slot, as_of, force).await? {
+        Claim::AlreadyDone(at) => Some(format!(
+            "slot already ran (finished {at}); use --force to run it again"
+        )),
+        Claim::Run(_) => None,
+    })
+}
+
+/// Records the end of a slot claimed by `begin_slot` (nothing on a dry run): the report on
+/// success, the error otherwise. The job's own error wins over a failure to record it.
+pub async fn end_slot<R: Serialize>(
+    client: &tokio_postgres::Client,
+    job: JobName,
+    slot: DateTime<Utc>,
+    dry_run: bool,
+    result: Result<(), JobError>,
+    report: &R,
+) -> Result<(), JobError> {
+    if dry_run {
+        return result;
+    }
+    let recorded = match &result {
+        Ok(()) => {
+            finish_slot(
+                client,
+                job,
+                slot,
+                Ok(&serde_json::to_value(report).unwrap_or_default()),
+            )
+            .await
+        }
+        Err(e) => finish_slot(client, job, slot, Err(&e.to_string())).await,
+    };
+    result?;
+    recorded
+}

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::db::schema::resources;
 use crate::db::Db;
 use crate::domain::lifecycle::{release_check, NotReleased, ResourceState};
-use crate::jobs::{claim_slot, finish_slot, Claim, JobError, JobName};
+use crate::jobs::{begin_slot, end_slot, JobError, JobName};
 use crate::lifecycle::{self, LifecycleError, Loaded};
 
 const LISTED: usize = 100;
@@ -81,34 +81,29 @@ pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<ReleaseRepo
         ..Default::default()
     };
     let client = db.raw_client().await?;
-    if !opts.dry_run {
-        if let Claim::AlreadyDone(at) = claim_slot(
-            &client,
-            JobName::ReleaseResources,
-            slot,
-            opts.as_of,
-            opts.force,
-        )
-        .await?
-        {
-            report.skipped = Some(format!(
-                "slot already ran (finished {at}); use --force to run it again"
-            ));
-            return Ok(report);
-        }
+    if let Some(skip) = begin_slot(
+        &client,
+        JobName::ReleaseResources,
+        slot,
+        opts.as_of,
+        opts.force,
+        opts.dry_run,
+    )
+    .await?
+    {
+        report.skipped = Some(skip);
+        return Ok(report);
     }
     let result = release(db, config, opts, &mut report).await;
-    if !opts.dry_run {
-        let outcome = result
-            .as_ref()
-            .map(|_| serde_json::to_value(&report).unwrap_or_default())
-            .map_err(|e| e.to_string());
-        match &outcome {
-            Ok(v) => finish_slot(&client, JobName::ReleaseResources, slot, Ok(v)).await?,
-            Err(e) => finish_slot(&client, JobName::ReleaseResources, slot, Err(e)).await?,
-        }
-    }
-    result?;
+    end_slot(
+        &client,
+        JobName::ReleaseResources,
+        slot,
+        opts.dry_run,
+        result,
+        &report,
+    )
+    .await?;
     tracing::info!(job = report.job, slot = %slot, released = report.released_count, "release_resources finished");
     Ok(report)
 }

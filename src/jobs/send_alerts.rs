@@ -17,7 +17,7 @@ use crate::db::schema::accounts;
 use crate::db::{Db, DbError};
 use crate::domain::lifecycle::{grace_deadline, AccountState, Reason, ResourceState};
 use crate::domain::money::format_scaled;
-use crate::jobs::{claim_slot, finish_slot, Claim, JobError, JobName};
+use crate::jobs::{begin_slot, end_slot, JobError, JobName};
 use crate::lifecycle::{self, LifecycleError};
 use crate::notify::{self, NoticeKind};
 
@@ -55,28 +55,29 @@ pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<AlertsRepor
         ..Default::default()
     };
     let client = db.raw_client().await?;
-    if !opts.dry_run {
-        if let Claim::AlreadyDone(at) =
-            claim_slot(&client, JobName::SendAlerts, slot, opts.as_of, opts.force).await?
-        {
-            report.skipped = Some(format!(
-                "slot already ran (finished {at}); use --force to run it again"
-            ));
-            return Ok(report);
-        }
+    if let Some(skip) = begin_slot(
+        &client,
+        JobName::SendAlerts,
+        slot,
+        opts.as_of,
+        opts.force,
+        opts.dry_run,
+    )
+    .await?
+    {
+        report.skipped = Some(skip);
+        return Ok(report);
     }
     let result = alerts(db, config, opts, &mut report).await;
-    if !opts.dry_run {
-        let outcome = result
-            .as_ref()
-            .map(|_| serde_json::to_value(&report).unwrap_or_default())
-            .map_err(|e| e.to_string());
-        match &outcome {
-            Ok(v) => finish_slot(&client, JobName::SendAlerts, slot, Ok(v)).await?,
-            Err(e) => finish_slot(&client, JobName::SendAlerts, slot, Err(e)).await?,
-        }
-    }
-    result?;
+    end_slot(
+        &client,
+        JobName::SendAlerts,
+        slot,
+        opts.dry_run,
+        result,
+        &report,
+    )
+    .await?;
     Ok(report)
 }
 
