@@ -50,7 +50,61 @@ struct RawConfig {
     sms: SmsConfig,
     #[serde(default)]
     webhooks: WebhooksConfig,
+    #[serde(default)]
+    service: ServiceConfig,
     products: BTreeMap<String, RawProduct>,
+}
+
+/// `arrears serve`: the HTTP address, API tokens, the schedule folder, slot leases.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// Where the HTTP API listens (ARREARS_HTTP_ADDR).
+    #[serde(default = "default_http_addr")]
+    pub http_addr: String,
+    /// Bearer tokens accepted by /v1 (ARREARS_API_TOKENS, comma-separated). None: /v1 answers
+    /// 401 to everyone.
+    #[serde(default)]
+    pub api_tokens: Vec<String>,
+    /// An operator folder whose `<job>.toml` files replace the compiled-in schedule
+    /// (absolute path).
+    pub jobs_dir: Option<PathBuf>,
+    /// How long a claimed slot stays claimed without a renewal: a runner that died is taken
+    /// over this long after its last renewal.
+    #[serde(default = "default_slot_lease")]
+    pub lease: PolicyDuration,
+    /// How often the service looks for due slots and open batches.
+    #[serde(default = "default_tick")]
+    pub tick: PolicyDuration,
+    /// `json` (default, one object per line on stdout), `text`, or `journald`.
+    #[serde(default = "default_log_format")]
+    pub log_format: String,
+}
+
+fn default_http_addr() -> String {
+    "127.0.0.1:8080".into()
+}
+fn default_slot_lease() -> PolicyDuration {
+    PolicyDuration(60)
+}
+fn default_tick() -> PolicyDuration {
+    PolicyDuration(1)
+}
+fn default_log_format() -> String {
+    "json".into()
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        ServiceConfig {
+            http_addr: default_http_addr(),
+            api_tokens: Vec::new(),
+            jobs_dir: None,
+            lease: default_slot_lease(),
+            tick: default_tick(),
+            log_format: default_log_format(),
+        }
+    }
 }
 
 /// The outbox and its delivery (R8).
@@ -400,6 +454,7 @@ pub struct Config {
     pub email: EmailConfig,
     pub sms: SmsConfig,
     pub webhooks: WebhooksConfig,
+    pub service: ServiceConfig,
     pub products: BTreeMap<String, Product>,
     /// Where it came from, for messages.
     pub origin: String,
@@ -412,6 +467,8 @@ const FIXED_ENV: &[(&str, &[&str])] = &[
     ("ARREARS_EMAIL_FROM", &["email", "from"]),
     ("ARREARS_SMS_PROVIDER", &["sms", "provider"]),
     ("ARREARS_WEBHOOK_SECRET", &["webhooks", "secret"]),
+    ("ARREARS_HTTP_ADDR", &["service", "http_addr"]),
+    ("ARREARS_API_TOKENS", &["service", "api_tokens"]),
 ];
 /// ARREARS_* variables that are not configuration keys.
 const NON_KEY_ENV: &[&str] = &["ARREARS_CONFIG", "ARREARS_LOG"];
@@ -530,7 +587,19 @@ fn apply_env_overrides(
                 message: "empty key segment".into(),
             });
         }
-        let parsed = parse_env_value(value);
+        let parsed = if var == "ARREARS_API_TOKENS" {
+            // A comma-separated list, never TOML: a token may contain anything but a comma.
+            toml::Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(|t| toml::Value::String(t.to_string()))
+                    .collect(),
+            )
+        } else {
+            parse_env_value(value)
+        };
         let mut cur = &mut *table;
         for seg in &path[..path.len() - 1] {
             let entry = cur
@@ -606,6 +675,39 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         return Err(invalid(
             "lifecycle.enforce_max_accounts",
             "must be greater than 0".into(),
+        ));
+    }
+    if raw.service.http_addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(invalid(
+            "service.http_addr",
+            format!("{:?} is not an address like 127.0.0.1:8080", raw.service.http_addr),
+        ));
+    }
+    if raw.service.api_tokens.iter().any(|t| t.len() < 16) {
+        return Err(invalid(
+            "service.api_tokens",
+            "every token must be at least 16 characters".into(),
+        ));
+    }
+    if let Some(dir) = &raw.service.jobs_dir {
+        if !dir.is_absolute() {
+            return Err(invalid(
+                "service.jobs_dir",
+                "must be an absolute path (a relative one would depend on the working directory)"
+                    .into(),
+            ));
+        }
+    }
+    if raw.service.lease.seconds() < 1 || raw.service.tick.seconds() < 1 {
+        return Err(invalid(
+            "service.lease",
+            "lease and tick must be at least 1s".into(),
+        ));
+    }
+    if !["json", "text", "journald"].contains(&raw.service.log_format.as_str()) {
+        return Err(invalid(
+            "service.log_format",
+            format!("{:?}: expected json, text or journald", raw.service.log_format),
         ));
     }
     if let Some(dir) = &raw.notifications.templates_dir {
@@ -743,6 +845,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         email: raw.email,
         sms: raw.sms,
         webhooks: raw.webhooks,
+        service: raw.service,
         products,
         origin: origin.to_string(),
     })

@@ -1,5 +1,6 @@
 //! arrears: the billing-arrears lifecycle engine of a cloud provider. Daily bills from
-//! metered usage, arrears, and (in later modules) alerts, suspension, release and restore.
+//! metered usage, arrears, alerts, suspension, release and restore, run on a schedule by
+//! `arrears serve` (service.rs) or one slot at a time from the CLI.
 
 pub mod bench;
 pub mod config;
@@ -11,3 +12,6 @@ pub mod ledger;
 pub mod lifecycle;
 pub mod notify;
 pub mod queries;
+pub mod scheduler;
+pub mod server;
+pub mod service;

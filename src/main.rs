@@ -17,6 +17,7 @@ use arrears::jobs::{
     JobName,
 };
 use arrears::lifecycle::{self, OperatorAction};
+use arrears::scheduler::{Cadence, Clock, Schedule};
 use arrears::{ledger, queries};
 use chrono::{DateTime, NaiveDate, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -143,6 +144,24 @@ enum Command {
     Embedded {
         #[command(subcommand)]
         action: EmbeddedAction,
+    },
+    /// The next slots of every enabled job: job, cron, time zone, instant in UTC and locally.
+    Schedule {
+        /// Start after this instant (default: --as-of, or now).
+        #[arg(long, value_parser = parse_instant)]
+        from: Option<DateTime<Utc>>,
+        /// Slots per job.
+        #[arg(long, default_value_t = 3)]
+        count: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The daemon: runs the schedule (each slot once across instances), delivers notices and
+    /// serves HTTP on service.http_addr (ARREARS_HTTP_ADDR). With --as-of, its clock starts
+    /// there and runs --speed times faster (for demos and tests).
+    Serve {
+        #[arg(long, default_value_t = 1)]
+        speed: u32,
     },
 }
 
@@ -273,20 +292,50 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ARREARS_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    init_logging(&cli);
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// CLI commands log warnings to stderr as text; `serve` logs info and up as JSON lines to
+/// stdout (or text, or to journald: service.log_format). ARREARS_LOG sets the filter.
+fn init_logging(cli: &Cli) {
+    use tracing_subscriber::prelude::*;
+    let serving = matches!(cli.command, Command::Serve { .. });
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ARREARS_LOG")
+        .unwrap_or_else(|_| if serving { "info" } else { "warn" }.into());
+    let format = if serving {
+        // The format is read before the configuration is validated; a bad value is reported
+        // by Config::load and falls back to JSON here.
+        Config::load(cli.config.as_deref())
+            .map(|c| c.service.log_format)
+            .unwrap_or_else(|_| "json".into())
+    } else {
+        "text".into()
+    };
+    let registry = tracing_subscriber::registry().with(filter);
+    match format.as_str() {
+        "journald" => match tracing_journald::layer() {
+            Ok(layer) => registry.with(layer).init(),
+            Err(e) => {
+                registry
+                    .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stdout))
+                    .init();
+                tracing::warn!(error = %e, "journald is not reachable; logging JSON to stdout");
+            }
+        },
+        "json" => registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stdout))
+            .init(),
+        _ => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init(),
     }
 }
 
@@ -320,14 +369,71 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             deliver_notifications::Channels::from_config(&config).map_err(anyhow::Error::msg)?;
+            let schedule = Schedule::load(config.service.jobs_dir.as_deref())?;
             println!(
-                "configuration OK ({}): {} product(s); {rendered} templates rendered in {} locales; email via {}; sms via {:?}",
+                "configuration OK ({}): {} product(s); {} scheduled job(s) enabled; {rendered} templates rendered in {} locales; email via {}; sms via {:?}",
                 config.origin,
+                schedule.jobs.iter().filter(|j| j.enabled).count(),
                 config.products.len(),
                 arrears::import::LOCALES.len(),
                 if config.email.smtp_url.is_some() { "SMTP" } else { "the file transport" },
                 config.sms.provider
             );
+        }
+        Command::Schedule { from, count, json } => {
+            let schedule = Schedule::load(config.service.jobs_dir.as_deref())?;
+            let from = from.unwrap_or(as_of);
+            let mut rows = Vec::new();
+            for j in schedule.jobs.iter().filter(|j| j.enabled) {
+                let (cron, slots) = match &j.cadence {
+                    Cadence::Cron { cron, .. } => {
+                        let mut at = from;
+                        let mut slots = Vec::new();
+                        for _ in 0..count {
+                            let Some(t) = cron.next_after(j.time_zone, at) else {
+                                break;
+                            };
+                            slots.push(serde_json::json!({
+                                "utc": t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                                "local": t.with_timezone(&j.time_zone).to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+                            }));
+                            at = t;
+                        }
+                        (cron.as_str().to_string(), slots)
+                    }
+                    Cadence::Every(d) => (format!("every {}s (continuous)", d.as_secs()), Vec::new()),
+                };
+                rows.push(serde_json::json!({
+                    "job": j.job,
+                    "cron": cron,
+                    "time_zone": j.time_zone.name(),
+                    "source": j.origin,
+                    "slots": slots,
+                }));
+            }
+            if json {
+                print_json(&rows)?;
+            } else {
+                for r in &rows {
+                    println!("{} ({}, {}) from {}", r["job"].as_str().unwrap_or(""), r["cron"].as_str().unwrap_or(""), r["time_zone"].as_str().unwrap_or(""), r["source"].as_str().unwrap_or(""));
+                    for s in r["slots"].as_array().into_iter().flatten() {
+                        println!("  {}  ({})", s["utc"].as_str().unwrap_or(""), s["local"].as_str().unwrap_or(""));
+                    }
+                }
+            }
+        }
+        Command::Serve { speed } => {
+            let schedule = Schedule::load(config.service.jobs_dir.as_deref())?;
+            let clock = match cli.as_of {
+                Some(start) => Clock::simulated(start, speed),
+                None => Clock::Wall,
+            };
+            let addr = config.service.http_addr.clone();
+            let listener = tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("listening on {addr} (service.http_addr / ARREARS_HTTP_ADDR)"))?;
+            tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
+            arrears::service::serve(config, schedule, clock, listener).await?;
         }
         Command::Products { json } => {
             let products: Vec<_> = config.products.values().collect();
@@ -472,6 +578,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             allow_mass_release,
         } => {
             let db = open(&config, MigrationMode::Require).await?;
+            // The slot the schedule gives this instant, so that a one-off run and the service
+            // claim the same slot and never both run it (generate_bills names its slot by its
+            // billing day).
+            let schedule = Schedule::load(config.service.jobs_dir.as_deref())?;
+            let slot = schedule
+                .get(job)
+                .filter(|j| j.enabled)
+                .and_then(|j| j.slot_at(as_of))
+                .unwrap_or(as_of);
+            let config = schedule
+                .get(job)
+                .map(|j| j.knobs.apply(job, &config))
+                .unwrap_or(config);
             match job {
                 JobName::GenerateBills => {
                     let opts = generate_bills::Options {
@@ -488,7 +607,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         dry_run,
                         force,
                     };
-                    print_json(&enforce_suspensions::run(&db, &config, &opts).await?)?;
+                    print_json(&enforce_suspensions::run_in_slot(&db, &config, &opts, slot).await?)?;
                 }
                 JobName::ReleaseResources => {
                     let opts = release_resources::Options {
@@ -498,7 +617,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         force,
                         allow_mass_release,
                     };
-                    print_json(&release_resources::run(&db, &config, &opts).await?)?;
+                    print_json(&release_resources::run_in_slot(&db, &config, &opts, slot).await?)?;
                 }
                 JobName::SendAlerts => {
                     let opts = send_alerts::Options {
@@ -506,7 +625,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         dry_run,
                         force,
                     };
-                    print_json(&send_alerts::run(&db, &config, &opts).await?)?;
+                    print_json(&send_alerts::run_in_slot(&db, &config, &opts, slot).await?)?;
                 }
                 JobName::DeliverNotifications => {
                     let channels = deliver_notifications::Channels::from_config(&config)

@@ -40,6 +40,8 @@ pub type Conn = Object<AsyncPgConnection>;
 pub struct Db {
     pub pool: Pool<AsyncPgConnection>,
     pub url: String,
+    /// Set when the service shuts down: long jobs stop between batches.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// How `Db::open` treats migrations.
@@ -78,6 +80,7 @@ impl Db {
         let db = Db {
             pool,
             url: url.to_string(),
+            stop: Default::default(),
         };
         match mode {
             MigrationMode::Apply => {
@@ -91,6 +94,15 @@ impl Db {
             }
         }
         Ok(db)
+    }
+
+    /// Asks long-running jobs on this handle (and its clones) to stop between batches.
+    pub fn request_stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn stopping(&self) -> bool {
+        std::sync::atomic::AtomicBool::load(&self.stop, std::sync::atomic::Ordering::SeqCst)
     }
 
     pub async fn conn(&self) -> Result<Conn, DbError> {

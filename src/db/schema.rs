@@ -154,6 +154,22 @@ diesel::table! {
         finished_at -> Nullable<Timestamptz>,
         report -> Nullable<Jsonb>,
         error -> Nullable<Text>,
+        owner -> Nullable<Text>,
+        lease_until -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    job_batches (job, slot, batch_no) {
+        job -> Text,
+        slot -> Timestamptz,
+        batch_no -> Int4,
+        lo -> Text,
+        hi -> Text,
+        status -> Text,
+        done_by -> Nullable<Text>,
+        done_at -> Nullable<Timestamptz>,
+        result -> Nullable<Jsonb>,
     }
 }
 
@@ -168,6 +184,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     ledger_entries,
     lifecycle_events,
     job_runs,
+    job_batches,
     release_warnings,
     control_plane_orders,
     notices,
@@ -348,6 +365,14 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
             "finished_at",
             "report",
             "error",
+            "owner",
+            "lease_until",
+        ],
+    ),
+    (
+        "job_batches",
+        &[
+            "job", "slot", "batch_no", "lo", "hi", "status", "done_by", "done_at", "result",
         ],
     ),
     (

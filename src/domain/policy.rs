@@ -56,6 +56,10 @@ impl PolicyDuration {
     pub fn to_chrono(self) -> Duration {
         Duration::seconds(self.0)
     }
+
+    pub fn std(self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.0.max(0) as u64)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::db::Db;
 use crate::domain::lifecycle::evaluate;
-use crate::jobs::{begin_slot, end_slot, JobError, JobName};
+use crate::jobs::{begin_slot, end_slot, JobError, JobName, SlotStart};
 use crate::lifecycle::{self, Applied, LifecycleError};
 
 const LISTED: usize = 100;
@@ -45,7 +45,17 @@ pub struct EnforceReport {
 }
 
 pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<EnforceReport, JobError> {
-    let slot = opts.as_of;
+    run_in_slot(db, config, opts, opts.as_of).await
+}
+
+/// Runs as the slot `slot`: the schedule's instant that the service or the CLI claims
+/// (`run` uses `as_of` itself).
+pub async fn run_in_slot(
+    db: &Db,
+    config: &Config,
+    opts: &Options,
+    slot: DateTime<Utc>,
+) -> Result<EnforceReport, JobError> {
     let mut report = EnforceReport {
         job: JobName::EnforceSuspensions.as_str(),
         slot,
@@ -54,7 +64,9 @@ pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<EnforceRepo
         ..Default::default()
     };
     let client = db.raw_client().await?;
-    if let Some(skip) = begin_slot(
+    let lease = match begin_slot(
+        db,
+        config,
         &client,
         JobName::EnforceSuspensions,
         slot,
@@ -64,14 +76,16 @@ pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<EnforceRepo
     )
     .await?
     {
-        report.skipped = Some(skip);
-        return Ok(report);
-    }
+        SlotStart::Skip(skip) => {
+            report.skipped = Some(skip);
+            return Ok(report);
+        }
+        SlotStart::Run(lease) => lease,
+    };
     let result = enforce(db, &client, config, opts, &mut report).await;
     end_slot(
         &client,
-        JobName::EnforceSuspensions,
-        slot,
+        lease,
         opts.dry_run,
         result,
         &report,

@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::domain::calendar::{default_billing_day, end_of_day, start_of_day};
 use crate::domain::money::{format_scaled, PRICE_DIGITS, QUANTITY_DIGITS};
-use crate::jobs::{begin_slot, end_slot, JobError, JobName};
+use crate::jobs::{begin_slot, end_slot, JobError, JobName, SlotStart};
 
 /// Arbitrary constant naming the billing run's advisory lock.
 const BILLING_LOCK: i64 = 0x6172_7265_6172_7301;
@@ -100,14 +100,6 @@ fn lap_mark(
     *lap = std::time::Instant::now();
 }
 
-#[derive(Default)]
-struct Sums {
-    total: i64,
-    cash_coupons: i64,
-    general_coupons: i64,
-    cash: i64,
-}
-
 pub async fn run(
     db: &Db,
     config: &Config,
@@ -134,7 +126,9 @@ pub async fn run(
         ..Default::default()
     };
     let mut client = db.raw_client().await?;
-    if let Some(skip) = begin_slot(
+    let lease = match begin_slot(
+        db,
+        config,
         &client,
         JobName::GenerateBills,
         slot,
@@ -144,59 +138,124 @@ pub async fn run(
     )
     .await?
     {
-        report.skipped = Some(skip);
-        finish_amounts(&mut report, &Sums::default(), config);
-        return Ok(report);
-    }
-    let result = bill(&mut client, config, day, opts, &mut report).await;
-    end_slot(
-        &client,
-        JobName::GenerateBills,
-        slot,
-        opts.dry_run,
-        result,
-        &report,
-    )
-    .await?;
+        SlotStart::Skip(skip) => {
+            report.skipped = Some(skip);
+            finish_amounts(&mut report, &BatchResult::default(), config);
+            return Ok(report);
+        }
+        SlotStart::Run(lease) => lease,
+    };
+    let result = bill(db, &mut client, config, day, opts, &mut report).await;
+    end_slot(&client, lease, opts.dry_run, result, &report).await?;
     tracing::info!(job = report.job, slot = %slot, bills = report.bills_issued, dry_run = opts.dry_run, "generate_bills finished");
     Ok(report)
 }
 
-fn finish_amounts(report: &mut GenerateBillsReport, sums: &Sums, config: &Config) {
+fn finish_amounts(report: &mut GenerateBillsReport, sums: &BatchResult, config: &Config) {
     let d = config.billing.minor_unit_digits;
     report.total = format_scaled(sums.total, d);
     report.paid_cash_coupons = format_scaled(sums.cash_coupons, d);
     report.paid_general_coupons = format_scaled(sums.general_coupons, d);
     report.paid_cash = format_scaled(sums.cash, d);
+    report.bills_issued = sums.bills;
+    report.lines = sums.lines;
+    report.lines_with_unbilled_overage = sums.overage_lines;
+    report.entered_arrears_count = sums.entered_count;
+    let mut ids = sums.entered.clone();
+    ids.sort();
+    ids.truncate(LISTED);
+    report.entered_arrears = ids;
+}
+
+/// What one batch did; stored with the batch so that the run's report adds up every batch,
+/// whichever instance billed it.
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
+struct BatchResult {
+    bills: i64,
+    lines: i64,
+    overage_lines: i64,
+    total: i64,
+    cash_coupons: i64,
+    general_coupons: i64,
+    cash: i64,
+    entered_count: i64,
+    /// The first accounts (by id) of the batch that entered arrears.
+    entered: Vec<String>,
+}
+
+impl BatchResult {
+    fn add(&mut self, o: &BatchResult) {
+        self.bills += o.bills;
+        self.lines += o.lines;
+        self.overage_lines += o.overage_lines;
+        self.total += o.total;
+        self.cash_coupons += o.cash_coupons;
+        self.general_coupons += o.general_coupons;
+        self.cash += o.cash;
+        self.entered_count += o.entered_count;
+        self.entered.extend(o.entered.iter().cloned());
+        self.entered.sort();
+        self.entered.truncate(LISTED);
+    }
+}
+
+fn batch_params(config: &Config, day: NaiveDate, slot: DateTime<Utc>, as_of: DateTime<Utc>) -> BatchParams {
+    let digits = config.billing.minor_unit_digits;
+    BatchParams {
+        tz: config.billing.time_zone,
+        slot,
+        batch_size: config.billing.batch_size as i64,
+        day,
+        day_start: start_of_day(day, config.billing.time_zone),
+        as_of,
+        divisor: 10i64.pow(QUANTITY_DIGITS + PRICE_DIGITS - digits),
+        digits,
+        lo: String::new(),
+        hi: String::new(),
+        cause: format!("generate_bills@{}", slot.to_rfc3339()),
+    }
 }
 
 async fn bill(
+    db: &Db,
     client: &mut tokio_postgres::Client,
     config: &Config,
     day: NaiveDate,
     opts: &Options,
     report: &mut GenerateBillsReport,
 ) -> Result<(), JobError> {
-    let digits = config.billing.minor_unit_digits;
-    let cause = format!("generate_bills@{}", report.slot.to_rfc3339());
-    let params = BatchParams {
-        batch_size: config.billing.batch_size as i64,
-        day,
-        day_start: start_of_day(day, config.billing.time_zone),
-        as_of: opts.as_of,
-        divisor: 10i64.pow(QUANTITY_DIGITS + PRICE_DIGITS - digits),
-        digits,
-        lo: "",
-        hi: "",
-        cause: &cause,
-    };
+    let params = batch_params(config, day, report.slot, opts.as_of);
     client
         .execute("SELECT pg_advisory_lock($1)", &[&BILLING_LOCK])
         .await?;
-    let result = bill_locked(client, opts.dry_run, report, params).await;
-    let cleanup = client
-        .batch_execute("DROP TABLE IF EXISTS bill_candidates, bill_skipped")
-        .await;
+    if opts.dry_run {
+        // The same statements on private copies of the work tables: temporary tables come
+        // first on the search path, so a dry run writes nothing another session can see.
+        client
+            .batch_execute(
+                "CREATE TEMP TABLE bill_candidates (LIKE public.bill_candidates INCLUDING INDEXES);
+                 CREATE TEMP TABLE bill_skipped (LIKE public.bill_skipped INCLUDING INDEXES)",
+            )
+            .await?;
+    }
+    let result = bill_locked(db, client, opts.dry_run, report, params).await;
+    let cleanup = if opts.dry_run {
+        client
+            .batch_execute("DROP TABLE IF EXISTS pg_temp.bill_candidates, pg_temp.bill_skipped")
+            .await
+    } else if result.is_ok() {
+        client
+            .execute(
+                "WITH a AS (DELETE FROM bill_candidates WHERE slot = $1),
+                      b AS (DELETE FROM bill_skipped WHERE slot = $1)
+                 DELETE FROM job_batches WHERE job = 'generate_bills' AND slot = $1",
+                &[&report.slot],
+            )
+            .await
+            .map(|_| ())
+    } else {
+        Ok(())
+    };
     client
         .execute("SELECT pg_advisory_unlock($1)", &[&BILLING_LOCK])
         .await?;
@@ -206,26 +265,36 @@ async fn bill(
     Ok(())
 }
 
-#[derive(Clone, Copy)]
-struct BatchParams<'a> {
+#[derive(Clone)]
+struct BatchParams {
+    tz: chrono_tz::Tz,
+    slot: DateTime<Utc>,
     batch_size: i64,
     day: NaiveDate,
     day_start: DateTime<Utc>,
     as_of: DateTime<Utc>,
     divisor: i64,
     digits: u32,
-    lo: &'a str,
-    hi: &'a str,
-    cause: &'a str,
+    lo: String,
+    hi: String,
+    cause: String,
+}
+
+impl BatchParams {
+    fn day_start_for(&self, day: NaiveDate) -> DateTime<Utc> {
+        start_of_day(day, self.tz)
+    }
 }
 
 async fn bill_locked(
+    db: &Db,
     client: &mut tokio_postgres::Client,
     dry_run: bool,
     report: &mut GenerateBillsReport,
-    params: BatchParams<'_>,
-) -> Result<Sums, JobError> {
+    params: BatchParams,
+) -> Result<BatchResult, JobError> {
     let day = params.day;
+    let slot = params.slot;
     // Days are billed in order: marks only move forward, and a late record of an earlier day
     // goes on the next bill rather than reopening an issued one.
     let latest: Option<DateTime<Utc>> = client
@@ -255,9 +324,14 @@ async fn bill_locked(
         )));
     }
 
-    // Pre-pass: what is unbilled, in one scan above the low-water mark.
+    // Pre-pass: what is unbilled, in one scan above the low-water mark. A resumed run does it
+    // again: accounts its earlier attempt billed are then found already billed.
     let mut lap = std::time::Instant::now();
     let tx = client.transaction().await?;
+    tx.execute("DELETE FROM bill_candidates WHERE slot = $1", &[&slot])
+        .await?;
+    tx.execute("DELETE FROM bill_skipped WHERE slot = $1", &[&slot])
+        .await?;
     tx.batch_execute("LOCK TABLE usage_records IN SHARE MODE")
         .await?;
     let low: i64 = tx
@@ -265,48 +339,46 @@ async fn bill_locked(
         .await?
         .get(0);
     tx.execute(
-        "CREATE TEMP TABLE bill_candidates AS
-         SELECT u.account_id, u.resource_id, u.meter, u.usage_day, count(*)::int AS records,
+        "INSERT INTO bill_candidates
+         SELECT $2, u.account_id, u.resource_id, u.meter, u.usage_day, count(*)::int AS records,
                 sum(u.quantity)::bigint AS quantity, min(u.seq) AS min_seq, max(u.seq) AS max_seq
          FROM usage_records u
          JOIN accounts a ON a.id = u.account_id
          WHERE u.seq > $1
            AND (a.billed_through_day IS NULL OR u.usage_day > a.billed_through_day OR u.seq > a.billed_through_seq)
-         GROUP BY 1, 2, 3, 4",
-        &[&low],
+         GROUP BY u.account_id, u.resource_id, u.meter, u.usage_day",
+        &[&low, &slot],
     )
     .await?;
     tx.commit().await?;
-    client
-        .batch_execute("CREATE INDEX ON bill_candidates (account_id); ANALYZE bill_candidates")
-        .await?;
+    client.batch_execute("ANALYZE bill_candidates").await?;
     lap_mark(&mut report.timings, "prepass", &mut lap);
     // Accounts this run leaves alone: the day's bill exists (new records wait for the next
     // day's bill), or a meter they used has no price any more (billing part of a day would
     // hide the rest: fix the price list and run again).
     client
         .execute(
-            "CREATE TEMP TABLE bill_skipped AS
-             SELECT DISTINCT c.account_id, 'already_billed' AS why FROM bill_candidates c
+            "INSERT INTO bill_skipped
+             SELECT DISTINCT $2::timestamptz, c.account_id, 'already_billed' AS why FROM bill_candidates c
              JOIN bills b ON b.account_id = c.account_id AND b.bill_day = $1
-             WHERE c.usage_day <= $1
+             WHERE c.slot = $2 AND c.usage_day <= $1
              UNION
-             SELECT DISTINCT c.account_id, 'unpriced' FROM bill_candidates c
+             SELECT DISTINCT $2::timestamptz, c.account_id, 'unpriced' FROM bill_candidates c
              JOIN resources r ON r.account_id = c.account_id AND r.id = c.resource_id
              LEFT JOIN prices p ON p.product = r.product AND p.meter = c.meter
-             WHERE c.usage_day <= $1 AND p.meter IS NULL",
-            &[&day],
+             WHERE c.slot = $2 AND c.usage_day <= $1 AND p.meter IS NULL",
+            &[&day, &slot],
         )
         .await?;
     report.accounts_already_billed = client
         .query_one(
-            "SELECT count(*) FROM bill_skipped WHERE why = 'already_billed'",
-            &[],
+            "SELECT count(*) FROM bill_skipped WHERE slot = $1 AND why = 'already_billed'",
+            &[&slot],
         )
         .await?
         .get(0);
     report.accounts_skipped_unpriced = client
-        .query(&format!("SELECT account_id FROM bill_skipped WHERE why = 'unpriced' ORDER BY 1 LIMIT {LISTED}"), &[])
+        .query(&format!("SELECT account_id FROM bill_skipped WHERE slot = $1 AND why = 'unpriced' ORDER BY 1 LIMIT {LISTED}"), &[&slot])
         .await?
         .into_iter()
         .map(|r| r.get(0))
@@ -322,8 +394,8 @@ async fn bill_locked(
         .query_one(
             "SELECT count(DISTINCT account_id), coalesce(sum(records), 0)::bigint,
                     coalesce(sum(records) FILTER (WHERE usage_day < $1), 0)::bigint
-             FROM bill_candidates WHERE usage_day <= $1",
-            &[&day],
+             FROM bill_candidates WHERE slot = $2 AND usage_day <= $1",
+            &[&day, &slot],
         )
         .await?;
     report.accounts_with_usage = row.get(0);
@@ -335,9 +407,10 @@ async fn bill_locked(
             "SELECT min(account_id), max(account_id) FROM (
                SELECT account_id, (row_number() OVER (ORDER BY account_id) - 1) / $2 AS b
                FROM (SELECT DISTINCT account_id FROM bill_candidates
-                     WHERE usage_day <= $1 AND account_id NOT IN (SELECT account_id FROM bill_skipped)) x) y
+                     WHERE slot = $3 AND usage_day <= $1
+                       AND account_id NOT IN (SELECT account_id FROM bill_skipped WHERE slot = $3)) x) y
              GROUP BY b ORDER BY b",
-            &[&day, &params.batch_size],
+            &[&day, &params.batch_size, &slot],
         )
         .await?
         .into_iter()
@@ -345,62 +418,208 @@ async fn bill_locked(
         .collect();
     report.batches = bounds.len();
 
-    let mut sums = Sums::default();
-    for (lo, hi) in &bounds {
-        bill_batch(
-            client,
-            BatchParams { lo, hi, ..params },
-            dry_run,
-            report,
-            &mut sums,
-        )
-        .await?;
+    let mut sums = BatchResult::default();
+    if dry_run {
+        for (lo, hi) in bounds {
+            let p = BatchParams {
+                lo,
+                hi,
+                ..params.clone()
+            };
+            let tx = client.transaction().await?;
+            let r = bill_batch(&tx, &p, true, report).await?;
+            tx.rollback().await?;
+            sums.add(&r);
+        }
+        return Ok(sums);
     }
 
-    if !dry_run {
-        client
-            .execute(
-                "UPDATE billing_cursor SET low_water_seq = greatest(low_water_seq, coalesce(
-                   (SELECT min(min_seq) - 1 FROM bill_candidates
-                    WHERE usage_day > $1 OR account_id IN (SELECT account_id FROM bill_skipped)),
-                   (SELECT max(max_seq) FROM bill_candidates),
-                   low_water_seq))",
-                &[&day],
+    // The batches go to the database, where this instance and any other claim them.
+    client
+        .execute(
+            "DELETE FROM job_batches WHERE job = 'generate_bills' AND slot = $1 AND status = 'pending'",
+            &[&slot],
+        )
+        .await?;
+    let first: i32 = client
+        .query_one(
+            "SELECT coalesce(max(batch_no), 0) + 1 FROM job_batches WHERE job = 'generate_bills' AND slot = $1",
+            &[&slot],
+        )
+        .await?
+        .get(0);
+    let (los, his): (Vec<String>, Vec<String>) = bounds.into_iter().unzip();
+    client
+        .execute(
+            "INSERT INTO job_batches (job, slot, batch_no, lo, hi)
+             SELECT 'generate_bills', $1, $2::int + n::int - 1, lo, hi
+             FROM unnest($3::text[], $4::text[]) WITH ORDINALITY AS b(lo, hi, n)",
+            &[&slot, &first, &los, &his],
+        )
+        .await?;
+    loop {
+        while let Some(done) = work_one_batch(client, &params, Some(slot), report).await? {
+            tracing::debug!(job = "generate_bills", slot = %slot, batch = done, "batch billed");
+            if db.stopping() {
+                return Err(JobError::Interrupted);
+            }
+        }
+        // What is left is being billed by other instances: wait for them (a batch whose
+        // instance died is pending again and claimed above).
+        let pending: i64 = client
+            .query_one(
+                "SELECT count(*) FROM job_batches WHERE job = 'generate_bills' AND slot = $1 AND status = 'pending'",
+                &[&slot],
             )
-            .await?;
+            .await?
+            .get(0);
+        if pending == 0 {
+            break;
+        }
+        if db.stopping() {
+            return Err(JobError::Interrupted);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+    for r in client
+        .query(
+            "SELECT result FROM job_batches WHERE job = 'generate_bills' AND slot = $1 AND status = 'done'",
+            &[&slot],
+        )
+        .await?
+    {
+        let v: Option<serde_json::Value> = r.get(0);
+        if let Some(b) = v.and_then(|v| serde_json::from_value::<BatchResult>(v).ok()) {
+            sums.add(&b);
+        }
+    }
+    client
+        .execute(
+            "UPDATE billing_cursor SET low_water_seq = greatest(low_water_seq, coalesce(
+               (SELECT min(min_seq) - 1 FROM bill_candidates
+                WHERE slot = $2 AND (usage_day > $1
+                      OR account_id IN (SELECT account_id FROM bill_skipped WHERE slot = $2))),
+               (SELECT max(max_seq) FROM bill_candidates WHERE slot = $2),
+               low_water_seq))",
+            &[&day, &slot],
+        )
+        .await?;
     Ok(sums)
 }
 
-/// Bills the accounts in `[lo, hi]` in one transaction (rolled back on a dry run).
-async fn bill_batch(
+/// Claims one pending batch (of `slot`, or of any running billing slot when `None`) and bills
+/// it, claim and bills in one transaction. Returns the batch number, or `None` when no batch
+/// is free.
+async fn work_one_batch(
     client: &mut tokio_postgres::Client,
-    p: BatchParams<'_>,
+    params: &BatchParams,
+    slot: Option<DateTime<Utc>>,
+    report: &mut GenerateBillsReport,
+) -> Result<Option<i32>, JobError> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "SELECT b.slot, b.batch_no, b.lo, b.hi, r.as_of
+             FROM job_batches b
+             JOIN job_runs r ON r.job = b.job AND r.slot = b.slot AND r.status = 'running'
+             WHERE b.job = 'generate_bills' AND b.status = 'pending' AND ($1::timestamptz IS NULL OR b.slot = $1)
+             ORDER BY b.slot, b.batch_no
+             LIMIT 1
+             FOR UPDATE OF b SKIP LOCKED",
+            &[&slot],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let (bslot, batch_no): (DateTime<Utc>, i32) = (row.get(0), row.get(1));
+    let p = BatchParams {
+        lo: row.get(2),
+        hi: row.get(3),
+        ..if slot.is_some() {
+            params.clone()
+        } else {
+            // Another instance's run: its day and instant come with the batch.
+            let day = params_day(bslot, params);
+            BatchParams {
+                slot: bslot,
+                day,
+                day_start: params.day_start_for(day),
+                as_of: row.get(4),
+                cause: format!("generate_bills@{}", bslot.to_rfc3339()),
+                ..params.clone()
+            }
+        }
+    };
+    let result = bill_batch(&tx, &p, false, report).await?;
+    tx.execute(
+        "UPDATE job_batches SET status = 'done', done_by = $3, done_at = clock_timestamp(), result = $4
+         WHERE job = 'generate_bills' AND slot = $1 AND batch_no = $2",
+        &[
+            &bslot,
+            &batch_no,
+            &crate::jobs::instance_id(),
+            &serde_json::to_value(&result).unwrap_or_default(),
+        ],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Some(batch_no))
+}
+
+/// The billing day whose end is `slot`.
+fn params_day(slot: DateTime<Utc>, params: &BatchParams) -> NaiveDate {
+    (slot - chrono::Duration::seconds(1))
+        .with_timezone(&params.tz)
+        .date_naive()
+}
+
+/// Bills pending batches of billing runs that other instances (or this one) started, until
+/// none is free or the service stops. Returns how many this call billed.
+pub async fn work_open_batches(db: &Db, config: &Config) -> Result<usize, JobError> {
+    let mut client = db.raw_client().await?;
+    let mut report = GenerateBillsReport::default();
+    let epoch = DateTime::<Utc>::UNIX_EPOCH;
+    let params = batch_params(config, epoch.date_naive(), epoch, epoch);
+    let mut n = 0;
+    while !db.stopping() {
+        match work_one_batch(&mut client, &params, None, &mut report).await? {
+            Some(b) => {
+                n += 1;
+                tracing::info!(job = "generate_bills", batch = b, "billed a batch of another instance's run");
+            }
+            None => break,
+        }
+    }
+    Ok(n)
+}
+
+/// Bills the accounts in `[lo, hi]` inside `tx` (the caller commits, or rolls back a dry run).
+async fn bill_batch(
+    tx: &tokio_postgres::Transaction<'_>,
+    p: &BatchParams,
     dry_run: bool,
     report: &mut GenerateBillsReport,
-    sums: &mut Sums,
-) -> Result<(), JobError> {
+) -> Result<BatchResult, JobError> {
     let BatchParams {
+        slot,
         day,
         day_start,
         as_of,
         divisor,
         digits,
-        lo,
-        hi,
-        cause,
         ..
-    } = p;
-    let tx = client.transaction().await?;
+    } = p.clone();
+    let (lo, hi, cause) = (&p.lo, &p.hi, &p.cause);
     let mut lap = std::time::Instant::now();
     // Serialise with top-ups, coupon grants and lifecycle decisions on the same accounts.
     tx.execute(
         "SELECT 1 FROM accounts WHERE id >= $1 AND id <= $2
-           AND id IN (SELECT account_id FROM bill_candidates WHERE account_id >= $1 AND account_id <= $2
+           AND id IN (SELECT account_id FROM bill_candidates WHERE slot = $4 AND account_id >= $1 AND account_id <= $2
                         AND usage_day <= $3)
-           AND id NOT IN (SELECT account_id FROM bill_skipped)
+           AND id NOT IN (SELECT account_id FROM bill_skipped WHERE slot = $4)
          ORDER BY id FOR UPDATE",
-        &[&lo, &hi, &day],
+        &[lo, hi, &day, &slot],
     )
     .await?;
     lap_mark(&mut report.timings, "lock_accounts", &mut lap);
@@ -413,8 +632,11 @@ async fn bill_batch(
                       coalesce(sum(c.records) FILTER (WHERE c.usage_day < $3), 0)::int AS late_records,
                       max(c.max_seq) AS max_seq
                FROM bill_candidates c
-               WHERE c.account_id >= $1 AND c.account_id <= $2 AND c.usage_day <= $3
-                 AND c.account_id NOT IN (SELECT account_id FROM bill_skipped)
+               WHERE c.slot = $6 AND c.account_id >= $1 AND c.account_id <= $2 AND c.usage_day <= $3
+                 AND c.account_id NOT IN (SELECT account_id FROM bill_skipped WHERE slot = $6)
+                 -- re-checked under the accounts' locks: a bill issued since the pre-pass (by an
+                 -- earlier attempt of this run) is never issued twice
+                 AND NOT EXISTS (SELECT 1 FROM bills b WHERE b.account_id = c.account_id AND b.bill_day = $3)
                GROUP BY 1, 2, 3
              ), q AS (
                SELECT g.*, p.unit_price_nanos,
@@ -436,7 +658,7 @@ async fn bill_batch(
                     round((CASE WHEN payg THEN quantity - included ELSE 0 END)::numeric
                           * unit_price_nanos / $5::bigint)::bigint AS amount
              FROM q",
-            &[&lo, &hi, &day, &day_start, &divisor],
+            &[lo, hi, &day, &day_start, &divisor, &slot],
         )
         .await?;
     lap_mark(&mut report.timings, "rate_lines", &mut lap);
@@ -576,45 +798,40 @@ async fn bill_batch(
         )
         .await?;
     lap_mark(&mut report.timings, "totals", &mut lap);
-    sums.total += totals.get::<_, i64>(0);
-    sums.cash_coupons += totals.get::<_, i64>(1);
-    sums.general_coupons += totals.get::<_, i64>(2);
-    sums.cash += totals.get::<_, i64>(3);
-    report.lines += totals.get::<_, i64>(4);
-    report.lines_with_unbilled_overage += totals.get::<_, i64>(5);
-    report.bills_issued += inserted as i64;
-    report.entered_arrears_count += entered.len() as i64;
-    let mut ids: Vec<String> = entered.iter().map(|r| r.get(0)).collect();
-    ids.sort();
-    report.entered_arrears.extend(
-        ids.into_iter()
-            .take(LISTED.saturating_sub(report.entered_arrears.len())),
-    );
-    if dry_run {
-        if report.would_issue.len() < LISTED {
-            let rows = tx
-                .query(
-                    &format!(
-                        "SELECT account_id, total, cash_c, gen_c, paid_cash, lines FROM batch_bills
-                         ORDER BY account_id LIMIT {}",
-                        LISTED - report.would_issue.len()
-                    ),
-                    &[],
-                )
-                .await?;
-            report.would_issue.extend(rows.iter().map(|b| BillPreview {
-                account_id: b.get(0),
-                total: format_scaled(b.get(1), digits),
-                paid_cash_coupons: format_scaled(b.get(2), digits),
-                paid_general_coupons: format_scaled(b.get(3), digits),
-                paid_cash: format_scaled(b.get(4), digits),
-                lines: b.get(5),
-            }));
-        }
-        tx.rollback().await?;
-    } else {
-        tx.commit().await?;
+    let mut entered_ids: Vec<String> = entered.iter().map(|r| r.get(0)).collect();
+    entered_ids.sort();
+    entered_ids.truncate(LISTED);
+    let result = BatchResult {
+        bills: inserted as i64,
+        lines: totals.get(4),
+        overage_lines: totals.get(5),
+        total: totals.get(0),
+        cash_coupons: totals.get(1),
+        general_coupons: totals.get(2),
+        cash: totals.get(3),
+        entered_count: entered.len() as i64,
+        entered: entered_ids,
+    };
+    if dry_run && report.would_issue.len() < LISTED {
+        let rows = tx
+            .query(
+                &format!(
+                    "SELECT account_id, total, cash_c, gen_c, paid_cash, lines FROM batch_bills
+                     ORDER BY account_id LIMIT {}",
+                    LISTED - report.would_issue.len()
+                ),
+                &[],
+            )
+            .await?;
+        report.would_issue.extend(rows.iter().map(|b| BillPreview {
+            account_id: b.get(0),
+            total: format_scaled(b.get(1), digits),
+            paid_cash_coupons: format_scaled(b.get(2), digits),
+            paid_general_coupons: format_scaled(b.get(3), digits),
+            paid_cash: format_scaled(b.get(4), digits),
+            lines: b.get(5),
+        }));
     }
-    lap_mark(&mut report.timings, "commit", &mut lap);
-    Ok(())
+    lap_mark(&mut report.timings, "results", &mut lap);
+    Ok(result)
 }

@@ -10,7 +10,8 @@ pub mod send_alerts;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::db::DbError;
+use crate::config::Config;
+use crate::db::{Db, DbError};
 
 /// Every job's one name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
@@ -42,12 +43,27 @@ pub enum JobError {
     Db(#[from] DbError),
     #[error("{0}")]
     Refused(String),
+    /// The service is shutting down: the run stopped between batches (every batch either
+    /// committed or rolled back whole) and the next start resumes it.
+    #[error("interrupted by shutdown between batches; the next run resumes")]
+    Interrupted,
 }
 
 impl From<tokio_postgres::Error> for JobError {
     fn from(e: tokio_postgres::Error) -> Self {
         JobError::Db(DbError::Postgres(e))
     }
+}
+
+/// This process's name in slot claims and batch records: `host:pid`.
+pub fn instance_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "localhost".into());
+        format!("{host}:{}", std::process::id())
+    })
 }
 
 /// What claiming a slot found.
@@ -57,97 +73,203 @@ pub enum Claim {
     Run(i32),
     /// The slot already finished successfully at this instant.
     AlreadyDone(DateTime<Utc>),
+    /// Another runner holds the slot under a lease that has not expired.
+    Busy {
+        owner: String,
+        lease_until: DateTime<Utc>,
+    },
 }
 
-/// Claims `(job, slot)` in `job_runs`: a new slot, a failed one or (with `force`) a finished
-/// one is (re)started; a finished one without `force` is reported as done.
+/// Claims `(job, slot)` in `job_runs` for `lease`: a new slot, a failed or interrupted one, a
+/// running one whose lease expired (its runner died: the slot is taken over and resumed) or,
+/// with `force`, a finished one is (re)started. The lease is on the database's clock, the
+/// one clock every instance shares.
 pub async fn claim_slot(
     client: &tokio_postgres::Client,
     job: JobName,
     slot: DateTime<Utc>,
     as_of: DateTime<Utc>,
     force: bool,
+    lease: std::time::Duration,
 ) -> Result<Claim, JobError> {
+    let lease_secs = lease.as_secs_f64();
     let row = client
         .query_opt(
-            "INSERT INTO job_runs (job, slot, status, as_of, started_at)
-             VALUES ($1, $2, 'running', $3, clock_timestamp())
+            "INSERT INTO job_runs (job, slot, status, as_of, started_at, owner, lease_until)
+             VALUES ($1, $2, 'running', $3, clock_timestamp(), $5,
+                     clock_timestamp() + make_interval(secs => $6))
              ON CONFLICT (job, slot) DO UPDATE SET
                status = 'running', attempts = job_runs.attempts + 1, as_of = excluded.as_of,
-               started_at = excluded.started_at, finished_at = NULL, error = NULL
-             WHERE job_runs.status <> 'succeeded' OR $4
+               started_at = excluded.started_at, finished_at = NULL, error = NULL,
+               owner = excluded.owner, lease_until = excluded.lease_until
+             WHERE job_runs.status IN ('failed', 'interrupted')
+                OR (job_runs.status = 'running' AND job_runs.lease_until < clock_timestamp())
+                OR (job_runs.status = 'succeeded' AND $4)
              RETURNING attempts",
-            &[&job.as_str(), &slot, &as_of, &force],
+            &[&job.as_str(), &slot, &as_of, &force, &instance_id(), &lease_secs],
         )
         .await?;
     if let Some(r) = row {
         return Ok(Claim::Run(r.get(0)));
     }
-    let done: Option<DateTime<Utc>> = client
+    let row = client
         .query_one(
-            "SELECT finished_at FROM job_runs WHERE job = $1 AND slot = $2",
+            "SELECT status, finished_at, owner, lease_until FROM job_runs WHERE job = $1 AND slot = $2",
             &[&job.as_str(), &slot],
         )
-        .await?
-        .get(0);
+        .await?;
+    let status: String = row.get(0);
+    if status == "running" {
+        return Ok(Claim::Busy {
+            owner: row.get::<_, Option<String>>(2).unwrap_or_default(),
+            lease_until: row.get::<_, Option<DateTime<Utc>>>(3).unwrap_or(slot),
+        });
+    }
+    let done: Option<DateTime<Utc>> = row.get(1);
     Ok(Claim::AlreadyDone(done.unwrap_or(slot)))
 }
 
-/// Records the end of a claimed run with its report or error.
+/// Records the end of a claimed run with its report or error, while the claim is still ours
+/// (a runner that lost its lease to a takeover must not overwrite the new runner's record).
 pub async fn finish_slot(
     client: &tokio_postgres::Client,
     job: JobName,
     slot: DateTime<Utc>,
-    outcome: Result<&serde_json::Value, &str>,
+    outcome: Result<&serde_json::Value, &JobError>,
 ) -> Result<(), JobError> {
     let (status, report, error) = match outcome {
         Ok(r) => ("succeeded", Some(r), None),
-        Err(e) => ("failed", None, Some(e)),
+        Err(JobError::Interrupted) => ("interrupted", None, Some(JobError::Interrupted.to_string())),
+        Err(e) => ("failed", None, Some(e.to_string())),
     };
-    client
+    let n = client
         .execute(
-            "UPDATE job_runs SET status = $3, report = $4, error = $5, finished_at = clock_timestamp()
-             WHERE job = $1 AND slot = $2",
-            &[&job.as_str(), &slot, &status, &report, &error],
+            "UPDATE job_runs SET status = $3, report = $4, error = $5, finished_at = clock_timestamp(),
+                                 lease_until = NULL
+             WHERE job = $1 AND slot = $2 AND owner = $6 AND status = 'running'",
+            &[&job.as_str(), &slot, &status, &report, &error, &instance_id()],
         )
         .await?;
+    if n == 0 {
+        tracing::error!(job = job.as_str(), slot = %slot, outcome = status,
+            "the slot's claim was lost (lease expired and taken over) before the run ended; its outcome is not recorded");
+    }
     Ok(())
 }
 
-/// Claims `(job, slot)` unless this is a dry run. Returns why the run is skipped when the slot
-/// already finished (and `force` was not given).
+/// A claimed slot: its lease is renewed in the background until `end_slot`.
+pub struct SlotLease {
+    job: JobName,
+    slot: DateTime<Utc>,
+    renewal: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        if let Some(t) = self.renewal.take() {
+            t.abort();
+        }
+    }
+}
+
+/// What `begin_slot` decided.
+pub enum SlotStart {
+    /// Not run, and why (it already ran, or another runner holds it).
+    Skip(String),
+    /// Ours to run; pass the lease to `end_slot`.
+    Run(SlotLease),
+}
+
+/// Claims `(job, slot)` unless this is a dry run, and keeps renewing the lease while the run
+/// goes on. Skips a slot that already finished (without `force`) or that another live runner
+/// holds.
+#[allow(clippy::too_many_arguments)]
 pub async fn begin_slot(
+    db: &Db,
+    config: &Config,
     client: &tokio_postgres::Client,
     job: JobName,
     slot: DateTime<Utc>,
     as_of: DateTime<Utc>,
     force: bool,
     dry_run: bool,
-) -> Result<Option<String>, JobError> {
+) -> Result<SlotStart, JobError> {
     if dry_run {
-        return Ok(None);
+        return Ok(SlotStart::Run(SlotLease {
+            job,
+            slot,
+            renewal: None,
+        }));
     }
-    Ok(match claim_slot(client, job, slot, as_of, force).await? {
-        Claim::AlreadyDone(at) => Some(format!(
+    let lease = config.service.lease.std();
+    Ok(match claim_slot(client, job, slot, as_of, force, lease).await? {
+        Claim::AlreadyDone(at) => SlotStart::Skip(format!(
             "slot already ran (finished {at}); use --force to run it again"
         )),
-        Claim::Run(_) => None,
+        Claim::Busy { owner, lease_until } => SlotStart::Skip(format!(
+            "slot is being run by {owner} (lease until {lease_until})"
+        )),
+        Claim::Run(attempt) => {
+            if attempt > 1 {
+                tracing::info!(job = job.as_str(), slot = %slot, attempt, "resuming slot");
+            }
+            SlotStart::Run(SlotLease {
+                job,
+                slot,
+                renewal: Some(tokio::spawn(renew_lease(db.clone(), job, slot, lease))),
+            })
+        }
     })
 }
 
+/// Renews a slot's lease every third of its length until aborted. A failed renewal (the
+/// database is away) is retried at the next tick; a lost claim is logged loudly.
+async fn renew_lease(db: Db, job: JobName, slot: DateTime<Utc>, lease: std::time::Duration) {
+    let every = (lease / 3).max(std::time::Duration::from_millis(200));
+    let lease_secs = lease.as_secs_f64();
+    loop {
+        tokio::time::sleep(every).await;
+        let renewed = async {
+            let c = db.raw_client().await?;
+            let n = c
+                .execute(
+                    "UPDATE job_runs SET lease_until = clock_timestamp() + make_interval(secs => $4)
+                     WHERE job = $1 AND slot = $2 AND owner = $3 AND status = 'running'",
+                    &[&job.as_str(), &slot, &instance_id(), &lease_secs],
+                )
+                .await
+                .map_err(DbError::from)?;
+            Ok::<u64, DbError>(n)
+        }
+        .await;
+        match renewed {
+            Ok(0) => {
+                tracing::error!(job = job.as_str(), slot = %slot, "lost the slot's lease: another runner took it over");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(job = job.as_str(), slot = %slot, error = %e, "cannot renew the slot's lease; retrying"),
+        }
+    }
+}
+
 /// Records the end of a slot claimed by `begin_slot` (nothing on a dry run): the report on
-/// success, the error otherwise. The job's own error wins over a failure to record it.
+/// success, `interrupted` when the run stopped for a shutdown (the next start resumes it at
+/// once), the error otherwise. The job's own error wins over a failure to record it.
 pub async fn end_slot<R: Serialize>(
     client: &tokio_postgres::Client,
-    job: JobName,
-    slot: DateTime<Utc>,
+    mut lease: SlotLease,
     dry_run: bool,
     result: Result<(), JobError>,
     report: &R,
 ) -> Result<(), JobError> {
+    if let Some(t) = lease.renewal.take() {
+        t.abort();
+    }
     if dry_run {
         return result;
     }
+    let (job, slot) = (lease.job, lease.slot);
     let recorded = match &result {
         Ok(()) => {
             finish_slot(
@@ -158,7 +280,7 @@ pub async fn end_slot<R: Serialize>(
             )
             .await
         }
-        Err(e) => finish_slot(client, job, slot, Err(&e.to_string())).await,
+        Err(e) => finish_slot(client, job, slot, Err(e)).await,
     };
     result?;
     recorded

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::db::schema::resources;
 use crate::db::Db;
 use crate::domain::lifecycle::{release_check, NotReleased, ResourceState};
-use crate::jobs::{begin_slot, end_slot, JobError, JobName};
+use crate::jobs::{begin_slot, end_slot, JobError, JobName, SlotStart};
 use crate::lifecycle::{self, LifecycleError, Loaded};
 
 const LISTED: usize = 100;
@@ -63,6 +63,17 @@ pub struct ReleaseReport {
 }
 
 pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<ReleaseReport, JobError> {
+    run_in_slot(db, config, opts, opts.as_of).await
+}
+
+/// Runs as the slot `slot`: the schedule's instant that the service or the CLI claims
+/// (`run` uses `as_of` itself).
+pub async fn run_in_slot(
+    db: &Db,
+    config: &Config,
+    opts: &Options,
+    slot: DateTime<Utc>,
+) -> Result<ReleaseReport, JobError> {
     let db_now = db.database_now().await?;
     let skew = (opts.service_now - db_now).num_seconds().abs();
     if skew > config.lifecycle.max_clock_skew.seconds() {
@@ -72,7 +83,6 @@ pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<ReleaseRepo
             opts.service_now, config.lifecycle.max_clock_skew
         )));
     }
-    let slot = opts.as_of;
     let mut report = ReleaseReport {
         job: JobName::ReleaseResources.as_str(),
         slot,
@@ -81,7 +91,9 @@ pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<ReleaseRepo
         ..Default::default()
     };
     let client = db.raw_client().await?;
-    if let Some(skip) = begin_slot(
+    let lease = match begin_slot(
+        db,
+        config,
         &client,
         JobName::ReleaseResources,
         slot,
@@ -91,14 +103,16 @@ pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<ReleaseRepo
     )
     .await?
     {
-        report.skipped = Some(skip);
-        return Ok(report);
-    }
+        SlotStart::Skip(skip) => {
+            report.skipped = Some(skip);
+            return Ok(report);
+        }
+        SlotStart::Run(lease) => lease,
+    };
     let result = release(db, config, opts, &mut report).await;
     end_slot(
         &client,
-        JobName::ReleaseResources,
-        slot,
+        lease,
         opts.dry_run,
         result,
         &report,

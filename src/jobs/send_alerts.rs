@@ -17,7 +17,7 @@ use crate::db::schema::accounts;
 use crate::db::{Db, DbError};
 use crate::domain::lifecycle::{grace_deadline, AccountState, Reason, ResourceState};
 use crate::domain::money::format_scaled;
-use crate::jobs::{begin_slot, end_slot, JobError, JobName};
+use crate::jobs::{begin_slot, end_slot, JobError, JobName, SlotStart};
 use crate::lifecycle::{self, LifecycleError};
 use crate::notify::{self, NoticeKind};
 
@@ -46,7 +46,17 @@ pub struct AlertsReport {
 }
 
 pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<AlertsReport, JobError> {
-    let slot = opts.as_of;
+    run_in_slot(db, config, opts, opts.as_of).await
+}
+
+/// Runs as the slot `slot`: the schedule's instant that the service or the CLI claims
+/// (`run` uses `as_of` itself).
+pub async fn run_in_slot(
+    db: &Db,
+    config: &Config,
+    opts: &Options,
+    slot: DateTime<Utc>,
+) -> Result<AlertsReport, JobError> {
     let mut report = AlertsReport {
         job: JobName::SendAlerts.as_str(),
         slot,
@@ -55,7 +65,9 @@ pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<AlertsRepor
         ..Default::default()
     };
     let client = db.raw_client().await?;
-    if let Some(skip) = begin_slot(
+    let lease = match begin_slot(
+        db,
+        config,
         &client,
         JobName::SendAlerts,
         slot,
@@ -65,14 +77,16 @@ pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<AlertsRepor
     )
     .await?
     {
-        report.skipped = Some(skip);
-        return Ok(report);
-    }
+        SlotStart::Skip(skip) => {
+            report.skipped = Some(skip);
+            return Ok(report);
+        }
+        SlotStart::Run(lease) => lease,
+    };
     let result = alerts(db, config, opts, &mut report).await;
     end_slot(
         &client,
-        JobName::SendAlerts,
-        slot,
+        lease,
         opts.dry_run,
         result,
         &report,

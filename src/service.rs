@@ -1,0 +1,601 @@
+//! `arrears serve`: the daemon. One task per scheduled job walks the schedule and claims each
+//! due slot in PostgreSQL (so N instances run each slot once); a dispatcher drains the outbox;
+//! a helper bills batches of billing runs that any instance started; the HTTP API answers
+//! health, readiness, metrics and the account endpoints. systemd hears of it through
+//! sd_notify (READY, WATCHDOG, STOPPING).
+//!
+//! Failure model: every loop survives a database error (logged, retried with backoff, and
+//! reported by /readyz); a slot whose runner died is taken over when its lease expires; on
+//! SIGTERM the loops stop claiming, a billing run stops between batches (each batch commits
+//! or rolls back whole, and the slot is marked interrupted so the next start resumes it at
+//! once), and the process exits 0.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::db::{Db, DbError, MigrationMode};
+use crate::jobs::{
+    deliver_notifications, enforce_suspensions, generate_bills, release_resources, send_alerts,
+    JobError, JobName,
+};
+use crate::scheduler::{CatchUp, Cadence, Clock, JobSchedule, Schedule};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("notification channels: {0}")]
+    Channels(String),
+}
+
+/// Counters of this instance's job runs, for /metrics.
+#[derive(Default)]
+pub struct Metrics {
+    /// (job, outcome) -> (runs, seconds)
+    runs: Mutex<BTreeMap<(&'static str, &'static str), (u64, f64)>>,
+    /// job -> missed slots dropped by the catch-up cap
+    dropped: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Metrics {
+    fn record(&self, job: JobName, outcome: &'static str, secs: f64) {
+        if let Ok(mut m) = self.runs.lock() {
+            let e = m.entry((job.as_str(), outcome)).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += secs;
+        }
+    }
+
+    fn dropped(&self, job: JobName, n: usize) {
+        if let Ok(mut m) = self.dropped.lock() {
+            *m.entry(job.as_str()).or_insert(0) += n as u64;
+        }
+    }
+
+    pub fn runs(&self) -> Vec<((&'static str, &'static str), (u64, f64))> {
+        self.runs
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn dropped_slots(&self) -> Vec<(&'static str, u64)> {
+        self.dropped
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// What the loops and the HTTP handlers share.
+pub struct Shared {
+    pub config: Config,
+    pub schedule: Schedule,
+    pub clock: Clock,
+    pub metrics: Metrics,
+    db: OnceLock<Db>,
+    stop: AtomicBool,
+    /// The last database operation of any loop succeeded.
+    db_ok: AtomicBool,
+    /// Unix seconds of the last completed loop pass (the watchdog's proof of life).
+    heartbeat: AtomicI64,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shared {
+    pub fn db(&self) -> Option<&Db> {
+        self.db.get()
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    pub fn db_ok(&self) -> bool {
+        self.db_ok.load(Ordering::SeqCst)
+    }
+
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(db) = self.db.get() {
+            db.request_stop();
+        }
+        let _ = self.stop_tx.send(true);
+    }
+
+    fn beat(&self, ok: bool) {
+        self.db_ok.store(ok, Ordering::SeqCst);
+        self.heartbeat.store(Utc::now().timestamp(), Ordering::SeqCst);
+    }
+
+    /// Sleeps for `d`, or less when the service is asked to stop.
+    async fn pause(&self, d: Duration) {
+        let mut rx = self.stop_tx.subscribe();
+        if *rx.borrow() {
+            return;
+        }
+        let _ = tokio::time::timeout(d, rx.changed()).await;
+    }
+}
+
+/// Sends a state line to systemd when it started us with Type=notify (no-op otherwise).
+pub fn sd_notify(state: &str) {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
+        return;
+    };
+    let bytes = path.as_encoded_bytes();
+    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        std::os::unix::net::SocketAddr::from_abstract_name(name)
+            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
+    } else {
+        sock.send_to(state.as_bytes(), &path)
+    };
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Runs the service until SIGTERM or SIGINT. `listener` is bound by the caller (so that a
+/// busy address fails before anything starts).
+pub async fn serve(
+    config: Config,
+    schedule: Schedule,
+    clock: Clock,
+    listener: tokio::net::TcpListener,
+) -> Result<(), ServeError> {
+    let channels = deliver_notifications::Channels::from_config(&config)
+        .map_err(ServeError::Channels)?;
+    let (stop_tx, _) = tokio::sync::watch::channel(false);
+    let shared = Arc::new(Shared {
+        config,
+        schedule,
+        clock,
+        metrics: Metrics::default(),
+        db: OnceLock::new(),
+        stop: AtomicBool::new(false),
+        db_ok: AtomicBool::new(false),
+        heartbeat: AtomicI64::new(Utc::now().timestamp()),
+        stop_tx,
+    });
+
+    // Signals first: a SIGTERM during start-up (database unreachable) still stops cleanly.
+    {
+        let sh = shared.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) =
+                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+            else {
+                tracing::error!("cannot install signal handlers");
+                return;
+            };
+            let which = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            };
+            tracing::info!(signal = which, "stopping: no new slots are claimed");
+            sd_notify("STOPPING=1");
+            sh.request_stop();
+        });
+    }
+
+    let http = {
+        let sh = shared.clone();
+        let mut rx = shared.stop_tx.subscribe();
+        tokio::spawn(async move {
+            let app = crate::server::router(sh);
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        })
+    };
+
+    // The database, however long it takes to come back.
+    let mut backoff = Duration::from_millis(500);
+    let db = loop {
+        if shared.stopping() {
+            let _ = http.await;
+            return Ok(());
+        }
+        match open_db(&shared.config).await {
+            Ok(db) => break db,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database not available");
+                shared.pause(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    let _ = shared.db.set(db.clone());
+    if shared.stopping() {
+        db.request_stop();
+    }
+    shared.beat(true);
+    tracing::info!(jobs = shared.schedule.jobs.iter().filter(|j| j.enabled).count(), "schedule loaded; ready");
+    sd_notify("READY=1");
+
+    let mut tasks = Vec::new();
+    let mut channels = Some(channels);
+    for js in shared.schedule.jobs.iter().filter(|j| j.enabled).cloned() {
+        let sh = shared.clone();
+        match js.cadence {
+            Cadence::Cron { .. } => tasks.push(tokio::spawn(job_loop(sh, db.clone(), js))),
+            Cadence::Every(every) => {
+                if let Some(ch) = channels.take() {
+                    tasks.push(tokio::spawn(dispatch_loop(sh, db.clone(), js, every, ch)))
+                }
+            }
+        }
+    }
+    tasks.push(tokio::spawn(batch_loop(shared.clone(), db.clone())));
+    if let Some(every) = watchdog_interval() {
+        tokio::spawn(watchdog(shared.clone(), every));
+    }
+
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = http.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn open_db(config: &Config) -> Result<Db, DbError> {
+    let db = Db::open(config, MigrationMode::Require).await?;
+    let mut conn = db.conn().await?;
+    crate::db::catalog::sync_prices(&mut conn, config).await?;
+    Ok(db)
+}
+
+fn watchdog_interval() -> Option<Duration> {
+    let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
+    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok()) {
+        if pid != std::process::id() {
+            return None;
+        }
+    }
+    Some(Duration::from_micros(usec / 2))
+}
+
+/// WATCHDOG=1 while the loops keep completing passes (a hung service is restarted).
+async fn watchdog(sh: Arc<Shared>, every: Duration) {
+    let stale = (every.as_secs() as i64 * 2).max(10);
+    while !sh.stopping() {
+        if Utc::now().timestamp() - sh.heartbeat.load(Ordering::SeqCst) <= stale {
+            sd_notify("WATCHDOG=1");
+        }
+        sh.pause(every).await;
+    }
+}
+
+/// One scheduled job on this instance: resume slots whose runner died, then run due slots.
+async fn job_loop(sh: Arc<Shared>, db: Db, js: JobSchedule) {
+    let tick = sh.config.service.tick.std();
+    let mut backoff = tick;
+    let mut client: Option<tokio_postgres::Client> = None;
+    while !sh.stopping() {
+        match job_step(&sh, &db, &js, &mut client).await {
+            Ok(()) => {
+                backoff = tick;
+                sh.beat(true);
+            }
+            Err(e) => {
+                client = None;
+                sh.beat(false);
+                tracing::warn!(job = js.job.as_str(), error = %e, retry_in_ms = backoff.as_millis() as u64, "scheduler pass failed");
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+        sh.pause(backoff).await;
+    }
+}
+
+async fn connected<'a>(
+    db: &Db,
+    client: &'a mut Option<tokio_postgres::Client>,
+) -> Result<&'a tokio_postgres::Client, DbError> {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        *client = Some(db.raw_client().await?);
+    }
+    Ok(client.as_ref().expect("set above"))
+}
+
+async fn job_step(
+    sh: &Shared,
+    db: &Db,
+    js: &JobSchedule,
+    client: &mut Option<tokio_postgres::Client>,
+) -> Result<(), JobError> {
+    let Cadence::Cron { catch_up, .. } = &js.cadence else {
+        return Ok(());
+    };
+    let job = js.job.as_str();
+    let c = connected(db, client).await?;
+    // Slots to resume: interrupted, taken by a runner whose lease expired, or failed and past
+    // their back-off (the lease, doubled per attempt, at most an hour).
+    let lease = sh.config.service.lease.seconds() as f64;
+    let open = c
+        .query(
+            "SELECT slot, as_of, status FROM job_runs
+             WHERE job = $1 AND (status = 'interrupted'
+                OR (status = 'running' AND lease_until < clock_timestamp())
+                OR (status = 'failed' AND finished_at + least(make_interval(secs => $2 * power(2, least(attempts, 12) - 1)),
+                                                        interval '1 hour') < clock_timestamp()))
+             ORDER BY slot",
+            &[&job, &lease],
+        )
+        .await?;
+    let newest: Option<DateTime<Utc>> = c
+        .query_one("SELECT max(slot) FROM job_runs WHERE job = $1", &[&job])
+        .await?
+        .get(0);
+    for row in open {
+        let (slot, as_of): (DateTime<Utc>, DateTime<Utc>) = (row.get(0), row.get(1));
+        // A level-triggered job only resumes its newest slot: a later one redoes the rest.
+        if *catch_up == CatchUp::Latest && Some(slot) != newest {
+            continue;
+        }
+        if sh.stopping() {
+            return Ok(());
+        }
+        let status: String = row.get(2);
+        tracing::info!(job, slot = %slot, was = status, "resuming slot");
+        if !run_slot(sh, db, js, as_of).await && *catch_up == CatchUp::Every {
+            return Ok(());
+        }
+    }
+    if *catch_up == CatchUp::Every {
+        // Days are billed in order: a day that has not succeeded holds back the next ones.
+        let unfinished: i64 = c
+            .query_one(
+                "SELECT count(*) FROM job_runs WHERE job = $1 AND status <> 'succeeded'",
+                &[&job],
+            )
+            .await?
+            .get(0);
+        if unfinished > 0 {
+            return Ok(());
+        }
+    }
+    let last: Option<DateTime<Utc>> = c
+        .query_one("SELECT max(as_of) FROM job_runs WHERE job = $1", &[&job])
+        .await?
+        .get(0);
+    let due = js.due(last, sh.clock.now());
+    if due.dropped > 0 {
+        sh.metrics.dropped(js.job, due.dropped);
+        tracing::error!(job, dropped = due.dropped, kept = due.slots.len(), max_catch_up = js.max_catch_up,
+            "CATCH-UP CAPPED: more slots were missed than max_catch_up allows (clock jump or long outage?); the oldest were skipped and need an operator");
+    }
+    if due.missed > 0 {
+        tracing::info!(job, missed = due.missed, running = due.slots.len(), "catching up missed slots");
+    }
+    for slot in due.slots {
+        if sh.stopping() {
+            break;
+        }
+        if !run_slot(sh, db, js, slot).await && *catch_up == CatchUp::Every {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Runs one slot of a scheduled job at `as_of` (the slot's instant); the job claims the slot
+/// itself. Returns whether the slot is done (ran now, or had already run).
+async fn run_slot(sh: &Shared, db: &Db, js: &JobSchedule, as_of: DateTime<Utc>) -> bool {
+    let cfg = js.knobs.apply(js.job, &sh.config);
+    let started = Instant::now();
+    let result: Result<serde_json::Value, JobError> = match js.job {
+        JobName::GenerateBills => generate_bills::run(
+            db,
+            &cfg,
+            &generate_bills::Options {
+                as_of,
+                bill_day: None,
+                dry_run: false,
+                force: false,
+            },
+        )
+        .await
+        .map(to_json),
+        JobName::SendAlerts => send_alerts::run_in_slot(
+            db,
+            &cfg,
+            &send_alerts::Options {
+                as_of,
+                dry_run: false,
+                force: false,
+            },
+            as_of,
+        )
+        .await
+        .map(to_json),
+        JobName::EnforceSuspensions => enforce_suspensions::run_in_slot(
+            db,
+            &cfg,
+            &enforce_suspensions::Options {
+                as_of,
+                dry_run: false,
+                force: false,
+            },
+            as_of,
+        )
+        .await
+        .map(to_json),
+        JobName::ReleaseResources => release_resources::run_in_slot(
+            db,
+            &cfg,
+            &release_resources::Options {
+                as_of,
+                service_now: Utc::now(),
+                dry_run: false,
+                force: false,
+                allow_mass_release: false,
+            },
+            as_of,
+        )
+        .await
+        .map(to_json),
+        JobName::DeliverNotifications => return true,
+    };
+    let secs = started.elapsed().as_secs_f64();
+    let job = js.job.as_str();
+    match result {
+        Ok(report) => {
+            let skipped = report.get("skipped").and_then(|s| s.as_str()).map(str::to_string);
+            let outcome = if skipped.is_some() { "skipped" } else { "succeeded" };
+            sh.metrics.record(js.job, outcome, secs);
+            match skipped {
+                Some(why) => tracing::debug!(job, as_of = %as_of, why, "slot skipped"),
+                None => tracing::info!(job, as_of = %as_of, seconds = secs, report = %report, "slot finished"),
+            }
+            true
+        }
+        Err(JobError::Interrupted) => {
+            sh.metrics.record(js.job, "interrupted", secs);
+            tracing::info!(job, as_of = %as_of, "slot interrupted by shutdown; the next start resumes it");
+            false
+        }
+        Err(e) => {
+            sh.metrics.record(js.job, "failed", secs);
+            sh.beat(!matches!(e, JobError::Db(_)));
+            tracing::error!(job, as_of = %as_of, error = %e, "slot failed");
+            false
+        }
+    }
+}
+
+fn to_json<R: Serialize>(r: R) -> serde_json::Value {
+    serde_json::to_value(r).unwrap_or_default()
+}
+
+/// The outbox dispatcher: delivers due notices every `every` (claims are per notice, so every
+/// instance runs it).
+async fn dispatch_loop(
+    sh: Arc<Shared>,
+    db: Db,
+    js: JobSchedule,
+    every: Duration,
+    channels: deliver_notifications::Channels,
+) {
+    let cfg = js.knobs.apply(js.job, &sh.config);
+    let mut backoff = every;
+    while !sh.stopping() {
+        let started = Instant::now();
+        let opts = deliver_notifications::Options {
+            as_of: sh.clock.now(),
+            dry_run: false,
+            max_batches: 20,
+        };
+        match deliver_notifications::run(&db, &cfg, &channels, &opts).await {
+            Ok(r) => {
+                backoff = every;
+                sh.beat(true);
+                if r.claimed > 0 {
+                    sh.metrics
+                        .record(js.job, "succeeded", started.elapsed().as_secs_f64());
+                    tracing::info!(job = "deliver_notifications", sent = r.sent, retrying = r.retrying, dead = r.dead, "delivered");
+                }
+            }
+            Err(e) => {
+                sh.beat(false);
+                sh.metrics
+                    .record(js.job, "failed", started.elapsed().as_secs_f64());
+                tracing::warn!(job = "deliver_notifications", error = %e, "delivery pass failed");
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+        sh.pause(backoff).await;
+    }
+}
+
+/// Bills batches of billing runs that any instance started, so that two instances finish a
+/// run faster than one.
+async fn batch_loop(sh: Arc<Shared>, db: Db) {
+    let Some(js) = sh.schedule.get(JobName::GenerateBills).filter(|j| j.enabled) else {
+        return;
+    };
+    let cfg = js.knobs.apply(JobName::GenerateBills, &sh.config);
+    let tick = sh.config.service.tick.std();
+    while !sh.stopping() {
+        match generate_bills::work_open_batches(&db, &cfg).await {
+            Ok(_) => {}
+            Err(e) => tracing::warn!(job = "generate_bills", error = %e, "helping with batches failed"),
+        }
+        sh.pause(tick).await;
+    }
+}
+
+/// Everything `/metrics` reads from the database: shared by every instance.
+#[derive(Debug, Default, Serialize)]
+pub struct DbGauges {
+    pub outbox: Vec<(String, i64)>,
+    pub accounts: Vec<(String, i64)>,
+    pub slots_behind: Vec<(&'static str, i64)>,
+    pub open_batches: i64,
+}
+
+pub async fn db_gauges(sh: &Shared, db: &Db) -> Result<DbGauges, DbError> {
+    let c = db.raw_client().await?;
+    let outbox = c
+        .query("SELECT status, count(*) FROM notices GROUP BY status ORDER BY status", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let accounts = c
+        .query("SELECT state, count(*) FROM accounts GROUP BY state ORDER BY state", &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let now = sh.clock.now();
+    let mut slots_behind = Vec::new();
+    for js in sh.schedule.jobs.iter().filter(|j| j.enabled) {
+        let Some(cron) = js.cron() else { continue };
+        let job = js.job.as_str();
+        let row = c
+            .query_one(
+                "SELECT max(as_of), count(*) FILTER (WHERE status <> 'succeeded') FROM job_runs WHERE job = $1",
+                &[&job],
+            )
+            .await?;
+        let last: Option<DateTime<Utc>> = row.get(0);
+        let open: i64 = row.get(1);
+        // Slots due and not yet started, plus started ones not finished.
+        let due = match last {
+            Some(last) => cron.between(js.time_zone, last, now, 100_000).len() as i64,
+            None => 1,
+        };
+        slots_behind.push((js.job.as_str(), due + open));
+    }
+    let open_batches = c
+        .query_one("SELECT count(*) FROM job_batches WHERE status = 'pending'", &[])
+        .await?
+        .get(0);
+    Ok(DbGauges {
+        outbox,
+        accounts,
+        slots_behind,
+        open_batches,
+    })
+}
