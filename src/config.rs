@@ -677,10 +677,18 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             "must be greater than 0".into(),
         ));
     }
-    if raw.service.http_addr.parse::<std::net::SocketAddr>().is_err() {
+    if raw
+        .service
+        .http_addr
+        .parse::<std::net::SocketAddr>()
+        .is_err()
+    {
         return Err(invalid(
             "service.http_addr",
-            format!("{:?} is not an address like 127.0.0.1:8080", raw.service.http_addr),
+            format!(
+                "{:?} is not an address like 127.0.0.1:8080",
+                raw.service.http_addr
+            ),
         ));
     }
     if raw.service.api_tokens.iter().any(|t| t.len() < 16) {
@@ -707,7 +715,10 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
     if !["json", "text", "journald"].contains(&raw.service.log_format.as_str()) {
         return Err(invalid(
             "service.log_format",
-            format!("{:?}: expected json, text or journald", raw.service.log_format),
+            format!(
+                "{:?}: expected json, text or journald",
+                raw.service.log_format
+            ),
         ));
     }
     if let Some(dir) = &raw.notifications.templates_dir {

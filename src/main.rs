@@ -325,13 +325,21 @@ fn init_logging(cli: &Cli) {
             Ok(layer) => registry.with(layer).init(),
             Err(e) => {
                 registry
-                    .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stdout))
+                    .with(
+                        tracing_subscriber::fmt::layer()
+                            .json()
+                            .with_writer(std::io::stdout),
+                    )
                     .init();
                 tracing::warn!(error = %e, "journald is not reachable; logging JSON to stdout");
             }
         },
         "json" => registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stdout))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stdout),
+            )
             .init(),
         _ => registry
             .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
@@ -401,7 +409,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         }
                         (cron.as_str().to_string(), slots)
                     }
-                    Cadence::Every(d) => (format!("every {}s (continuous)", d.as_secs()), Vec::new()),
+                    Cadence::Every(d) => {
+                        (format!("every {}s (continuous)", d.as_secs()), Vec::new())
+                    }
                 };
                 rows.push(serde_json::json!({
                     "job": j.job,
@@ -415,9 +425,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 print_json(&rows)?;
             } else {
                 for r in &rows {
-                    println!("{} ({}, {}) from {}", r["job"].as_str().unwrap_or(""), r["cron"].as_str().unwrap_or(""), r["time_zone"].as_str().unwrap_or(""), r["source"].as_str().unwrap_or(""));
+                    println!(
+                        "{} ({}, {}) from {}",
+                        r["job"].as_str().unwrap_or(""),
+                        r["cron"].as_str().unwrap_or(""),
+                        r["time_zone"].as_str().unwrap_or(""),
+                        r["source"].as_str().unwrap_or("")
+                    );
                     for s in r["slots"].as_array().into_iter().flatten() {
-                        println!("  {}  ({})", s["utc"].as_str().unwrap_or(""), s["local"].as_str().unwrap_or(""));
+                        println!(
+                            "  {}  ({})",
+                            s["utc"].as_str().unwrap_or(""),
+                            s["local"].as_str().unwrap_or("")
+                        );
                     }
                 }
             }
@@ -431,7 +451,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let addr = config.service.http_addr.clone();
             let listener = tokio::net::TcpListener::bind(&addr)
                 .await
-                .with_context(|| format!("listening on {addr} (service.http_addr / ARREARS_HTTP_ADDR)"))?;
+                .with_context(|| {
+                    format!("listening on {addr} (service.http_addr / ARREARS_HTTP_ADDR)")
+                })?;
             tracing::info!(addr = %listener.local_addr()?, "HTTP listening");
             arrears::service::serve(config, schedule, clock, listener).await?;
         }
@@ -607,7 +629,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         dry_run,
                         force,
                     };
-                    print_json(&enforce_suspensions::run_in_slot(&db, &config, &opts, slot).await?)?;
+                    print_json(
+                        &enforce_suspensions::run_in_slot(&db, &config, &opts, slot).await?,
+                    )?;
                 }
                 JobName::ReleaseResources => {
                     let opts = release_resources::Options {

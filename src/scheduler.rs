@@ -29,7 +29,10 @@ pub const DEFAULT_JOBS: &[(JobName, &str)] = &[
         JobName::GenerateBills,
         include_str!("../jobs/generate_bills.toml"),
     ),
-    (JobName::SendAlerts, include_str!("../jobs/send_alerts.toml")),
+    (
+        JobName::SendAlerts,
+        include_str!("../jobs/send_alerts.toml"),
+    ),
     (
         JobName::EnforceSuspensions,
         include_str!("../jobs/enforce_suspensions.toml"),
@@ -444,8 +447,8 @@ impl JobSchedule {
             origin: origin.to_string(),
             message,
         };
-        let raw: RawJob = serde_path_to_error::deserialize(toml::Deserializer::new(text))
-            .map_err(|e| {
+        let raw: RawJob =
+            serde_path_to_error::deserialize(toml::Deserializer::new(text)).map_err(|e| {
                 let key = e.path().to_string();
                 err(if key == "." || key.is_empty() {
                     e.inner().message().to_string()
@@ -453,10 +456,12 @@ impl JobSchedule {
                     format!("key `{key}`: {}", e.inner().message())
                 })
             })?;
-        let time_zone: Tz = raw
-            .time_zone
-            .parse()
-            .map_err(|_| err(format!("key `time_zone`: unknown time zone {:?}", raw.time_zone)))?;
+        let time_zone: Tz = raw.time_zone.parse().map_err(|_| {
+            err(format!(
+                "key `time_zone`: unknown time zone {:?}",
+                raw.time_zone
+            ))
+        })?;
         let cadence = match (raw.cron, raw.every_seconds) {
             (Some(c), None) => Cadence::Cron {
                 cron: Cron::parse(&c).map_err(|m| err(format!("key `cron`: {m}")))?,
@@ -483,10 +488,17 @@ impl JobSchedule {
             ));
         }
         if job == JobName::GenerateBills
-            && matches!(cadence, Cadence::Cron { catch_up: CatchUp::Latest, .. })
+            && matches!(
+                cadence,
+                Cadence::Cron {
+                    catch_up: CatchUp::Latest,
+                    ..
+                }
+            )
         {
             return Err(err(
-                "key `catch_up`: generate_bills must be \"every\" (each missed day gets its bill)".into(),
+                "key `catch_up`: generate_bills must be \"every\" (each missed day gets its bill)"
+                    .into(),
             ));
         }
         let max_catch_up = raw.max_catch_up.unwrap_or(100);
@@ -704,26 +716,101 @@ mod tests {
         // (zone, cron, window start, window end (UTC), expected local instants)
         let cases: &[(&str, &str, &str, &str, &[&str])] = &[
             // Europe/Berlin spring forward 2026-03-29 02:00 -> 03:00
-            ("Europe/Berlin", "30 0 * * *", "2026-03-27T12:00:00Z", "2026-03-31T12:00:00Z",
-             &["03-28 00:30 CET", "03-29 00:30 CET", "03-30 00:30 CEST", "03-31 00:30 CEST"]),
-            ("Europe/Berlin", "30 2 * * *", "2026-03-27T12:00:00Z", "2026-03-31T12:00:00Z",
-             &["03-28 02:30 CET", "03-29 03:00 CEST", "03-30 02:30 CEST", "03-31 02:30 CEST"]),
+            (
+                "Europe/Berlin",
+                "30 0 * * *",
+                "2026-03-27T12:00:00Z",
+                "2026-03-31T12:00:00Z",
+                &[
+                    "03-28 00:30 CET",
+                    "03-29 00:30 CET",
+                    "03-30 00:30 CEST",
+                    "03-31 00:30 CEST",
+                ],
+            ),
+            (
+                "Europe/Berlin",
+                "30 2 * * *",
+                "2026-03-27T12:00:00Z",
+                "2026-03-31T12:00:00Z",
+                &[
+                    "03-28 02:30 CET",
+                    "03-29 03:00 CEST",
+                    "03-30 02:30 CEST",
+                    "03-31 02:30 CEST",
+                ],
+            ),
             // Europe/Berlin fall back 2026-10-25 03:00 -> 02:00
-            ("Europe/Berlin", "30 0 * * *", "2026-10-23T12:00:00Z", "2026-10-27T12:00:00Z",
-             &["10-24 00:30 CEST", "10-25 00:30 CEST", "10-26 00:30 CET", "10-27 00:30 CET"]),
-            ("Europe/Berlin", "30 2 * * *", "2026-10-23T12:00:00Z", "2026-10-27T12:00:00Z",
-             &["10-24 02:30 CEST", "10-25 02:30 CEST", "10-26 02:30 CET", "10-27 02:30 CET"]),
+            (
+                "Europe/Berlin",
+                "30 0 * * *",
+                "2026-10-23T12:00:00Z",
+                "2026-10-27T12:00:00Z",
+                &[
+                    "10-24 00:30 CEST",
+                    "10-25 00:30 CEST",
+                    "10-26 00:30 CET",
+                    "10-27 00:30 CET",
+                ],
+            ),
+            (
+                "Europe/Berlin",
+                "30 2 * * *",
+                "2026-10-23T12:00:00Z",
+                "2026-10-27T12:00:00Z",
+                &[
+                    "10-24 02:30 CEST",
+                    "10-25 02:30 CEST",
+                    "10-26 02:30 CET",
+                    "10-27 02:30 CET",
+                ],
+            ),
             // America/New_York spring forward 2026-03-08 02:00 -> 03:00
-            ("America/New_York", "30 2 * * *", "2026-03-06T12:00:00Z", "2026-03-10T12:00:00Z",
-             &["03-07 02:30 EST", "03-08 03:00 EDT", "03-09 02:30 EDT", "03-10 02:30 EDT"]),
-            ("America/New_York", "30 0 * * *", "2026-03-06T12:00:00Z", "2026-03-10T12:00:00Z",
-             &["03-07 00:30 EST", "03-08 00:30 EST", "03-09 00:30 EDT", "03-10 00:30 EDT"]),
+            (
+                "America/New_York",
+                "30 2 * * *",
+                "2026-03-06T12:00:00Z",
+                "2026-03-10T12:00:00Z",
+                &[
+                    "03-07 02:30 EST",
+                    "03-08 03:00 EDT",
+                    "03-09 02:30 EDT",
+                    "03-10 02:30 EDT",
+                ],
+            ),
+            (
+                "America/New_York",
+                "30 0 * * *",
+                "2026-03-06T12:00:00Z",
+                "2026-03-10T12:00:00Z",
+                &[
+                    "03-07 00:30 EST",
+                    "03-08 00:30 EST",
+                    "03-09 00:30 EDT",
+                    "03-10 00:30 EDT",
+                ],
+            ),
             // America/New_York fall back 2026-11-01 02:00 -> 01:00
-            ("America/New_York", "30 1 * * *", "2026-10-30T12:00:00Z", "2026-11-03T12:00:00Z",
-             &["10-31 01:30 EDT", "11-01 01:30 EDT", "11-02 01:30 EST", "11-03 01:30 EST"]),
+            (
+                "America/New_York",
+                "30 1 * * *",
+                "2026-10-30T12:00:00Z",
+                "2026-11-03T12:00:00Z",
+                &[
+                    "10-31 01:30 EDT",
+                    "11-01 01:30 EDT",
+                    "11-02 01:30 EST",
+                    "11-03 01:30 EST",
+                ],
+            ),
             // Asia/Shanghai has no DST: the default billing zone.
-            ("Asia/Shanghai", "30 0 * * *", "2026-03-27T12:00:00Z", "2026-03-30T12:00:00Z",
-             &["03-28 00:30 CST", "03-29 00:30 CST", "03-30 00:30 CST"]),
+            (
+                "Asia/Shanghai",
+                "30 0 * * *",
+                "2026-03-27T12:00:00Z",
+                "2026-03-30T12:00:00Z",
+                &["03-28 00:30 CST", "03-29 00:30 CST", "03-30 00:30 CST"],
+            ),
         ];
         for (zone, expr, from, to, want) in cases {
             let j = daily(expr, zone);
@@ -733,7 +820,12 @@ mod tests {
             // The same answer one step at a time (how the service walks the schedule).
             let mut at = utc(from);
             let mut stepped = Vec::new();
-            while let Some(t) = j.cron().unwrap().next_after(tz, at).filter(|t| *t <= utc(to)) {
+            while let Some(t) = j
+                .cron()
+                .unwrap()
+                .next_after(tz, at)
+                .filter(|t| *t <= utc(to))
+            {
                 stepped.push(t);
                 at = t;
             }
@@ -745,10 +837,30 @@ mod tests {
     fn dst_table_hourly_jobs_follow_real_hours() {
         let cases: &[(&str, &str, &str, usize)] = &[
             // 23 real hours on the spring day, 25 on the autumn day: one slot per real hour.
-            ("Europe/Berlin", "2026-03-28T23:00:00Z", "2026-03-29T22:00:00Z", 23),
-            ("Europe/Berlin", "2026-10-24T22:00:00Z", "2026-10-25T23:00:00Z", 25),
-            ("America/New_York", "2026-03-08T05:00:00Z", "2026-03-09T04:00:00Z", 23),
-            ("America/New_York", "2026-11-01T04:00:00Z", "2026-11-02T05:00:00Z", 25),
+            (
+                "Europe/Berlin",
+                "2026-03-28T23:00:00Z",
+                "2026-03-29T22:00:00Z",
+                23,
+            ),
+            (
+                "Europe/Berlin",
+                "2026-10-24T22:00:00Z",
+                "2026-10-25T23:00:00Z",
+                25,
+            ),
+            (
+                "America/New_York",
+                "2026-03-08T05:00:00Z",
+                "2026-03-09T04:00:00Z",
+                23,
+            ),
+            (
+                "America/New_York",
+                "2026-11-01T04:00:00Z",
+                "2026-11-02T05:00:00Z",
+                25,
+            ),
         ];
         for (zone, from, to, n) in cases {
             let j = JobSchedule::parse(
@@ -757,10 +869,12 @@ mod tests {
                 "test",
             )
             .unwrap();
-            let got = j
-                .cron()
-                .unwrap()
-                .between(j.time_zone, utc(from) - Duration::seconds(1), utc(to) - Duration::seconds(1), 1000);
+            let got = j.cron().unwrap().between(
+                j.time_zone,
+                utc(from) - Duration::seconds(1),
+                utc(to) - Duration::seconds(1),
+                1000,
+            );
             assert_eq!(got.len(), *n, "{zone} from {from}");
             for w in got.windows(2) {
                 assert_eq!(w[1] - w[0], Duration::hours(1), "{zone}: one hour apart");
@@ -773,20 +887,49 @@ mod tests {
         let c = Cron::parse("*/15 9-17 * JAN-MAR mon-fri").unwrap();
         let tz: Tz = "UTC".parse().unwrap();
         // Monday 2026-01-05
-        let got = c.between(tz, utc("2026-01-05T08:59:00Z"), utc("2026-01-05T09:31:00Z"), 10);
+        let got = c.between(
+            tz,
+            utc("2026-01-05T08:59:00Z"),
+            utc("2026-01-05T09:31:00Z"),
+            10,
+        );
         assert_eq!(
             got,
-            vec![utc("2026-01-05T09:00:00Z"), utc("2026-01-05T09:15:00Z"), utc("2026-01-05T09:30:00Z")]
+            vec![
+                utc("2026-01-05T09:00:00Z"),
+                utc("2026-01-05T09:15:00Z"),
+                utc("2026-01-05T09:30:00Z")
+            ]
         );
         // Saturday: nothing; April: nothing.
-        assert!(c.between(tz, utc("2026-01-10T00:00:00Z"), utc("2026-01-11T00:00:00Z"), 10).is_empty());
-        assert!(c.between(tz, utc("2026-04-06T00:00:00Z"), utc("2026-04-07T00:00:00Z"), 10).is_empty());
+        assert!(c
+            .between(
+                tz,
+                utc("2026-01-10T00:00:00Z"),
+                utc("2026-01-11T00:00:00Z"),
+                10
+            )
+            .is_empty());
+        assert!(c
+            .between(
+                tz,
+                utc("2026-04-06T00:00:00Z"),
+                utc("2026-04-07T00:00:00Z"),
+                10
+            )
+            .is_empty());
         // Sunday as 7.
         let sun = Cron::parse("0 0 * * 7").unwrap();
-        assert_eq!(sun.next_after(tz, utc("2026-01-05T00:00:00Z")), Some(utc("2026-01-11T00:00:00Z")));
+        assert_eq!(
+            sun.next_after(tz, utc("2026-01-05T00:00:00Z")),
+            Some(utc("2026-01-11T00:00:00Z"))
+        );
         // Day of month and day of week both restricted: either matches (Vixie).
         let either = Cron::parse("0 0 1 * MON").unwrap();
-        assert_eq!(either.next_after(tz, utc("2026-01-01T00:00:00Z")), Some(utc("2026-01-05T00:00:00Z")));
+        assert_eq!(
+            either.next_after(tz, utc("2026-01-01T00:00:00Z")),
+            Some(utc("2026-01-05T00:00:00Z"))
+        );
         for (bad, why) in [
             ("* * * *", "expected 5 fields"),
             ("60 * * * *", "minute: 60 is outside 0-59"),
@@ -802,7 +945,12 @@ mod tests {
             assert!(e.contains(why), "{bad}: {e}");
         }
         // Never matches: no instant, no endless loop.
-        assert_eq!(Cron::parse("0 0 30 2 *").unwrap().next_after(tz, utc("2026-01-01T00:00:00Z")), None);
+        assert_eq!(
+            Cron::parse("0 0 30 2 *")
+                .unwrap()
+                .next_after(tz, utc("2026-01-01T00:00:00Z")),
+            None
+        );
     }
 
     #[test]
@@ -812,10 +960,22 @@ mod tests {
         let first = bills.due(None, utc("2026-06-10T12:00:00Z"));
         assert_eq!(first.slots, vec![utc("2026-06-09T22:30:00Z")]);
         // Up to date: nothing.
-        assert!(bills.due(Some(utc("2026-06-09T22:30:00Z")), utc("2026-06-10T12:00:00Z")).slots.is_empty());
+        assert!(bills
+            .due(
+                Some(utc("2026-06-09T22:30:00Z")),
+                utc("2026-06-10T12:00:00Z")
+            )
+            .slots
+            .is_empty());
         // Down for 26 hours over two slots: both days, oldest first.
-        let due = bills.due(Some(utc("2026-06-08T22:30:00Z")), utc("2026-06-10T22:31:00Z"));
-        assert_eq!(due.slots, vec![utc("2026-06-09T22:30:00Z"), utc("2026-06-10T22:30:00Z")]);
+        let due = bills.due(
+            Some(utc("2026-06-08T22:30:00Z")),
+            utc("2026-06-10T22:31:00Z"),
+        );
+        assert_eq!(
+            due.slots,
+            vec![utc("2026-06-09T22:30:00Z"), utc("2026-06-10T22:30:00Z")]
+        );
         assert_eq!((due.missed, due.dropped), (1, 0));
 
         let alerts = JobSchedule::parse(
@@ -824,7 +984,10 @@ mod tests {
             "test",
         )
         .unwrap();
-        let due = alerts.due(Some(utc("2026-06-09T10:00:00Z")), utc("2026-06-10T12:30:00Z"));
+        let due = alerts.due(
+            Some(utc("2026-06-09T10:00:00Z")),
+            utc("2026-06-10T12:30:00Z"),
+        );
         assert_eq!(due.slots, vec![utc("2026-06-10T12:00:00Z")]);
         assert_eq!(due.missed, 25);
     }
@@ -838,10 +1001,17 @@ mod tests {
         )
         .unwrap();
         // A clock jump of ten years: three slots, the newest, and the rest reported dropped.
-        let due = j.due(Some(utc("2016-01-01T00:30:00Z")), utc("2026-01-10T12:00:00Z"));
+        let due = j.due(
+            Some(utc("2016-01-01T00:30:00Z")),
+            utc("2026-01-10T12:00:00Z"),
+        );
         assert_eq!(
             due.slots,
-            vec![utc("2026-01-08T00:30:00Z"), utc("2026-01-09T00:30:00Z"), utc("2026-01-10T00:30:00Z")]
+            vec![
+                utc("2026-01-08T00:30:00Z"),
+                utc("2026-01-09T00:30:00Z"),
+                utc("2026-01-10T00:30:00Z")
+            ]
         );
         assert!(due.dropped >= 3650 - 3, "{}", due.dropped);
     }
@@ -849,15 +1019,51 @@ mod tests {
     #[test]
     fn schedule_files_are_validated_with_the_key_named() {
         for (job, text, why) in [
-            (JobName::SendAlerts, "time_zone = \"UTC\"\n", "key `cron`: missing"),
-            (JobName::SendAlerts, "cron = \"0 * * *\"\ntime_zone = \"UTC\"\n", "key `cron`"),
-            (JobName::SendAlerts, "cron = \"0 * * * *\"\ntime_zone = \"Mars/Base\"\n", "key `time_zone`"),
-            (JobName::SendAlerts, "cron = \"0 * * * *\"\ntime_zone = \"UTC\"\ncolour = 1\n", "colour"),
-            (JobName::SendAlerts, "cron = \"0 * * * *\"\ntime_zone = \"UTC\"\nenabled = \"yes\"\n", "key `enabled`"),
-            (JobName::GenerateBills, "cron = \"0 0 * * *\"\ntime_zone = \"UTC\"\ncatch_up = \"latest\"\n", "must be \"every\""),
-            (JobName::SendAlerts, "every_seconds = 5\ntime_zone = \"UTC\"\n", "only deliver_notifications"),
-            (JobName::DeliverNotifications, "cron = \"* * * * *\"\ntime_zone = \"UTC\"\n", "continuous"),
-            (JobName::SendAlerts, "cron = \"0 * * * *\"\ntime_zone = \"UTC\"\n[knobs]\nbatch_size = 0\n", "at least 1"),
+            (
+                JobName::SendAlerts,
+                "time_zone = \"UTC\"\n",
+                "key `cron`: missing",
+            ),
+            (
+                JobName::SendAlerts,
+                "cron = \"0 * * *\"\ntime_zone = \"UTC\"\n",
+                "key `cron`",
+            ),
+            (
+                JobName::SendAlerts,
+                "cron = \"0 * * * *\"\ntime_zone = \"Mars/Base\"\n",
+                "key `time_zone`",
+            ),
+            (
+                JobName::SendAlerts,
+                "cron = \"0 * * * *\"\ntime_zone = \"UTC\"\ncolour = 1\n",
+                "colour",
+            ),
+            (
+                JobName::SendAlerts,
+                "cron = \"0 * * * *\"\ntime_zone = \"UTC\"\nenabled = \"yes\"\n",
+                "key `enabled`",
+            ),
+            (
+                JobName::GenerateBills,
+                "cron = \"0 0 * * *\"\ntime_zone = \"UTC\"\ncatch_up = \"latest\"\n",
+                "must be \"every\"",
+            ),
+            (
+                JobName::SendAlerts,
+                "every_seconds = 5\ntime_zone = \"UTC\"\n",
+                "only deliver_notifications",
+            ),
+            (
+                JobName::DeliverNotifications,
+                "cron = \"* * * * *\"\ntime_zone = \"UTC\"\n",
+                "continuous",
+            ),
+            (
+                JobName::SendAlerts,
+                "cron = \"0 * * * *\"\ntime_zone = \"UTC\"\n[knobs]\nbatch_size = 0\n",
+                "at least 1",
+            ),
         ] {
             let e = JobSchedule::parse(job, text, "jobs/x.toml").unwrap_err();
             assert!(e.to_string().starts_with("jobs/x.toml: "), "{e}");
@@ -871,10 +1077,21 @@ mod tests {
         assert_eq!(s.jobs.len(), 5);
         let dir = std::env::temp_dir().join(format!("arrears-jobs-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("send_alerts.toml"), "cron = \"15 * * * *\"\ntime_zone = \"UTC\"\n").unwrap();
+        std::fs::write(
+            dir.join("send_alerts.toml"),
+            "cron = \"15 * * * *\"\ntime_zone = \"UTC\"\n",
+        )
+        .unwrap();
         let s = Schedule::load(Some(&dir)).unwrap();
-        assert_eq!(s.get(JobName::SendAlerts).unwrap().cron().unwrap().as_str(), "15 * * * *");
-        std::fs::write(dir.join("send_alert.toml"), "cron = \"15 * * * *\"\ntime_zone = \"UTC\"\n").unwrap();
+        assert_eq!(
+            s.get(JobName::SendAlerts).unwrap().cron().unwrap().as_str(),
+            "15 * * * *"
+        );
+        std::fs::write(
+            dir.join("send_alert.toml"),
+            "cron = \"15 * * * *\"\ntime_zone = \"UTC\"\n",
+        )
+        .unwrap();
         let e = Schedule::load(Some(&dir)).unwrap_err();
         assert!(e.message.contains("no job is named \"send_alert\""), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();

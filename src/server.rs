@@ -215,7 +215,10 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
         for (status, n) in &g.outbox {
             let _ = writeln!(out, "arrears_outbox_notices{{status=\"{status}\"}} {n}");
         }
-        let _ = writeln!(out, "# HELP arrears_accounts Accounts by lifecycle state.\n# TYPE arrears_accounts gauge");
+        let _ = writeln!(
+            out,
+            "# HELP arrears_accounts Accounts by lifecycle state.\n# TYPE arrears_accounts gauge"
+        );
         for (state, n) in &g.accounts {
             let _ = writeln!(out, "arrears_accounts{{state=\"{state}\"}} {n}");
         }
@@ -244,7 +247,11 @@ async fn account(
         .map_err(|_| ApiError::unavailable())?;
     match view {
         Some(v) => Ok(Json(v).into_response()),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "id", "no such account")),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "id",
+            "no such account",
+        )),
     }
 }
 
@@ -340,6 +347,7 @@ async fn topup(
     let parsed: TopupBody = serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let field: &'static str = match path.as_str() {
+            _ if e.inner().is_syntax() || e.inner().is_eof() => "body",
             "amount" => "amount",
             "reference" => "reference",
             _ => "body",

@@ -24,7 +24,7 @@ use crate::jobs::{
     deliver_notifications, enforce_suspensions, generate_bills, release_resources, send_alerts,
     JobError, JobName,
 };
-use crate::scheduler::{CatchUp, Cadence, Clock, JobSchedule, Schedule};
+use crate::scheduler::{Cadence, CatchUp, Clock, JobSchedule, Schedule};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -114,7 +114,8 @@ impl Shared {
 
     fn beat(&self, ok: bool) {
         self.db_ok.store(ok, Ordering::SeqCst);
-        self.heartbeat.store(Utc::now().timestamp(), Ordering::SeqCst);
+        self.heartbeat
+            .store(Utc::now().timestamp(), Ordering::SeqCst);
     }
 
     /// Sleeps for `d`, or less when the service is asked to stop.
@@ -156,8 +157,8 @@ pub async fn serve(
     clock: Clock,
     listener: tokio::net::TcpListener,
 ) -> Result<(), ServeError> {
-    let channels = deliver_notifications::Channels::from_config(&config)
-        .map_err(ServeError::Channels)?;
+    let channels =
+        deliver_notifications::Channels::from_config(&config).map_err(ServeError::Channels)?;
     let (stop_tx, _) = tokio::sync::watch::channel(false);
     let shared = Arc::new(Shared {
         config,
@@ -176,9 +177,10 @@ pub async fn serve(
         let sh = shared.clone();
         tokio::spawn(async move {
             use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) =
-                (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-            else {
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
                 tracing::error!("cannot install signal handlers");
                 return;
             };
@@ -229,7 +231,10 @@ pub async fn serve(
         db.request_stop();
     }
     shared.beat(true);
-    tracing::info!(jobs = shared.schedule.jobs.iter().filter(|j| j.enabled).count(), "schedule loaded; ready");
+    tracing::info!(
+        jobs = shared.schedule.jobs.iter().filter(|j| j.enabled).count(),
+        "schedule loaded; ready"
+    );
     sd_notify("READY=1");
 
     let mut tasks = Vec::new();
@@ -267,7 +272,10 @@ async fn open_db(config: &Config) -> Result<Db, DbError> {
 
 fn watchdog_interval() -> Option<Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok()) {
+    if let Some(pid) = std::env::var("WATCHDOG_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+    {
         if pid != std::process::id() {
             return None;
         }
@@ -386,7 +394,12 @@ async fn job_step(
             "CATCH-UP CAPPED: more slots were missed than max_catch_up allows (clock jump or long outage?); the oldest were skipped and need an operator");
     }
     if due.missed > 0 {
-        tracing::info!(job, missed = due.missed, running = due.slots.len(), "catching up missed slots");
+        tracing::info!(
+            job,
+            missed = due.missed,
+            running = due.slots.len(),
+            "catching up missed slots"
+        );
     }
     for slot in due.slots {
         if sh.stopping() {
@@ -461,12 +474,21 @@ async fn run_slot(sh: &Shared, db: &Db, js: &JobSchedule, as_of: DateTime<Utc>) 
     let job = js.job.as_str();
     match result {
         Ok(report) => {
-            let skipped = report.get("skipped").and_then(|s| s.as_str()).map(str::to_string);
-            let outcome = if skipped.is_some() { "skipped" } else { "succeeded" };
+            let skipped = report
+                .get("skipped")
+                .and_then(|s| s.as_str())
+                .map(str::to_string);
+            let outcome = if skipped.is_some() {
+                "skipped"
+            } else {
+                "succeeded"
+            };
             sh.metrics.record(js.job, outcome, secs);
             match skipped {
                 Some(why) => tracing::debug!(job, as_of = %as_of, why, "slot skipped"),
-                None => tracing::info!(job, as_of = %as_of, seconds = secs, report = %report, "slot finished"),
+                None => {
+                    tracing::info!(job, as_of = %as_of, seconds = secs, report = %report, "slot finished")
+                }
             }
             true
         }
@@ -513,7 +535,13 @@ async fn dispatch_loop(
                 if r.claimed > 0 {
                     sh.metrics
                         .record(js.job, "succeeded", started.elapsed().as_secs_f64());
-                    tracing::info!(job = "deliver_notifications", sent = r.sent, retrying = r.retrying, dead = r.dead, "delivered");
+                    tracing::info!(
+                        job = "deliver_notifications",
+                        sent = r.sent,
+                        retrying = r.retrying,
+                        dead = r.dead,
+                        "delivered"
+                    );
                 }
             }
             Err(e) => {
@@ -531,7 +559,11 @@ async fn dispatch_loop(
 /// Bills batches of billing runs that any instance started, so that two instances finish a
 /// run faster than one.
 async fn batch_loop(sh: Arc<Shared>, db: Db) {
-    let Some(js) = sh.schedule.get(JobName::GenerateBills).filter(|j| j.enabled) else {
+    let Some(js) = sh
+        .schedule
+        .get(JobName::GenerateBills)
+        .filter(|j| j.enabled)
+    else {
         return;
     };
     let cfg = js.knobs.apply(JobName::GenerateBills, &sh.config);
@@ -539,7 +571,9 @@ async fn batch_loop(sh: Arc<Shared>, db: Db) {
     while !sh.stopping() {
         match generate_bills::work_open_batches(&db, &cfg).await {
             Ok(_) => {}
-            Err(e) => tracing::warn!(job = "generate_bills", error = %e, "helping with batches failed"),
+            Err(e) => {
+                tracing::warn!(job = "generate_bills", error = %e, "helping with batches failed")
+            }
         }
         sh.pause(tick).await;
     }
@@ -557,13 +591,19 @@ pub struct DbGauges {
 pub async fn db_gauges(sh: &Shared, db: &Db) -> Result<DbGauges, DbError> {
     let c = db.raw_client().await?;
     let outbox = c
-        .query("SELECT status, count(*) FROM notices GROUP BY status ORDER BY status", &[])
+        .query(
+            "SELECT status, count(*) FROM notices GROUP BY status ORDER BY status",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
     let accounts = c
-        .query("SELECT state, count(*) FROM accounts GROUP BY state ORDER BY state", &[])
+        .query(
+            "SELECT state, count(*) FROM accounts GROUP BY state ORDER BY state",
+            &[],
+        )
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))
@@ -589,7 +629,10 @@ pub async fn db_gauges(sh: &Shared, db: &Db) -> Result<DbGauges, DbError> {
         slots_behind.push((js.job.as_str(), due + open));
     }
     let open_batches = c
-        .query_one("SELECT count(*) FROM job_batches WHERE status = 'pending'", &[])
+        .query_one(
+            "SELECT count(*) FROM job_batches WHERE status = 'pending'",
+            &[],
+        )
         .await?
         .get(0);
     Ok(DbGauges {

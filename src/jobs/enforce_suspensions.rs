@@ -83,14 +83,7 @@ pub async fn run_in_slot(
         SlotStart::Run(lease) => lease,
     };
     let result = enforce(db, &client, config, opts, &mut report).await;
-    end_slot(
-        &client,
-        lease,
-        opts.dry_run,
-        result,
-        &report,
-    )
-    .await?;
+    end_slot(&client, lease, opts.dry_run, result, &report).await?;
     tracing::info!(job = report.job, slot = %slot, suspended = report.resources_suspended,
         restored = report.resources_restored, "enforce_suspensions finished");
     Ok(report)

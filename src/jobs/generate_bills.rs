@@ -87,8 +87,10 @@ pub struct GenerateBillsReport {
     pub entered_arrears: Vec<String>,
     /// Dry run only: the first bills (by account id) that would be issued.
     pub would_issue: Vec<BillPreview>,
-    /// Seconds spent per phase, summed over batches (where the time goes).
+    /// Seconds spent per phase, summed over the batches this instance billed.
     pub timings: std::collections::BTreeMap<String, f64>,
+    /// Batches billed by each instance (`host:pid`): any instance claims a run's batches.
+    pub batches_by_instance: std::collections::BTreeMap<String, i64>,
 }
 
 fn lap_mark(
@@ -199,7 +201,12 @@ impl BatchResult {
     }
 }
 
-fn batch_params(config: &Config, day: NaiveDate, slot: DateTime<Utc>, as_of: DateTime<Utc>) -> BatchParams {
+fn batch_params(
+    config: &Config,
+    day: NaiveDate,
+    slot: DateTime<Utc>,
+    as_of: DateTime<Utc>,
+) -> BatchParams {
     let digits = config.billing.minor_unit_digits;
     BatchParams {
         tz: config.billing.time_zone,
@@ -483,11 +490,16 @@ async fn bill_locked(
     }
     for r in client
         .query(
-            "SELECT result FROM job_batches WHERE job = 'generate_bills' AND slot = $1 AND status = 'done'",
+            "SELECT result, done_by FROM job_batches WHERE job = 'generate_bills' AND slot = $1 AND status = 'done'",
             &[&slot],
         )
         .await?
     {
+        let by: Option<String> = r.get(1);
+        *report
+            .batches_by_instance
+            .entry(by.unwrap_or_default())
+            .or_insert(0) += 1;
         let v: Option<serde_json::Value> = r.get(0);
         if let Some(b) = v.and_then(|v| serde_json::from_value::<BatchResult>(v).ok()) {
             sums.add(&b);
@@ -586,7 +598,11 @@ pub async fn work_open_batches(db: &Db, config: &Config) -> Result<usize, JobErr
         match work_one_batch(&mut client, &params, None, &mut report).await? {
             Some(b) => {
                 n += 1;
-                tracing::info!(job = "generate_bills", batch = b, "billed a batch of another instance's run");
+                tracing::info!(
+                    job = "generate_bills",
+                    batch = b,
+                    "billed a batch of another instance's run"
+                );
             }
             None => break,
         }

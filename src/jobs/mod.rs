@@ -106,7 +106,14 @@ pub async fn claim_slot(
                 OR (job_runs.status = 'running' AND job_runs.lease_until < clock_timestamp())
                 OR (job_runs.status = 'succeeded' AND $4)
              RETURNING attempts",
-            &[&job.as_str(), &slot, &as_of, &force, &instance_id(), &lease_secs],
+            &[
+                &job.as_str(),
+                &slot,
+                &as_of,
+                &force,
+                &instance_id(),
+                &lease_secs,
+            ],
         )
         .await?;
     if let Some(r) = row {
@@ -139,7 +146,9 @@ pub async fn finish_slot(
 ) -> Result<(), JobError> {
     let (status, report, error) = match outcome {
         Ok(r) => ("succeeded", Some(r), None),
-        Err(JobError::Interrupted) => ("interrupted", None, Some(JobError::Interrupted.to_string())),
+        Err(JobError::Interrupted) => {
+            ("interrupted", None, Some(JobError::Interrupted.to_string()))
+        }
         Err(e) => ("failed", None, Some(e.to_string())),
     };
     let n = client
@@ -202,24 +211,26 @@ pub async fn begin_slot(
         }));
     }
     let lease = config.service.lease.std();
-    Ok(match claim_slot(client, job, slot, as_of, force, lease).await? {
-        Claim::AlreadyDone(at) => SlotStart::Skip(format!(
-            "slot already ran (finished {at}); use --force to run it again"
-        )),
-        Claim::Busy { owner, lease_until } => SlotStart::Skip(format!(
-            "slot is being run by {owner} (lease until {lease_until})"
-        )),
-        Claim::Run(attempt) => {
-            if attempt > 1 {
-                tracing::info!(job = job.as_str(), slot = %slot, attempt, "resuming slot");
+    Ok(
+        match claim_slot(client, job, slot, as_of, force, lease).await? {
+            Claim::AlreadyDone(at) => SlotStart::Skip(format!(
+                "slot already ran (finished {at}); use --force to run it again"
+            )),
+            Claim::Busy { owner, lease_until } => SlotStart::Skip(format!(
+                "slot is being run by {owner} (lease until {lease_until})"
+            )),
+            Claim::Run(attempt) => {
+                if attempt > 1 {
+                    tracing::info!(job = job.as_str(), slot = %slot, attempt, "resuming slot");
+                }
+                SlotStart::Run(SlotLease {
+                    job,
+                    slot,
+                    renewal: Some(tokio::spawn(renew_lease(db.clone(), job, slot, lease))),
+                })
             }
-            SlotStart::Run(SlotLease {
-                job,
-                slot,
-                renewal: Some(tokio::spawn(renew_lease(db.clone(), job, slot, lease))),
-            })
-        }
-    })
+        },
+    )
 }
 
 /// Renews a slot's lease every third of its length until aborted. A failed renewal (the
@@ -248,7 +259,9 @@ async fn renew_lease(db: Db, job: JobName, slot: DateTime<Utc>, lease: std::time
                 return;
             }
             Ok(_) => {}
-            Err(e) => tracing::warn!(job = job.as_str(), slot = %slot, error = %e, "cannot renew the slot's lease; retrying"),
+            Err(e) => {
+                tracing::warn!(job = job.as_str(), slot = %slot, error = %e, "cannot renew the slot's lease; retrying")
+            }
         }
     }
 }

@@ -110,14 +110,7 @@ pub async fn run_in_slot(
         SlotStart::Run(lease) => lease,
     };
     let result = release(db, config, opts, &mut report).await;
-    end_slot(
-        &client,
-        lease,
-        opts.dry_run,
-        result,
-        &report,
-    )
-    .await?;
+    end_slot(&client, lease, opts.dry_run, result, &report).await?;
     tracing::info!(job = report.job, slot = %slot, released = report.released_count, "release_resources finished");
     Ok(report)
 }

@@ -84,14 +84,7 @@ pub async fn run_in_slot(
         SlotStart::Run(lease) => lease,
     };
     let result = alerts(db, config, opts, &mut report).await;
-    end_slot(
-        &client,
-        lease,
-        opts.dry_run,
-        result,
-        &report,
-    )
-    .await?;
+    end_slot(&client, lease, opts.dry_run, result, &report).await?;
     Ok(report)
 }
 
