@@ -11,3 +11,5 @@ pub mod ledger;
 pub mod lifecycle;
 pub mod notify;
 pub mod queries;
+pub mod report;
+pub mod simulate;
