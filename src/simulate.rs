@@ -458,6 +458,8 @@ pub struct SimulateReport {
     pub policy_file: String,
     pub overrides: Vec<Override>,
     pub currency: String,
+    /// The two copies (current, proposed), dropped when the simulation ended.
+    pub copies: Vec<String>,
     /// How the copies were made: `template` (CREATE DATABASE ... TEMPLATE) or `pg_dump`.
     pub copied_with: Vec<String>,
     /// Job runs per policy.
@@ -572,6 +574,7 @@ async fn run_on_copies(
         policy_file: opts.proposal.origin.clone(),
         overrides: opts.proposal.overrides.clone(),
         currency: config.billing.currency.clone(),
+        copies: names.to_vec(),
         copied_with,
         slots: plan.len(),
         per_day,
