@@ -191,13 +191,15 @@ fn override_policy(
     else {
         return Err((String::new(), "the policy is not a table".into()));
     };
+    // Values as an operator reads them: 72h rather than "72h".
+    let show = |v: &toml::Value| match v {
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
     let mut changed = Vec::new();
     for (k, v) in changes {
-        let from = merged
-            .get(&k)
-            .map(|old| old.to_string())
-            .unwrap_or_default();
-        changed.push((k.clone(), from, v.to_string()));
+        let from = merged.get(&k).map(show).unwrap_or_default();
+        changed.push((k.clone(), from, show(&v)));
         merged.insert(k, v);
     }
     let policy: Policy =
@@ -900,8 +902,8 @@ mod tests {
             p.overrides,
             vec![Override {
                 key: "products.lcic.policy.grace".into(),
-                from: "\"24h\"".into(),
-                to: "\"72h\"".into()
+                from: "24h".into(),
+                to: "72h".into()
             }]
         );
     }
