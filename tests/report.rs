@@ -169,3 +169,44 @@ async fn aging_of_a_database_without_arrears_is_all_zero() {
     assert!(r.buckets.iter().all(|b| b.accounts == 0));
     assert_eq!(state(&r, "good"), (1, "0.00"));
 }
+
+/// The binary, with stdout piped (not a terminal).
+fn arrears_cli(db_url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_arrears"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("ARREARS_CONFIG")
+        .env("DATABASE_URL", db_url)
+        .output()
+        .expect("run arrears")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn report_aging_prints_json_when_stdout_is_not_a_terminal() {
+    let t = TestDb::new().await;
+    t.import_accounts(&["x1,X,,,en,UTC,-12.34,0,"]).await;
+    in_arrears_since(&t, "x1", "in_arrears", at("2026-12-01T00:00:00Z")).await;
+    for args in [
+        &["report", "aging", "--as-of", "2026-12-03T00:00:00Z"][..],
+        &[
+            "report",
+            "aging",
+            "--json",
+            "--as-of",
+            "2026-12-03T00:00:00Z",
+        ][..],
+    ] {
+        let out = arrears_cli(&t.url, args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["accounts_in_arrears"], 1);
+        assert_eq!(v["buckets"][1]["bucket"], "2-7");
+        assert_eq!(v["buckets"][1]["accounts"], 1);
+        assert_eq!(v["buckets"][1]["owed"][0]["amount"], "12.34");
+        assert_eq!(v["buckets"][1]["owed"][0]["currency"], "CNY");
+    }
+}

@@ -343,3 +343,60 @@ async fn a_longer_grace_suspends_later() {
     assert!(table.contains("2 / 0"), "{table}");
     assert!(table.contains("0 / 2"), "{table}");
 }
+
+fn arrears_cli(db_url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_arrears"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("ARREARS_CONFIG")
+        .env("DATABASE_URL", db_url)
+        .output()
+        .expect("run arrears")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulate_on_the_command_line_validates_the_policy_file_and_prints_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TestDb::new().await;
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[products.lcic.policy]\ngrace = \"soon\"\n").unwrap();
+    let out = arrears_cli(
+        &t.url,
+        &[
+            "simulate",
+            "--policy",
+            &bad.display().to_string(),
+            "--days",
+            "1",
+        ],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key `products.lcic.policy.grace`"), "{err}");
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, "[products.sa.policy]\ngrace = \"20d\"\n").unwrap();
+    let out = arrears_cli(
+        &t.url,
+        &[
+            "simulate",
+            "--policy",
+            &good.display().to_string(),
+            "--days",
+            "1",
+            "--from",
+            FROM,
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["days"], 1);
+    assert_eq!(v["per_day"].as_array().map(Vec::len), Some(1));
+    assert_eq!(v["overrides"][0]["key"], "products.sa.policy.grace");
+    assert_eq!(v["overrides"][0]["to"], "20d");
+    assert_eq!(v["totals"]["current"]["job_errors"], 0);
+}
