@@ -12,6 +12,8 @@ pub mod ledger;
 pub mod lifecycle;
 pub mod notify;
 pub mod queries;
+pub mod report;
 pub mod scheduler;
 pub mod server;
 pub mod service;
+pub mod simulate;

@@ -140,6 +140,25 @@ enum Command {
         #[arg(long, default_value_t = 16)]
         connections: usize,
     },
+    /// Operator reports (a table on a terminal, JSON otherwise or with --json).
+    Report {
+        #[command(subcommand)]
+        what: ReportWhat,
+    },
+    /// Run the accounts forward N days on two copies of the database, under the current
+    /// policies and under the policy override FILE, and compare day by day. Changes nothing.
+    Simulate {
+        /// TOML with [products.<id>.policy] sections: only the keys to change.
+        #[arg(long)]
+        policy: PathBuf,
+        #[arg(long)]
+        days: u32,
+        /// Where the simulation starts (RFC 3339); default: --as-of, or now.
+        #[arg(long, value_parser = parse_instant)]
+        from: Option<DateTime<Utc>>,
+        #[arg(long)]
+        json: bool,
+    },
     /// The embedded default database.
     Embedded {
         #[command(subcommand)]
@@ -162,6 +181,16 @@ enum Command {
     Serve {
         #[arg(long, default_value_t = 1)]
         speed: u32,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReportWhat {
+    /// Accounts in arrears by days in arrears (0-1, 2-7, 8-30, 31-60, over 60) and by
+    /// lifecycle state, with what they owe, at --as-of.
+    Aging {
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -283,6 +312,12 @@ fn parse_instant(s: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|e| {
             format!("{s:?} is not an RFC 3339 instant such as 2026-11-23T00:30:00+08:00 ({e})")
         })
+}
+
+/// JSON when asked for or when stdout is not a terminal (a pipe, a file, a script).
+fn wants_json(json: bool) -> bool {
+    use std::io::IsTerminal;
+    json || !std::io::stdout().is_terminal()
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
@@ -512,6 +547,37 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 connections,
             };
             print_json(&arrears::bench::run_email(&config, &opts).await?)?;
+        }
+        Command::Report {
+            what: ReportWhat::Aging { json },
+        } => {
+            let db = open(&config, MigrationMode::Require).await?;
+            let report = arrears::report::aging(&db, &config, as_of).await?;
+            if wants_json(json) {
+                print_json(&report)?;
+            } else {
+                print!("{}", arrears::report::aging_table(&report));
+            }
+        }
+        Command::Simulate {
+            policy,
+            days,
+            from,
+            json,
+        } => {
+            let proposal = arrears::simulate::Proposal::load(&config, &policy)?;
+            let db = open(&config, MigrationMode::Require).await?;
+            let opts = arrears::simulate::Options {
+                from: from.unwrap_or(as_of),
+                days,
+                proposal,
+            };
+            let report = arrears::simulate::run(&db, &config, &opts).await?;
+            if wants_json(json) {
+                print_json(&report)?;
+            } else {
+                print!("{}", arrears::simulate::table(&report));
+            }
         }
         Command::Embedded { action } => match action {
             EmbeddedAction::Url => {

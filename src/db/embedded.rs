@@ -251,6 +251,13 @@ fn run(
     })
 }
 
+/// The machine's PostgreSQL client and server binaries (the newest under
+/// /usr/lib/postgresql/*/bin unless PATH has initdb and pg_ctl), also used for pg_dump and
+/// pg_restore by `arrears simulate`.
+pub fn bin_dir() -> Option<PathBuf> {
+    find_bin_dir()
+}
+
 fn find_bin_dir() -> Option<PathBuf> {
     let has_tools = |d: &Path| d.join("initdb").is_file() && d.join("pg_ctl").is_file();
     if let Some(path) = std::env::var_os("PATH") {
