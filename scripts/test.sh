@@ -32,3 +32,6 @@ if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
 fi
 
 cargo test --locked -- --test-threads="${TEST_THREADS:-4}"
+
+# The systemd units of deploy/.
+bash scripts/verify-units.sh
