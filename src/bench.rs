@@ -204,6 +204,151 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
     })
 }
 
+/// What `arrears bench-instances` measured: one billing run billed by one instance, then the
+/// same run (on an identical copy of the data) with helper instances claiming its batches.
+#[derive(Debug, Serialize)]
+pub struct InstancesReport {
+    pub accounts: u64,
+    pub usage_records: u64,
+    pub batch_size: usize,
+    pub one_instance_seconds: f64,
+    pub with_helpers_seconds: f64,
+    pub helpers: usize,
+    pub speedup: f64,
+    pub bills_one: i64,
+    pub bills_with_helpers: i64,
+}
+
+pub struct InstancesOptions {
+    pub accounts: u64,
+    pub usage: u64,
+    pub dir: PathBuf,
+    pub helpers: usize,
+}
+
+/// Bills the same generated day twice, on two identical copies: once by one instance alone,
+/// once with `helpers` more instances (each its own pool and connections, as a separate
+/// process would have) claiming batches with FOR UPDATE SKIP LOCKED.
+pub async fn run_instances(
+    config: &Config,
+    opts: &InstancesOptions,
+) -> Result<InstancesReport, BenchError> {
+    let base = Db::open(config, MigrationMode::Apply).await?;
+    let (server, _) = base
+        .url
+        .rsplit_once('/')
+        .ok_or_else(|| DbError::Connect("no database name in URL".into()))?;
+    let server = server.to_string();
+    drop(base);
+    let admin = db::raw_connect(&format!("{server}/postgres")).await?;
+    let names = [
+        "arrears_bench_src",
+        "arrears_bench_one",
+        "arrears_bench_many",
+    ];
+    for n in names {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
+            .await?;
+    }
+    admin
+        .batch_execute(&format!("CREATE DATABASE {}", names[0]))
+        .await?;
+    let as_of: DateTime<Utc> = "2026-11-23T00:30:00+08:00"
+        .parse()
+        .expect("literal instant");
+    {
+        let db = Db::open_url(&format!("{server}/{}", names[0]), 2, MigrationMode::Apply).await?;
+        catalog::sync_prices(&mut *db.conn().await?, config)
+            .await
+            .map_err(DbError::Query)?;
+        std::fs::create_dir_all(&opts.dir)?;
+        let files = generate(&opts.dir, opts.accounts, opts.usage)?;
+        import::import_accounts(&db, config, &files.accounts, as_of).await?;
+        import::import_resources(&db, config, &files.resources, as_of).await?;
+        import::import_usage(&db, config, &files.usage, as_of).await?;
+        db.raw_client()
+            .await?
+            .batch_execute("VACUUM ANALYZE")
+            .await?;
+        db.pool.close();
+    }
+    for n in &names[1..] {
+        let mut tries = 0;
+        loop {
+            match admin
+                .batch_execute(&format!("CREATE DATABASE {n} TEMPLATE {}", names[0]))
+                .await
+            {
+                Ok(()) => break,
+                Err(_) if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    admin.batch_execute("CHECKPOINT").await?;
+    let options = generate_bills::Options {
+        as_of,
+        bill_day: None,
+        dry_run: false,
+        force: false,
+    };
+
+    let one = Db::open_url(&format!("{server}/{}", names[1]), 2, MigrationMode::Require).await?;
+    let t = Instant::now();
+    let r1 = generate_bills::run(&one, config, &options).await?;
+    let one_instance_seconds = t.elapsed().as_secs_f64();
+    eprintln!("one instance: {one_instance_seconds:.1}s");
+    admin.batch_execute("CHECKPOINT").await?;
+
+    let url = format!("{server}/{}", names[2]);
+    let many = Db::open_url(&url, 2, MigrationMode::Require).await?;
+    let mut helpers = Vec::new();
+    for _ in 0..opts.helpers {
+        let db = Db::open_url(&url, 2, MigrationMode::Require).await?;
+        let config = config.clone();
+        helpers.push(tokio::spawn(async move {
+            // Poll for open batches as the service's batch loop does, until aborted.
+            loop {
+                if let Err(e) = generate_bills::work_open_batches(&db, &config).await {
+                    eprintln!("helper: {e}");
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }));
+    }
+    let t = Instant::now();
+    let r2 = generate_bills::run(&many, config, &options).await?;
+    let with_helpers_seconds = t.elapsed().as_secs_f64();
+    eprintln!(
+        "with {} helper(s): {with_helpers_seconds:.1}s",
+        opts.helpers
+    );
+    for h in helpers {
+        h.abort();
+    }
+    drop(many);
+    for n in names {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
+            .await?;
+    }
+    Ok(InstancesReport {
+        accounts: opts.accounts,
+        usage_records: opts.usage,
+        batch_size: config.billing.batch_size,
+        one_instance_seconds,
+        with_helpers_seconds,
+        helpers: opts.helpers,
+        speedup: one_instance_seconds / with_helpers_seconds,
+        bills_one: r1.bills_issued,
+        bills_with_helpers: r2.bills_issued,
+    })
+}
+
 struct Files {
     accounts: PathBuf,
     resources: PathBuf,

@@ -192,6 +192,9 @@ pub struct EmailConfig {
     pub from: Option<String>,
     /// A PEM file of extra CA certificates to trust (a private relay).
     pub ca_file: Option<PathBuf>,
+    /// Without an SMTP URL: the folder the .eml files go to (absolute; default: the state
+    /// directory's outbox folder).
+    pub file_dir: Option<PathBuf>,
     #[serde(default = "default_smtp_pool")]
     pub pool_size: u32,
 }
@@ -206,6 +209,7 @@ impl Default for EmailConfig {
             smtp_url: None,
             from: None,
             ca_file: None,
+            file_dir: None,
             pool_size: default_smtp_pool(),
         }
     }
@@ -719,6 +723,18 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
                 "{:?}: expected json, text or journald",
                 raw.service.log_format
             ),
+        ));
+    }
+    if raw
+        .email
+        .file_dir
+        .as_ref()
+        .is_some_and(|d| !d.is_absolute())
+    {
+        return Err(invalid(
+            "email.file_dir",
+            "must be an absolute path (a relative one would depend on the working directory)"
+                .into(),
         ));
     }
     if let Some(dir) = &raw.notifications.templates_dir {

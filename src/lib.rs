@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod config;
 pub mod db;
+pub mod demo;
 pub mod domain;
 pub mod import;
 pub mod jobs;

@@ -298,7 +298,7 @@ async fn watchdog(sh: Arc<Shared>, every: Duration) {
 async fn job_loop(sh: Arc<Shared>, db: Db, js: JobSchedule) {
     let tick = sh.config.service.tick.std();
     let mut backoff = tick;
-    let mut client: Option<tokio_postgres::Client> = None;
+    let mut client: Option<crate::db::RawClient> = None;
     while !sh.stopping() {
         match job_step(&sh, &db, &js, &mut client).await {
             Ok(()) => {
@@ -318,7 +318,7 @@ async fn job_loop(sh: Arc<Shared>, db: Db, js: JobSchedule) {
 
 async fn connected<'a>(
     db: &Db,
-    client: &'a mut Option<tokio_postgres::Client>,
+    client: &'a mut Option<crate::db::RawClient>,
 ) -> Result<&'a tokio_postgres::Client, DbError> {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
         *client = Some(db.raw_client().await?);
@@ -330,7 +330,7 @@ async fn job_step(
     sh: &Shared,
     db: &Db,
     js: &JobSchedule,
-    client: &mut Option<tokio_postgres::Client>,
+    client: &mut Option<crate::db::RawClient>,
 ) -> Result<(), JobError> {
     let Cadence::Cron { catch_up, .. } = &js.cadence else {
         return Ok(());

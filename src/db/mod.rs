@@ -42,6 +42,49 @@ pub struct Db {
     pub url: String,
     /// Set when the service shuts down: long jobs stop between batches.
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Idle raw clients, reused (a connection costs a PostgreSQL backend start).
+    idle: std::sync::Arc<std::sync::Mutex<Vec<tokio_postgres::Client>>>,
+}
+
+/// Idle raw clients kept per `Db`.
+const IDLE_RAW_CLIENTS: usize = 8;
+
+/// A raw client borrowed from its `Db`: goes back to the idle list when dropped (unless its
+/// connection closed). Its session is reset (`DISCARD ALL`) before it is lent again.
+pub struct RawClient {
+    client: Option<tokio_postgres::Client>,
+    idle: std::sync::Arc<std::sync::Mutex<Vec<tokio_postgres::Client>>>,
+}
+
+impl std::ops::Deref for RawClient {
+    type Target = tokio_postgres::Client;
+    fn deref(&self) -> &Self::Target {
+        self.client
+            .as_ref()
+            .expect("a RawClient holds its client until dropped")
+    }
+}
+
+impl std::ops::DerefMut for RawClient {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.client
+            .as_mut()
+            .expect("a RawClient holds its client until dropped")
+    }
+}
+
+impl Drop for RawClient {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            if !c.is_closed() {
+                if let Ok(mut idle) = self.idle.lock() {
+                    if idle.len() < IDLE_RAW_CLIENTS {
+                        idle.push(c);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// How `Db::open` treats migrations.
@@ -81,6 +124,7 @@ impl Db {
             pool,
             url: url.to_string(),
             stop: Default::default(),
+            idle: Default::default(),
         };
         match mode {
             MigrationMode::Apply => {
@@ -139,9 +183,24 @@ impl Db {
         .map_err(|e| DbError::Migration(e.to_string()))?
     }
 
-    /// A plain tokio-postgres client on its own connection, for COPY.
-    pub async fn raw_client(&self) -> Result<tokio_postgres::Client, DbError> {
-        raw_connect(&self.url).await
+    /// A plain tokio-postgres client on its own connection (COPY, set-based SQL), reused
+    /// from earlier callers when one is idle.
+    pub async fn raw_client(&self) -> Result<RawClient, DbError> {
+        loop {
+            let cached = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+            let Some(c) = cached else { break };
+            // Advisory locks, temporary tables and settings of the last borrower go.
+            if !c.is_closed() && c.batch_execute("DISCARD ALL").await.is_ok() {
+                return Ok(RawClient {
+                    client: Some(c),
+                    idle: self.idle.clone(),
+                });
+            }
+        }
+        Ok(RawClient {
+            client: Some(raw_connect(&self.url).await?),
+            idle: self.idle.clone(),
+        })
     }
 
     /// The database's clock, for the clock-agreement guard of destructive jobs.

@@ -106,7 +106,11 @@ pub enum Mailer {
 impl Mailer {
     pub fn from_config(config: &Config) -> Result<Mailer, String> {
         let Some(url) = &config.email.smtp_url else {
-            let dir = config.embedded.state_dir.join("outbox");
+            let dir = config
+                .email
+                .file_dir
+                .clone()
+                .unwrap_or_else(|| config.embedded.state_dir.join("outbox"));
             std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             return Ok(Mailer::File(AsyncFileTransport::new(&dir), dir));
         };
