@@ -166,12 +166,12 @@ const STORIES: &[Story] = &[
     },
     Story {
         id: "low-balance",
-        product: "lcic",
+        product: "sa",
         story: "cash runs below its 20.00 threshold: a low-balance alert; a top-up on day 15 re-arms it, and it fires again on day 74",
         expected: "good",
         account: "Low Balance,low@example.com,+8613800000003,en,Asia/Shanghai,30.00,0,20.00",
-        resources: &[("lb-class", "lcic,pay_per_use,,,,")],
-        usage: ("lb-class", "classroom_minutes", 100, 0, 79),
+        resources: &[("lb-ppu", "sa,pay_per_use,,,,")],
+        usage: ("lb-ppu", "assets_scanned", 75, 0, 79),
     },
 ];
 
