@@ -50,7 +50,7 @@ pub struct Db {
 const IDLE_RAW_CLIENTS: usize = 8;
 
 /// A raw client borrowed from its `Db`: goes back to the idle list when dropped (unless its
-/// connection closed). Its session is reset (`DISCARD ALL`) before it is lent again.
+/// connection closed). Its session is reset before it is lent again.
 pub struct RawClient {
     client: Option<tokio_postgres::Client>,
     idle: std::sync::Arc<std::sync::Mutex<Vec<tokio_postgres::Client>>>,
@@ -189,8 +189,13 @@ impl Db {
         loop {
             let cached = self.idle.lock().ok().and_then(|mut idle| idle.pop());
             let Some(c) = cached else { break };
-            // Advisory locks, temporary tables and settings of the last borrower go.
-            if !c.is_closed() && c.batch_execute("DISCARD ALL").await.is_ok() {
+            // Advisory locks, temporary tables and settings of the last borrower go (not
+            // DISCARD ALL: tokio-postgres keeps prepared type lookups on the connection).
+            if !c.is_closed()
+                && c.batch_execute("DISCARD TEMP; SELECT pg_advisory_unlock_all(); RESET ALL")
+                    .await
+                    .is_ok()
+            {
                 return Ok(RawClient {
                     client: Some(c),
                     idle: self.idle.clone(),
