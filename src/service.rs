@@ -37,11 +37,15 @@ pub enum ServeError {
     Channels(String),
 }
 
+/// (job, outcome)
+pub type RunKey = (&'static str, &'static str);
+/// (runs, seconds)
+pub type RunTotals = (u64, f64);
+
 /// Counters of this instance's job runs, for /metrics.
 #[derive(Default)]
 pub struct Metrics {
-    /// (job, outcome) -> (runs, seconds)
-    runs: Mutex<BTreeMap<(&'static str, &'static str), (u64, f64)>>,
+    runs: Mutex<BTreeMap<RunKey, RunTotals>>,
     /// job -> missed slots dropped by the catch-up cap
     dropped: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -61,7 +65,7 @@ impl Metrics {
         }
     }
 
-    pub fn runs(&self) -> Vec<((&'static str, &'static str), (u64, f64))> {
+    pub fn runs(&self) -> Vec<(RunKey, RunTotals)> {
         self.runs
             .lock()
             .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())

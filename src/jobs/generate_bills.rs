@@ -12,8 +12,11 @@
 //!   cannot bill (the day's bill exists already, or a meter lost its price);
 //! - each batch of accounts then, in one transaction, writes the bills, lines, coupon draws,
 //!   ledger entries, balances and the accounts' new marks, so a crash between batches leaves
-//!   every account either billed and marked or untouched;
+//!   every account either billed and marked or untouched; the batches are rows of
+//!   `job_batches` that any instance claims (FOR UPDATE SKIP LOCKED, in the batch's own
+//!   transaction), and a resumed run recomputes the pre-pass, finding its earlier batches billed;
 //! - at the end the low-water mark rises to just below the oldest record still unbilled.
+//!
 //! A record that arrives late (its day's bill already issued) is above its account's mark
 //! and is billed by the next run, on that run's bill. Days are billed in order (a run for a
 //! day before the latest billed one is refused), so marks only move forward. A
