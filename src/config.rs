@@ -796,21 +796,8 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
                 "product ids use letters, digits, '_' and '-'".into(),
             ));
         }
-        if p.policy.release_warnings.is_empty() {
-            return Err(invalid(
-                &key("policy.release_warnings"),
-                "at least one warning is required (R9)".into(),
-            ));
-        }
-        if p.policy
-            .release_warnings
-            .iter()
-            .any(|w| *w >= p.policy.retention)
-        {
-            return Err(invalid(
-                &key("policy.release_warnings"),
-                "every warning must come before the end of retention".into(),
-            ));
+        if let Err((k, why)) = p.policy.check() {
+            return Err(invalid(&key(&format!("policy.{k}")), why.into()));
         }
         if p.prices.is_empty() {
             return Err(invalid(

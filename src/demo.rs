@@ -14,10 +14,7 @@ use crate::config::Config;
 use crate::db::{self, catalog, Db, DbError, MigrationMode};
 use crate::domain::money::format_scaled;
 use crate::import;
-use crate::jobs::{
-    deliver_notifications, enforce_suspensions, generate_bills, release_resources, send_alerts,
-    JobError, JobName,
-};
+use crate::jobs::{deliver_notifications, JobError, JobName};
 use crate::lifecycle::{self, OperatorAction};
 use crate::scheduler::{JobSchedule, Schedule};
 
@@ -284,12 +281,15 @@ async fn fresh_database(config: &Config, name: &str) -> Result<Db, DemoError> {
     let server = server.to_string();
     base.pool.close();
     let admin = db::raw_connect(&format!("{server}/postgres")).await?;
-    if !name
-        .chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    // The demo drops the database it is given: only ever one of its own.
+    if !name.starts_with("arrears_demo")
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
     {
         return Err(DemoError::Step(format!(
-            "database name {name:?}: use lower-case letters, digits and _"
+            "--database {name:?}: the demo's database is dropped and recreated, so its name must start with \
+             arrears_demo and use lower-case letters, digits and _"
         )));
     }
     admin
@@ -486,7 +486,7 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
             let new = changes(&client, start, &mut seen_event, &mut seen_notice, false).await?;
             emit(new, &mut timeline);
         }
-        run_slot(&db, &cfg, *job, *slot).await?;
+        crate::jobs::run_scheduled(&db, &cfg, None, *job, *slot).await?;
         // Deliver what the slot queued, at the slot's instant: accepted notices are facts
         // (R2's grace clock, R9's warnings).
         let pending: bool = client
@@ -571,7 +571,7 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
     let tl = out_dir.join("timeline.txt");
     std::fs::write(&tl, text).map_err(io(&tl))?;
     Ok(DemoReport {
-        database_url: db.url.clone(),
+        database_url: without_password(&db.url),
         out_dir,
         start,
         end,
@@ -583,67 +583,18 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
     })
 }
 
-async fn run_slot(
-    db: &Db,
-    cfg: &Config,
-    job: JobName,
-    slot: DateTime<Utc>,
-) -> Result<(), DemoError> {
-    match job {
-        JobName::GenerateBills => {
-            generate_bills::run(
-                db,
-                cfg,
-                &generate_bills::Options {
-                    as_of: slot,
-                    bill_day: None,
-                    dry_run: false,
-                    force: false,
-                },
-            )
-            .await?;
+/// `url` without its password (it is printed).
+fn without_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
         }
-        JobName::SendAlerts => {
-            send_alerts::run(
-                db,
-                cfg,
-                &send_alerts::Options {
-                    as_of: slot,
-                    dry_run: false,
-                    force: false,
-                },
-            )
-            .await?;
-        }
-        JobName::EnforceSuspensions => {
-            enforce_suspensions::run(
-                db,
-                cfg,
-                &enforce_suspensions::Options {
-                    as_of: slot,
-                    dry_run: false,
-                    force: false,
-                },
-            )
-            .await?;
-        }
-        JobName::ReleaseResources => {
-            release_resources::run(
-                db,
-                cfg,
-                &release_resources::Options {
-                    as_of: slot,
-                    service_now: Utc::now(),
-                    dry_run: false,
-                    force: false,
-                    allow_mass_release: false,
-                },
-            )
-            .await?;
-        }
-        JobName::DeliverNotifications => {}
+        _ => url.to_string(),
     }
-    Ok(())
 }
 
 /// Lifecycle events and accepted notices since the last call, as timeline entries.
@@ -702,4 +653,40 @@ async fn changes(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_urls_carry_no_password() {
+        assert_eq!(
+            without_password("postgres://arrears:s3cret@db:5432/arrears_demo"),
+            "postgres://arrears:***@db:5432/arrears_demo"
+        );
+        assert_eq!(
+            without_password("postgres://arrears@127.0.0.1:5432/arrears_demo"),
+            "postgres://arrears@127.0.0.1:5432/arrears_demo"
+        );
+    }
+
+    #[test]
+    fn every_story_declares_a_known_final_state_and_a_priced_meter() {
+        let config = Config::from_toml(crate::config::EXAMPLE_CONFIG, "test", &[]).unwrap();
+        for s in STORIES {
+            assert!(
+                crate::domain::lifecycle::AccountState::parse(s.expected).is_some(),
+                "{}",
+                s.id
+            );
+            let product = &config.products[s.product];
+            assert!(
+                product.price(s.usage.1).is_some(),
+                "{}: {}",
+                s.id,
+                s.usage.1
+            );
+        }
+    }
 }

@@ -70,10 +70,12 @@ pub struct Cron {
     days: u32,
     months: u16,
     weekdays: u8,
-    /// Day of month or day of week is `*`: Vixie cron matches both restricted fields with OR.
+    /// Day of month or day of week starts with `*`: both must match (Vixie cron); when
+    /// neither does, either may.
     days_any: bool,
     weekdays_any: bool,
-    /// `*` (or `*/n`) in the hour field: an hourly-style job (see the DST note above).
+    /// `*` (or `*/n`) in the minute or hour field: a wildcard job, which follows real time
+    /// across DST changes (see the module comment).
     hourly: bool,
 }
 
@@ -111,8 +113,8 @@ fn parse_field(
                 let step: u32 = s
                     .parse()
                     .map_err(|_| format!("{name}: step {s:?} is not a number"))?;
-                if step == 0 {
-                    return Err(format!("{name}: step must be at least 1"));
+                if step == 0 || step > max {
+                    return Err(format!("{name}: step must be between 1 and {max}"));
                 }
                 (r, step)
             }
@@ -153,11 +155,12 @@ impl Cron {
             ));
         }
         let (minutes, _) = parse_field(fields[0], "minute", 0, 59, &[])?;
-        let (hours, hourly) = parse_field(fields[1], "hour", 0, 23, &[])?;
-        let (days, days_any) = parse_field(fields[2], "day-of-month", 1, 31, &[])?;
+        let (hours, _) = parse_field(fields[1], "hour", 0, 23, &[])?;
+        let (days, _) = parse_field(fields[2], "day-of-month", 1, 31, &[])?;
         let (months, _) = parse_field(fields[3], "month", 1, 12, MONTHS)?;
         // 7 is Sunday as well as 0.
-        let (mut weekdays, weekdays_any) = parse_field(fields[4], "day-of-week", 0, 7, WEEKDAYS)?;
+        let (mut weekdays, _) = parse_field(fields[4], "day-of-week", 0, 7, WEEKDAYS)?;
+        let hourly = fields[0].starts_with('*') || fields[1].starts_with('*');
         if weekdays & (1 << 7) != 0 {
             weekdays = (weekdays | 1) & 0x7f;
         }
@@ -168,8 +171,8 @@ impl Cron {
             days: days as u32,
             months: months as u16,
             weekdays: weekdays as u8,
-            days_any: days_any && fields[2] == "*",
-            weekdays_any: weekdays_any && fields[4] == "*",
+            days_any: fields[2].starts_with('*'),
+            weekdays_any: fields[4].starts_with('*'),
             hourly,
         })
     }
@@ -184,11 +187,10 @@ impl Cron {
         }
         let dom = self.days & (1 << d.day()) != 0;
         let dow = self.weekdays & (1 << d.weekday().num_days_from_sunday()) != 0;
-        match (self.days_any, self.weekdays_any) {
-            (true, true) => true,
-            (true, false) => dow,
-            (false, true) => dom,
-            (false, false) => dom || dow,
+        if self.days_any || self.weekdays_any {
+            dom && dow
+        } else {
+            dom || dow
         }
     }
 
@@ -924,12 +926,33 @@ mod tests {
             sun.next_after(tz, utc("2026-01-05T00:00:00Z")),
             Some(utc("2026-01-11T00:00:00Z"))
         );
-        // Day of month and day of week both restricted: either matches (Vixie).
+        // Day of month and day of week both restricted: either matches (Vixie)...
         let either = Cron::parse("0 0 1 * MON").unwrap();
         assert_eq!(
             either.next_after(tz, utc("2026-01-01T00:00:00Z")),
             Some(utc("2026-01-05T00:00:00Z"))
         );
+        // ...but a field starting with `*` makes both necessary: odd days that are Mondays.
+        let both = Cron::parse("0 0 */2 * MON").unwrap();
+        assert_eq!(
+            both.next_after(tz, utc("2026-01-01T00:00:00Z")),
+            Some(utc("2026-01-05T00:00:00Z"))
+        );
+        assert_eq!(
+            both.next_after(tz, utc("2026-01-05T00:00:00Z")),
+            Some(utc("2026-01-19T00:00:00Z"))
+        );
+        // A wildcard minute follows real time: `* 2 * * *` has no 02:xx on a spring-forward day.
+        let berlin: Tz = "Europe/Berlin".parse().unwrap();
+        let gap = Cron::parse("* 2 * * *").unwrap();
+        assert!(gap
+            .between(
+                berlin,
+                utc("2026-03-28T23:00:00Z"),
+                utc("2026-03-29T22:00:00Z"),
+                100
+            )
+            .is_empty());
         for (bad, why) in [
             ("* * * *", "expected 5 fields"),
             ("60 * * * *", "minute: 60 is outside 0-59"),
@@ -937,7 +960,11 @@ mod tests {
             ("0 0 0 * *", "day-of-month: 0 is outside 1-31"),
             ("0 0 * 13 *", "month: 13 is outside 1-12"),
             ("0 0 * * 8", "day-of-week: 8 is outside 0-7"),
-            ("*/0 * * * *", "minute: step must be at least 1"),
+            ("*/0 * * * *", "minute: step must be between 1 and 59"),
+            (
+                "1-59/4294967295 * * * *",
+                "minute: step must be between 1 and 59",
+            ),
             ("5-1 * * * *", "minute: range \"5-1\" runs backwards"),
             ("x * * * *", "minute: \"x\" is not a number"),
         ] {

@@ -133,7 +133,8 @@ async fn readyz(State(sh): State<Arc<Shared>>) -> Response {
         Some("stopping")
     } else if let Some(db) = sh.db() {
         let ping = tokio::time::timeout(Duration::from_secs(2), async {
-            let c = db.raw_client().await?;
+            // Its own connection: a ping that times out must not leave a busy one behind.
+            let c = crate::db::raw_connect(&db.url).await?;
             c.execute("SELECT 1", &[]).await?;
             Ok::<(), crate::db::DbError>(())
         })

@@ -20,10 +20,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::db::{Db, DbError, MigrationMode};
-use crate::jobs::{
-    deliver_notifications, enforce_suspensions, generate_bills, release_resources, send_alerts,
-    JobError, JobName,
-};
+use crate::jobs::{deliver_notifications, generate_bills, JobError, JobName};
 use crate::scheduler::{Cadence, CatchUp, Clock, JobSchedule, Schedule};
 
 #[derive(Debug, thiserror::Error)]
@@ -305,9 +302,13 @@ async fn job_loop(sh: Arc<Shared>, db: Db, js: JobSchedule) {
     let mut client: Option<crate::db::RawClient> = None;
     while !sh.stopping() {
         match job_step(&sh, &db, &js, &mut client).await {
-            Ok(()) => {
+            Ok(false) => {
                 backoff = tick;
                 sh.beat(true);
+            }
+            Ok(true) => {
+                // A slot failed or was refused: try again later, not every tick.
+                backoff = (backoff * 2).clamp(tick, Duration::from_secs(30));
             }
             Err(e) => {
                 client = None;
@@ -330,72 +331,93 @@ async fn connected<'a>(
     Ok(client.as_ref().expect("set above"))
 }
 
+/// How one slot run ended, for the order of a catch-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotOutcome {
+    /// Ran now, or had already run.
+    Done,
+    /// Another live runner holds it: not done yet.
+    Busy,
+    /// Failed, refused or interrupted.
+    Failed,
+}
+
+/// One pass of a job's loop. Returns whether a slot failed (the loop then backs off).
 async fn job_step(
     sh: &Shared,
     db: &Db,
     js: &JobSchedule,
     client: &mut Option<crate::db::RawClient>,
-) -> Result<(), JobError> {
+) -> Result<bool, JobError> {
     let Cadence::Cron { catch_up, .. } = &js.cadence else {
-        return Ok(());
+        return Ok(false);
     };
+    let every = *catch_up == CatchUp::Every;
     let job = js.job.as_str();
+    let now = sh.clock.now();
     let c = connected(db, client).await?;
-    // Slots to resume: interrupted, taken by a runner whose lease expired, or failed and past
-    // their back-off (the lease, doubled per attempt, at most an hour).
+    // Open slots newer than the latest success: interrupted, held by a runner whose lease
+    // expired, or failed and past their back-off (the lease, doubled per attempt, at most an
+    // hour). Older ones are behind a later success: billing refuses them (days are billed in
+    // order) and level-triggered jobs have nothing left to do for them.
     let lease = sh.config.service.lease.seconds() as f64;
     let open = c
         .query(
-            "SELECT slot, as_of, status FROM job_runs
-             WHERE job = $1 AND (status = 'interrupted'
-                OR (status = 'running' AND lease_until < clock_timestamp())
-                OR (status = 'failed' AND finished_at + least(make_interval(secs => $2 * power(2, least(attempts, 12) - 1)),
-                                                        interval '1 hour') < clock_timestamp()))
+            "WITH done AS (SELECT max(slot) AS latest FROM job_runs WHERE job = $1 AND status = 'succeeded')
+             SELECT slot, as_of, status, status = 'running' AND coalesce(lease_until, '-infinity') >= clock_timestamp()
+                    OR status = 'failed' AND finished_at + least(make_interval(secs => $2 * power(2, least(attempts, 12) - 1)),
+                                                             interval '1 hour') >= clock_timestamp() AS waiting
+             FROM job_runs, done
+             WHERE job = $1 AND status <> 'succeeded' AND slot > coalesce(done.latest, '-infinity')
              ORDER BY slot",
             &[&job, &lease],
         )
         .await?;
-    let newest: Option<DateTime<Utc>> = c
-        .query_one("SELECT max(slot) FROM job_runs WHERE job = $1", &[&job])
-        .await?
-        .get(0);
-    for row in open {
-        let (slot, as_of): (DateTime<Utc>, DateTime<Utc>) = (row.get(0), row.get(1));
-        // A level-triggered job only resumes its newest slot: a later one redoes the rest.
-        if *catch_up == CatchUp::Latest && Some(slot) != newest {
-            continue;
-        }
-        if sh.stopping() {
-            return Ok(());
-        }
-        let status: String = row.get(2);
-        tracing::info!(job, slot = %slot, was = status, "resuming slot");
-        if !run_slot(sh, db, js, as_of).await && *catch_up == CatchUp::Every {
-            return Ok(());
-        }
-    }
-    if *catch_up == CatchUp::Every {
-        // Days are billed in order: a day that has not succeeded holds back the next ones.
-        let unfinished: i64 = c
-            .query_one(
-                "SELECT count(*) FROM job_runs WHERE job = $1 AND status <> 'succeeded'",
-                &[&job],
-            )
-            .await?
-            .get(0);
-        if unfinished > 0 {
-            return Ok(());
-        }
-    }
+    // Slots not yet started, counted from the last one handed out (a one-off run with a
+    // future --as-of does not hold the schedule back).
     let last: Option<DateTime<Utc>> = c
-        .query_one("SELECT max(as_of) FROM job_runs WHERE job = $1", &[&job])
+        .query_one(
+            "SELECT max(as_of) FROM job_runs WHERE job = $1 AND as_of <= $2",
+            &[&job, &now],
+        )
         .await?
         .get(0);
-    let due = js.due(last, sh.clock.now());
+    let due = js.due(last, now);
     if due.dropped > 0 {
         sh.metrics.dropped(js.job, due.dropped);
         tracing::error!(job, dropped = due.dropped, kept = due.slots.len(), max_catch_up = js.max_catch_up,
             "CATCH-UP CAPPED: more slots were missed than max_catch_up allows (clock jump or long outage?); the oldest were skipped and need an operator");
+    }
+
+    let mut failed = false;
+    if every {
+        // Billing: the oldest open day first; while one is open (held elsewhere, or failed
+        // and waiting), no later day starts.
+        for row in &open {
+            let (slot, as_of, status, waiting): (DateTime<Utc>, DateTime<Utc>, String, bool) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            if waiting || sh.stopping() {
+                return Ok(failed);
+            }
+            tracing::info!(job, slot = %slot, was = status, "resuming slot");
+            match run_slot(sh, db, js, as_of, Some(slot)).await {
+                SlotOutcome::Done => {}
+                SlotOutcome::Busy => return Ok(failed),
+                SlotOutcome::Failed => return Ok(true),
+            }
+        }
+    } else if due.slots.is_empty() {
+        // A level-triggered job resumes its newest open slot only when no newer slot is due
+        // (a newer run does the same work at a later instant).
+        if let Some(row) = open.last() {
+            let (slot, as_of, status, waiting): (DateTime<Utc>, DateTime<Utc>, String, bool) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            if !waiting && !sh.stopping() {
+                tracing::info!(job, slot = %slot, was = status, "resuming slot");
+                failed |= run_slot(sh, db, js, as_of, Some(slot)).await == SlotOutcome::Failed;
+            }
+        }
+        return Ok(failed);
     }
     if due.missed > 0 {
         tracing::info!(
@@ -409,70 +431,55 @@ async fn job_step(
         if sh.stopping() {
             break;
         }
-        if !run_slot(sh, db, js, slot).await && *catch_up == CatchUp::Every {
-            break;
+        match run_slot(sh, db, js, slot, None).await {
+            SlotOutcome::Done => {}
+            SlotOutcome::Busy if every => break,
+            SlotOutcome::Busy => {}
+            SlotOutcome::Failed => {
+                failed = true;
+                if every {
+                    break;
+                }
+            }
         }
     }
-    Ok(())
+    Ok(failed)
 }
 
-/// Runs one slot of a scheduled job at `as_of` (the slot's instant); the job claims the slot
-/// itself. Returns whether the slot is done (ran now, or had already run).
-async fn run_slot(sh: &Shared, db: &Db, js: &JobSchedule, as_of: DateTime<Utc>) -> bool {
+/// Runs one slot of a scheduled job at `as_of`; the job claims the slot itself. `resume` is
+/// the recorded slot of an open run being resumed (billing then bills that slot's day,
+/// whatever instant it first ran at).
+async fn run_slot(
+    sh: &Shared,
+    db: &Db,
+    js: &JobSchedule,
+    as_of: DateTime<Utc>,
+    resume: Option<DateTime<Utc>>,
+) -> SlotOutcome {
+    if js.job == JobName::DeliverNotifications {
+        return SlotOutcome::Done;
+    }
     let cfg = js.knobs.apply(js.job, &sh.config);
     let started = Instant::now();
-    let result: Result<serde_json::Value, JobError> = match js.job {
-        JobName::GenerateBills => generate_bills::run(
-            db,
-            &cfg,
-            &generate_bills::Options {
-                as_of,
-                bill_day: None,
-                dry_run: false,
-                force: false,
-            },
-        )
-        .await
-        .map(to_json),
-        JobName::SendAlerts => send_alerts::run_in_slot(
-            db,
-            &cfg,
-            &send_alerts::Options {
-                as_of,
-                dry_run: false,
-                force: false,
-            },
-            as_of,
-        )
-        .await
-        .map(to_json),
-        JobName::EnforceSuspensions => enforce_suspensions::run_in_slot(
-            db,
-            &cfg,
-            &enforce_suspensions::Options {
-                as_of,
-                dry_run: false,
-                force: false,
-            },
-            as_of,
-        )
-        .await
-        .map(to_json),
-        JobName::ReleaseResources => release_resources::run_in_slot(
-            db,
-            &cfg,
-            &release_resources::Options {
-                as_of,
-                service_now: Utc::now(),
-                dry_run: false,
-                force: false,
-                allow_mass_release: false,
-            },
-            as_of,
-        )
-        .await
-        .map(to_json),
-        JobName::DeliverNotifications => return true,
+    let result = match (js.job, resume) {
+        (JobName::GenerateBills, Some(slot)) => {
+            let day = (slot - chrono::Duration::seconds(1))
+                .with_timezone(&cfg.billing.time_zone)
+                .date_naive();
+            generate_bills::run(
+                db,
+                &cfg,
+                &generate_bills::Options {
+                    as_of: as_of.max(slot),
+                    bill_day: Some(day),
+                    dry_run: false,
+                    force: false,
+                },
+            )
+            .await
+            .map(|r| serde_json::to_value(r).unwrap_or_default())
+        }
+        _ => crate::jobs::run_scheduled(db, &cfg, None, js.job, as_of).await,
     };
     let secs = started.elapsed().as_secs_f64();
     let job = js.job.as_str();
@@ -482,36 +489,36 @@ async fn run_slot(sh: &Shared, db: &Db, js: &JobSchedule, as_of: DateTime<Utc>) 
                 .get("skipped")
                 .and_then(|s| s.as_str())
                 .map(str::to_string);
-            let outcome = if skipped.is_some() {
-                "skipped"
-            } else {
-                "succeeded"
-            };
-            sh.metrics.record(js.job, outcome, secs);
             match skipped {
-                Some(why) => tracing::debug!(job, as_of = %as_of, why, "slot skipped"),
+                Some(why) if why.starts_with(crate::jobs::SKIPPED_BUSY) => {
+                    sh.metrics.record(js.job, "busy", secs);
+                    tracing::debug!(job, as_of = %as_of, why, "slot held by another runner");
+                    SlotOutcome::Busy
+                }
+                Some(why) => {
+                    sh.metrics.record(js.job, "skipped", secs);
+                    tracing::debug!(job, as_of = %as_of, why, "slot skipped");
+                    SlotOutcome::Done
+                }
                 None => {
-                    tracing::info!(job, as_of = %as_of, seconds = secs, report = %report, "slot finished")
+                    sh.metrics.record(js.job, "succeeded", secs);
+                    tracing::info!(job, as_of = %as_of, seconds = secs, report = %report, "slot finished");
+                    SlotOutcome::Done
                 }
             }
-            true
         }
-        Err(JobError::Interrupted) => {
+        Err(e @ (JobError::Interrupted | JobError::LeaseLost)) => {
             sh.metrics.record(js.job, "interrupted", secs);
-            tracing::info!(job, as_of = %as_of, "slot interrupted by shutdown; the next start resumes it");
-            false
+            tracing::info!(job, as_of = %as_of, reason = %e, "slot stopped between batches; it is resumed");
+            SlotOutcome::Failed
         }
         Err(e) => {
             sh.metrics.record(js.job, "failed", secs);
             sh.beat(!matches!(e, JobError::Db(_)));
             tracing::error!(job, as_of = %as_of, error = %e, "slot failed");
-            false
+            SlotOutcome::Failed
         }
     }
-}
-
-fn to_json<R: Serialize>(r: R) -> serde_json::Value {
-    serde_json::to_value(r).unwrap_or_default()
 }
 
 /// The outbox dispatcher: delivers due notices every `every` (claims are per notice, so every
@@ -593,7 +600,8 @@ pub struct DbGauges {
 }
 
 pub async fn db_gauges(sh: &Shared, db: &Db) -> Result<DbGauges, DbError> {
-    let c = db.raw_client().await?;
+    // Its own connection, not a reused one: a scrape that times out drops it mid-query.
+    let c = crate::db::raw_connect(&db.url).await?;
     let outbox = c
         .query(
             "SELECT status, count(*) FROM notices GROUP BY status ORDER BY status",
@@ -619,8 +627,11 @@ pub async fn db_gauges(sh: &Shared, db: &Db) -> Result<DbGauges, DbError> {
         let job = js.job.as_str();
         let row = c
             .query_one(
-                "SELECT max(as_of), count(*) FILTER (WHERE status <> 'succeeded') FROM job_runs WHERE job = $1",
-                &[&job],
+                "WITH done AS (SELECT max(slot) AS latest FROM job_runs WHERE job = $1 AND status = 'succeeded')
+                 SELECT (SELECT max(as_of) FROM job_runs WHERE job = $1 AND as_of <= $2),
+                        (SELECT count(*) FROM job_runs, done WHERE job = $1 AND status <> 'succeeded'
+                           AND slot > coalesce(done.latest, '-infinity'))",
+                &[&job, &now],
             )
             .await?;
         let last: Option<DateTime<Utc>> = row.get(0);

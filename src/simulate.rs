@@ -25,10 +25,7 @@ use crate::db::{embedded, raw_connect, Db, DbError, MigrationMode};
 use crate::domain::calendar::{billing_day_of, start_of_day};
 use crate::domain::money::format_scaled;
 use crate::domain::policy::Policy;
-use crate::jobs::{
-    deliver_notifications, enforce_suspensions, generate_bills, release_resources, send_alerts,
-    JobError, JobName,
-};
+use crate::jobs::{deliver_notifications, JobError, JobName};
 
 /// The longest simulation: a year of hourly slots.
 pub const MAX_DAYS: u32 = 366;
@@ -212,22 +209,9 @@ fn override_policy(
             };
             (suffix, e.inner().to_string())
         })?;
-    // The same rules as `config.rs` applies to a product's policy at load.
-    if policy.release_warnings.is_empty() {
-        return Err((
-            ".release_warnings".into(),
-            "at least one warning is required (R9)".into(),
-        ));
-    }
-    if policy
-        .release_warnings
-        .iter()
-        .any(|w| *w >= policy.retention)
-    {
-        return Err((
-            ".release_warnings".into(),
-            "every warning must come before the end of retention".into(),
-        ));
+    // The same rules the configuration applies to a product's policy at load.
+    if let Err((k, why)) = policy.check() {
+        return Err((format!(".{k}"), why.into()));
     }
     Ok((policy, changed))
 }
@@ -288,56 +272,9 @@ pub async fn run_slot(
     at: DateTime<Utc>,
     job: JobName,
 ) -> Result<(), JobError> {
-    match job {
-        JobName::GenerateBills => {
-            let opts = generate_bills::Options {
-                as_of: at,
-                bill_day: None,
-                dry_run: false,
-                force: false,
-            };
-            generate_bills::run(db, config, &opts).await.map(|_| ())
-        }
-        JobName::SendAlerts => {
-            let opts = send_alerts::Options {
-                as_of: at,
-                dry_run: false,
-                force: false,
-            };
-            send_alerts::run(db, config, &opts).await.map(|_| ())
-        }
-        JobName::DeliverNotifications => {
-            let opts = deliver_notifications::Options {
-                as_of: at,
-                dry_run: false,
-                max_batches: 100,
-            };
-            deliver_notifications::run(db, config, channels, &opts)
-                .await
-                .map(|_| ())
-        }
-        JobName::EnforceSuspensions => {
-            let opts = enforce_suspensions::Options {
-                as_of: at,
-                dry_run: false,
-                force: false,
-            };
-            enforce_suspensions::run(db, config, &opts)
-                .await
-                .map(|_| ())
-        }
-        JobName::ReleaseResources => {
-            let opts = release_resources::Options {
-                as_of: at,
-                // The clock guard compares the service's real clock with the database's.
-                service_now: Utc::now(),
-                dry_run: false,
-                force: false,
-                allow_mass_release: false,
-            };
-            release_resources::run(db, config, &opts).await.map(|_| ())
-        }
-    }
+    crate::jobs::run_scheduled(db, config, Some(channels), job, at)
+        .await
+        .map(|_| ())
 }
 
 /// What happened on one copy in one window, and where it stood at the window's end.

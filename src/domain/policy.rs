@@ -44,6 +44,23 @@ pub struct Policy {
     pub release_warnings: Vec<PolicyDuration>,
 }
 
+impl Policy {
+    /// The rules a policy must keep beyond its types: the key (under the policy) and why, for
+    /// the configuration and for `simulate`'s override files alike.
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        if self.release_warnings.is_empty() {
+            return Err(("release_warnings", "at least one warning is required (R9)"));
+        }
+        if self.release_warnings.iter().any(|w| *w >= self.retention) {
+            return Err((
+                "release_warnings",
+                "every warning must come before the end of retention",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// A positive duration written as `<n><unit>` with unit `s`, `m`, `h` or `d` ("24h", "15d").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PolicyDuration(pub i64);

@@ -131,6 +131,10 @@ pub async fn run(
         ..Default::default()
     };
     let mut client = db.raw_client().await?;
+    if !opts.dry_run {
+        // Checked before the claim, so that a refused run leaves no record behind.
+        check_order(&client, day, slot).await?;
+    }
     let lease = match begin_slot(
         db,
         config,
@@ -150,7 +154,7 @@ pub async fn run(
         }
         SlotStart::Run(lease) => lease,
     };
-    let result = bill(db, &mut client, config, day, opts, &mut report).await;
+    let result = bill(db, &lease, &mut client, config, day, opts, &mut report).await;
     end_slot(&client, lease, opts.dry_run, result, &report).await?;
     tracing::info!(job = report.job, slot = %slot, bills = report.bills_issued, dry_run = opts.dry_run, "generate_bills finished");
     Ok(report)
@@ -226,8 +230,57 @@ fn batch_params(
     }
 }
 
+/// Days are billed in order: marks only move forward, and a late record of an earlier day goes
+/// on the next bill rather than reopening an issued one. So a day is refused when a later one
+/// is billed (wholly, or for some accounts by a run that failed part way), and while an
+/// earlier day's run is still open (running elsewhere, interrupted or failed): billing past
+/// it would bill its records on two bills, or never bill that day.
+async fn check_order(
+    client: &tokio_postgres::Client,
+    day: NaiveDate,
+    slot: DateTime<Utc>,
+) -> Result<(), JobError> {
+    let row = client
+        .query_one(
+            "WITH done AS (
+               SELECT max(slot) AS latest FROM job_runs WHERE job = 'generate_bills' AND status = 'succeeded')
+             SELECT (SELECT latest FROM done),
+                    (SELECT max(billed_through_day) FROM accounts),
+                    (SELECT min(slot) FROM job_runs, done
+                     WHERE job = 'generate_bills' AND status <> 'succeeded' AND slot < $1
+                       AND slot > coalesce(done.latest, '-infinity'))",
+            &[&slot],
+        )
+        .await?;
+    let (latest, mark, open): (
+        Option<DateTime<Utc>>,
+        Option<NaiveDate>,
+        Option<DateTime<Utc>>,
+    ) = (row.get(0), row.get(1), row.get(2));
+    if let Some(latest) = latest.filter(|l| *l > slot) {
+        return Err(JobError::Refused(format!(
+            "bills are issued up to the day ending {latest}; billing day {day} is earlier (late usage of an \
+             earlier day is billed on the next day's bill)"
+        )));
+    }
+    if let Some(mark) = mark.filter(|m| *m > day) {
+        return Err(JobError::Refused(format!(
+            "accounts are billed up to {mark}; billing day {day} is earlier (late usage of an earlier day is \
+             billed on the next day's bill)"
+        )));
+    }
+    if let Some(open) = open {
+        return Err(JobError::Refused(format!(
+            "the billing day ending {open} is not finished; it is billed before {day}"
+        )));
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn bill(
     db: &Db,
+    lease: &crate::jobs::SlotLease,
     client: &mut tokio_postgres::Client,
     config: &Config,
     day: NaiveDate,
@@ -248,7 +301,12 @@ async fn bill(
             )
             .await?;
     }
-    let result = bill_locked(db, client, opts.dry_run, report, params).await;
+    // Under the lock: a run that waited for another one sees what it did.
+    let result = match check_order(client, day, report.slot).await {
+        Ok(()) if opts.dry_run => bill_locked(db, None, client, true, report, params).await,
+        Ok(()) => bill_locked(db, Some(lease), client, false, report, params).await,
+        Err(e) => Err(e),
+    };
     let cleanup = if opts.dry_run {
         client
             .batch_execute("DROP TABLE IF EXISTS pg_temp.bill_candidates, pg_temp.bill_skipped")
@@ -298,6 +356,7 @@ impl BatchParams {
 
 async fn bill_locked(
     db: &Db,
+    lease: Option<&crate::jobs::SlotLease>,
     client: &mut tokio_postgres::Client,
     dry_run: bool,
     report: &mut GenerateBillsReport,
@@ -305,35 +364,6 @@ async fn bill_locked(
 ) -> Result<BatchResult, JobError> {
     let day = params.day;
     let slot = params.slot;
-    // Days are billed in order: marks only move forward, and a late record of an earlier day
-    // goes on the next bill rather than reopening an issued one.
-    let latest: Option<DateTime<Utc>> = client
-        .query_one(
-            "SELECT max(slot) FROM job_runs WHERE job = 'generate_bills' AND status = 'succeeded'",
-            &[],
-        )
-        .await?
-        .get(0);
-    if let Some(latest) = latest.filter(|l| *l > report.slot) {
-        return Err(JobError::Refused(format!(
-            "bills are issued up to the day ending {latest}; billing day {day} is earlier (late usage of an \
-             earlier day is billed on the next day's bill)"
-        )));
-    }
-
-    // A run that failed part way leaves some accounts billed and marked for a later day:
-    // billing an earlier day for them would move their marks backwards.
-    let latest_mark: Option<NaiveDate> = client
-        .query_one("SELECT max(billed_through_day) FROM accounts", &[])
-        .await?
-        .get(0);
-    if let Some(mark) = latest_mark.filter(|m| *m > day) {
-        return Err(JobError::Refused(format!(
-            "accounts are billed up to {mark}; billing day {day} is earlier (late usage of an earlier day is \
-             billed on the next day's bill)"
-        )));
-    }
-
     // Pre-pass: what is unbilled, in one scan above the low-water mark. A resumed run does it
     // again: accounts its earlier attempt billed are then found already billed.
     let mut lap = std::time::Instant::now();
@@ -472,6 +502,9 @@ async fn bill_locked(
             tracing::debug!(job = "generate_bills", slot = %slot, batch = done, "batch billed");
             if db.stopping() {
                 return Err(JobError::Interrupted);
+            }
+            if lease.is_some_and(|l| l.lost()) {
+                return Err(JobError::LeaseLost);
             }
         }
         // What is left is being billed by other instances: wait for them (a batch whose

@@ -47,6 +47,12 @@ pub enum JobError {
     /// committed or rolled back whole) and the next start resumes it.
     #[error("interrupted by shutdown between batches; the next run resumes")]
     Interrupted,
+    /// The slot's lease could not be kept: the run stopped between batches so that it never
+    /// runs alongside the instance that takes the slot over.
+    #[error(
+        "the slot's lease was lost; stopped between batches (whoever holds the slot resumes it)"
+    )]
+    LeaseLost,
 }
 
 impl From<tokio_postgres::Error> for JobError {
@@ -55,16 +61,115 @@ impl From<tokio_postgres::Error> for JobError {
     }
 }
 
-/// This process's name in slot claims and batch records: `host:pid`.
+/// Runs `job` as a scheduled slot at `at` (not a dry run, not forced) and returns its report
+/// as JSON: how the service, the demo and the simulation drive the jobs. The slot is the
+/// instant itself (`generate_bills` names its slot by the billing day `at` closes).
+/// `deliver_notifications` needs `channels`; without them it is not run (`null`).
+pub async fn run_scheduled(
+    db: &Db,
+    config: &Config,
+    channels: Option<&deliver_notifications::Channels>,
+    job: JobName,
+    at: DateTime<Utc>,
+) -> Result<serde_json::Value, JobError> {
+    fn json<R: Serialize>(r: R) -> serde_json::Value {
+        serde_json::to_value(r).unwrap_or_default()
+    }
+    Ok(match job {
+        JobName::GenerateBills => json(
+            generate_bills::run(
+                db,
+                config,
+                &generate_bills::Options {
+                    as_of: at,
+                    bill_day: None,
+                    dry_run: false,
+                    force: false,
+                },
+            )
+            .await?,
+        ),
+        JobName::SendAlerts => json(
+            send_alerts::run_in_slot(
+                db,
+                config,
+                &send_alerts::Options {
+                    as_of: at,
+                    dry_run: false,
+                    force: false,
+                },
+                at,
+            )
+            .await?,
+        ),
+        JobName::EnforceSuspensions => json(
+            enforce_suspensions::run_in_slot(
+                db,
+                config,
+                &enforce_suspensions::Options {
+                    as_of: at,
+                    dry_run: false,
+                    force: false,
+                },
+                at,
+            )
+            .await?,
+        ),
+        JobName::ReleaseResources => json(
+            release_resources::run_in_slot(
+                db,
+                config,
+                &release_resources::Options {
+                    as_of: at,
+                    // The clock guard compares the real clock with the database's, whatever
+                    // instant the run acts at.
+                    service_now: Utc::now(),
+                    dry_run: false,
+                    force: false,
+                    allow_mass_release: false,
+                },
+                at,
+            )
+            .await?,
+        ),
+        JobName::DeliverNotifications => match channels {
+            Some(channels) => json(
+                deliver_notifications::run(
+                    db,
+                    config,
+                    channels,
+                    &deliver_notifications::Options {
+                        as_of: at,
+                        dry_run: false,
+                        max_batches: 100,
+                    },
+                )
+                .await?,
+            ),
+            None => serde_json::Value::Null,
+        },
+    })
+}
+
+/// This process's name in slot claims and batch records: `host:pid:start`. The start time
+/// (nanoseconds, hex) tells apart two processes with the same host name and pid (containers).
 pub fn instance_id() -> &'static str {
     static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     ID.get_or_init(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
             .unwrap_or_else(|_| "localhost".into());
-        format!("{host}:{}", std::process::id())
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        format!("{host}:{}:{start:x}", std::process::id())
     })
 }
+
+/// How a report's `skipped` begins when another live runner holds the slot (the service
+/// must not treat such a slot as done).
+pub const SKIPPED_BUSY: &str = "slot is being run by";
 
 /// What claiming a slot found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +208,8 @@ pub async fn claim_slot(
                started_at = excluded.started_at, finished_at = NULL, error = NULL,
                owner = excluded.owner, lease_until = excluded.lease_until
              WHERE job_runs.status IN ('failed', 'interrupted')
-                OR (job_runs.status = 'running' AND job_runs.lease_until < clock_timestamp())
+                OR (job_runs.status = 'running'
+                    AND coalesce(job_runs.lease_until, '-infinity') < clock_timestamp())
                 OR (job_runs.status = 'succeeded' AND $4)
              RETURNING attempts",
             &[
@@ -146,8 +252,8 @@ pub async fn finish_slot(
 ) -> Result<(), JobError> {
     let (status, report, error) = match outcome {
         Ok(r) => ("succeeded", Some(r), None),
-        Err(JobError::Interrupted) => {
-            ("interrupted", None, Some(JobError::Interrupted.to_string()))
+        Err(e @ (JobError::Interrupted | JobError::LeaseLost)) => {
+            ("interrupted", None, Some(e.to_string()))
         }
         Err(e) => ("failed", None, Some(e.to_string())),
     };
@@ -171,6 +277,15 @@ pub struct SlotLease {
     job: JobName,
     slot: DateTime<Utc>,
     renewal: Option<tokio::task::JoinHandle<()>>,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SlotLease {
+    /// The claim may have passed to another runner (a renewal found it taken, or none
+    /// succeeded for a whole lease): a long run must stop at its next batch.
+    pub fn lost(&self) -> bool {
+        self.lost.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl Drop for SlotLease {
@@ -208,6 +323,7 @@ pub async fn begin_slot(
             job,
             slot,
             renewal: None,
+            lost: Default::default(),
         }));
     }
     let lease = config.service.lease.std();
@@ -217,16 +333,24 @@ pub async fn begin_slot(
                 "slot already ran (finished {at}); use --force to run it again"
             )),
             Claim::Busy { owner, lease_until } => SlotStart::Skip(format!(
-                "slot is being run by {owner} (lease until {lease_until})"
+                "{SKIPPED_BUSY} {owner} (lease until {lease_until})"
             )),
             Claim::Run(attempt) => {
                 if attempt > 1 {
                     tracing::info!(job = job.as_str(), slot = %slot, attempt, "resuming slot");
                 }
+                let lost = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
                 SlotStart::Run(SlotLease {
                     job,
                     slot,
-                    renewal: Some(tokio::spawn(renew_lease(db.clone(), job, slot, lease))),
+                    renewal: Some(tokio::spawn(renew_lease(
+                        db.clone(),
+                        job,
+                        slot,
+                        lease,
+                        lost.clone(),
+                    ))),
+                    lost,
                 })
             }
         },
@@ -234,10 +358,18 @@ pub async fn begin_slot(
 }
 
 /// Renews a slot's lease every third of its length until aborted. A failed renewal (the
-/// database is away) is retried at the next tick; a lost claim is logged loudly.
-async fn renew_lease(db: Db, job: JobName, slot: DateTime<Utc>, lease: std::time::Duration) {
+/// database is away) is retried at the next tick; when the claim is found taken, or no
+/// renewal succeeded for a whole lease, `lost` is set (and logged loudly).
+async fn renew_lease(
+    db: Db,
+    job: JobName,
+    slot: DateTime<Utc>,
+    lease: std::time::Duration,
+    lost: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
     let every = (lease / 3).max(std::time::Duration::from_millis(200));
     let lease_secs = lease.as_secs_f64();
+    let mut renewed_at = std::time::Instant::now();
     loop {
         tokio::time::sleep(every).await;
         let renewed = async {
@@ -256,11 +388,16 @@ async fn renew_lease(db: Db, job: JobName, slot: DateTime<Utc>, lease: std::time
         match renewed {
             Ok(0) => {
                 tracing::error!(job = job.as_str(), slot = %slot, "lost the slot's lease: another runner took it over");
+                lost.store(true, std::sync::atomic::Ordering::SeqCst);
                 return;
             }
-            Ok(_) => {}
+            Ok(_) => renewed_at = std::time::Instant::now(),
             Err(e) => {
-                tracing::warn!(job = job.as_str(), slot = %slot, error = %e, "cannot renew the slot's lease; retrying")
+                tracing::warn!(job = job.as_str(), slot = %slot, error = %e, "cannot renew the slot's lease; retrying");
+                if renewed_at.elapsed() >= lease {
+                    tracing::error!(job = job.as_str(), slot = %slot, "no lease renewal for a whole lease: another runner may take the slot over");
+                    lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
             }
         }
     }
