@@ -614,6 +614,61 @@ async fn an_earlier_day_after_a_later_one_is_refused() {
     .unwrap_err();
     assert!(err.to_string().contains("is earlier"), "{err}");
     assert_eq!(t.scalar_i64("SELECT count(*) FROM bills").await, 1);
+    // Refused before anything was claimed: no record that a scheduler would retry for ever.
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM job_runs WHERE status <> 'succeeded'")
+            .await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_day_waits_while_an_earlier_day_is_open() {
+    let t = basic().await;
+    t.import_usage(
+        &["e1,a1,r1,classroom_minutes,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z"],
+        DAY_END,
+    )
+    .await;
+    // 2026-11-21's run is held by another instance (or failed and waits for its retry).
+    t.client()
+        .await
+        .execute(
+            "INSERT INTO job_runs (job, slot, status, as_of, started_at, owner, lease_until)
+             VALUES ('generate_bills', '2026-11-21T00:00:00+08:00', 'running', '2026-11-21T00:30:00+08:00',
+                     now(), 'elsewhere:1:0', now() + interval '1 hour')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = run(
+        &t.db,
+        &t.config,
+        &Options {
+            as_of: at(DAY_END),
+            bill_day: None,
+            dry_run: false,
+            force: false,
+        },
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("is not finished"), "{err}");
+    assert_eq!(t.scalar_i64("SELECT count(*) FROM bills").await, 0);
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM job_runs").await,
+        1,
+        "nothing claimed"
+    );
+    // Once that day is done, the next one bills.
+    t.client()
+        .await
+        .batch_execute(
+            "UPDATE job_runs SET status = 'succeeded', finished_at = now(), lease_until = NULL",
+        )
+        .await
+        .unwrap();
+    assert_eq!(t.bill(DAY_END).await.bills_issued, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
