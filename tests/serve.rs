@@ -943,3 +943,42 @@ async fn http_contract_auth_errors_gate_and_idempotent_topups_that_restore() {
     t.assert_balances_match_ledger().await;
     assert!(s.terminate().await.success());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn systemd_hears_ready_watchdog_and_stopping() {
+    let t = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let sock = socket_path.to_str().unwrap();
+    let mut s = Service::start(
+        &t.url,
+        "2026-06-10T12:00:00+08:00",
+        1,
+        &[("NOTIFY_SOCKET", sock), ("WATCHDOG_USEC", "2000000")],
+    );
+    let mut heard = Vec::new();
+    let mut recv_until = |want: &str, heard: &mut Vec<String>| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 256];
+        while !heard.iter().any(|m| m == want) {
+            assert!(Instant::now() < deadline, "never heard {want}: {heard:?}");
+            if let Ok(n) = socket.recv(&mut buf) {
+                heard.push(String::from_utf8_lossy(&buf[..n]).to_string());
+            }
+        }
+    };
+    recv_until("READY=1", &mut heard);
+    // Ready means the database answers and the schedule is loaded.
+    assert_eq!(s.status("/readyz").await, Some(200));
+    recv_until("WATCHDOG=1", &mut heard);
+    s.signal(libc::SIGTERM);
+    recv_until("STOPPING=1", &mut heard);
+    assert!(s.wait_exit(Duration::from_secs(30)).await.success());
+    let ready = heard.iter().position(|m| m == "READY=1").unwrap();
+    let stopping = heard.iter().position(|m| m == "STOPPING=1").unwrap();
+    assert!(ready < stopping, "{heard:?}");
+}
