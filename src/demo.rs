@@ -273,14 +273,6 @@ fn write_inputs(dir: &Path, start: DateTime<Utc>) -> Result<[PathBuf; 3], DemoEr
 
 /// A fresh database `name` next to the configured (or embedded) one.
 async fn fresh_database(config: &Config, name: &str) -> Result<Db, DemoError> {
-    let base = Db::open(config, MigrationMode::Apply).await?;
-    let (server, _) = base
-        .url
-        .rsplit_once('/')
-        .ok_or_else(|| DemoError::Step("no database name in the URL".into()))?;
-    let server = server.to_string();
-    base.pool.close();
-    let admin = db::raw_connect(&format!("{server}/postgres")).await?;
     // The demo drops the database it is given: only ever one of its own.
     if !name.starts_with("arrears_demo")
         || !name
@@ -292,6 +284,20 @@ async fn fresh_database(config: &Config, name: &str) -> Result<Db, DemoError> {
              arrears_demo and use lower-case letters, digits and _"
         )));
     }
+    // The server of the configured database (which the demo neither opens nor migrates), or
+    // the embedded cluster (started and set up on first use).
+    let url = match &config.database.url {
+        Some(url) => url.clone(),
+        None => {
+            let base = Db::open(config, MigrationMode::Apply).await?;
+            base.pool.close();
+            base.url.clone()
+        }
+    };
+    let (server, _) = url
+        .rsplit_once('/')
+        .ok_or_else(|| DemoError::Step("no database name in the URL".into()))?;
+    let admin = db::raw_connect(&format!("{server}/postgres")).await?;
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await?;

@@ -614,16 +614,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
                 let dir = report.out_dir.display();
+                let me = std::env::args().next().unwrap_or_else(|| "arrears".into());
                 println!("\nWhere to look next:");
                 println!("  {dir}/notices/          every email as .eml (open it in a mail client) and sms.log");
                 println!(
                     "  {dir}/timeline.txt      this timeline; {dir}/input/ the CSV files loaded"
                 );
                 println!("  export DATABASE_URL={}", report.database_url);
-                println!(
-                    "  arrears account history suspended-restored     arrears bills released-lcic"
-                );
-                println!("  arrears notices list                           arrears report aging --as-of {}", report.end.to_rfc3339());
+                println!("  {me} account history suspended-restored");
+                println!("  {me} bills released-lcic");
+                println!("  {me} notices list");
+                println!("  {me} report aging --as-of {}", report.end.to_rfc3339());
             }
             if !report.all_match {
                 bail!("a final state differs from the one the scenario declares");
