@@ -613,6 +613,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         if a.matches { "ok" } else { "MISMATCH" }
                     );
                 }
+                let mut by_state = std::collections::BTreeMap::<&str, usize>::new();
+                for a in &report.accounts {
+                    *by_state.entry(a.final_state.as_str()).or_default() += 1;
+                }
+                let by_state: Vec<String> =
+                    by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
+                println!("\nAccounts by final state: {}", by_state.join(", "));
                 let dir = report.out_dir.display();
                 let me = std::env::args().next().unwrap_or_else(|| "arrears".into());
                 println!("\nWhere to look next:");
