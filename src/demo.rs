@@ -37,13 +37,19 @@ pub struct DemoOptions {
     pub out_dir: PathBuf,
     /// The scratch database (dropped and created afresh).
     pub database: String,
-    pub days: i64,
     /// Print the timeline as it happens (and a progress bar when stderr is a terminal).
     pub print: bool,
 }
 
 /// The demo's first instant: midnight in the billing zone of the example configuration.
 pub const START: &str = "2026-01-01T00:00:00+08:00";
+/// How long the scenario runs: its usage, acts and declared final states are written for it.
+pub const DAYS: i64 = 80;
+
+/// How many accounts the scenario has.
+pub fn accounts() -> usize {
+    STORIES.len()
+}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct TimelineEntry {
@@ -284,14 +290,17 @@ async fn fresh_database(config: &Config, name: &str) -> Result<Db, DemoError> {
              arrears_demo and use lower-case letters, digits and _"
         )));
     }
-    // The server of the configured database (which the demo neither opens nor migrates), or
-    // the embedded cluster (started and set up on first use).
+    // The server of the configured database, or the embedded cluster (started on first use);
+    // the demo opens neither's own database.
     let url = match &config.database.url {
         Some(url) => url.clone(),
         None => {
-            let base = Db::open(config, MigrationMode::Apply).await?;
-            base.pool.close();
-            base.url.clone()
+            let dir = config.embedded.state_dir.clone();
+            tokio::task::spawn_blocking(move || crate::db::embedded::ensure_started(&dir))
+                .await
+                .map_err(|e| DemoError::Step(e.to_string()))?
+                .map_err(DbError::from)?
+                .url
         }
     };
     let (server, _) = url
@@ -350,7 +359,7 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
     let start: DateTime<Utc> = DateTime::parse_from_rfc3339(START)
         .expect("literal instant")
         .with_timezone(&Utc);
-    let end = start + Duration::days(opts.days);
+    let end = start + Duration::days(DAYS);
     std::fs::create_dir_all(&opts.out_dir).map_err(io(&opts.out_dir))?;
     let out_dir = std::fs::canonicalize(&opts.out_dir).map_err(io(&opts.out_dir))?;
     let notices_dir = out_dir.join("notices");
@@ -577,7 +586,7 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
     let tl = out_dir.join("timeline.txt");
     std::fs::write(&tl, text).map_err(io(&tl))?;
     Ok(DemoReport {
-        database_url: without_password(&db.url),
+        database_url: crate::db::redact_url(&db.url),
         out_dir,
         start,
         end,
@@ -587,20 +596,6 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
         timeline,
         accounts,
     })
-}
-
-/// `url` without its password (it is printed).
-fn without_password(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
-        }
-        _ => url.to_string(),
-    }
 }
 
 /// Lifecycle events and accepted notices since the last call, as timeline entries.
@@ -668,12 +663,23 @@ mod tests {
     #[test]
     fn printed_urls_carry_no_password() {
         assert_eq!(
-            without_password("postgres://arrears:s3cret@db:5432/arrears_demo"),
+            crate::db::redact_url("postgres://arrears:s3cret@db:5432/arrears_demo"),
             "postgres://arrears:***@db:5432/arrears_demo"
         );
         assert_eq!(
-            without_password("postgres://arrears@127.0.0.1:5432/arrears_demo"),
+            crate::db::redact_url("postgres://arrears@127.0.0.1:5432/arrears_demo"),
             "postgres://arrears@127.0.0.1:5432/arrears_demo"
+        );
+        assert_eq!(
+            crate::db::split_password("postgres://u:p%40ss@h:5432/d"),
+            (
+                "postgres://u@h:5432/d".to_string(),
+                Some("p@ss".to_string())
+            )
+        );
+        assert_eq!(
+            crate::db::split_password("postgres://u@h/d"),
+            ("postgres://u@h/d".to_string(), None)
         );
     }
 

@@ -180,8 +180,6 @@ enum Command {
         /// server.
         #[arg(long, default_value = "arrears_demo")]
         database: String,
-        #[arg(long, default_value_t = 80)]
-        days: i64,
         /// Print the whole report as JSON instead of the timeline and tables.
         #[arg(long)]
         json: bool,
@@ -566,14 +564,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Demo {
             out,
             database,
-            days,
             json,
         } => {
+            let days = arrears::demo::DAYS;
             let started = std::time::Instant::now();
             if !json {
                 println!(
                     "arrears demo: {} accounts, lcic and sa, {days} simulated days from {} (Asia/Shanghai)\n",
-                    8,
+                    arrears::demo::accounts(),
                     arrears::demo::START
                 );
                 println!("day     local time   account             state              event");
@@ -583,7 +581,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 &arrears::demo::DemoOptions {
                     out_dir: out,
                     database,
-                    days,
                     print: !json,
                 },
             )
@@ -666,7 +663,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Report {
             what: ReportWhat::Aging { json },
         } => {
-            let db = open(&config, MigrationMode::Require).await?;
+            // A report only reads: no price-list sync.
+            let db = Db::open(&config, MigrationMode::Require).await?;
             let report = arrears::report::aging(&db, &config, as_of).await?;
             if wants_json(json) {
                 print_json(&report)?;
@@ -681,7 +679,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => {
             let proposal = arrears::simulate::Proposal::load(&config, &policy)?;
-            let db = open(&config, MigrationMode::Require).await?;
+            // Read-only on the source: no price-list sync here (each copy gets its own).
+            let db = Db::open(&config, MigrationMode::Require).await?;
             let opts = arrears::simulate::Options {
                 from: from.unwrap_or(as_of),
                 days,

@@ -86,6 +86,11 @@ pub struct AgingReport {
 }
 
 /// Builds the aging report at `as_of`: two aggregate queries, folded into buckets here.
+/// A total that does not fit: refused rather than shown capped.
+fn overflow() -> DbError {
+    DbError::Connect("the amounts owed add up beyond what a 64-bit total holds".into())
+}
+
 pub async fn aging(db: &Db, config: &Config, as_of: DateTime<Utc>) -> Result<AgingReport, DbError> {
     let client = db.raw_client().await?;
     // Raw SQL: diesel cannot group by an expression over an interval. Ages are whole days
@@ -118,7 +123,7 @@ pub async fn aging(db: &Db, config: &Config, as_of: DateTime<Utc>) -> Result<Agi
         match bucket_of(age) {
             Some(i) => {
                 buckets[i].accounts += n;
-                owed_minor[i] = owed_minor[i].saturating_add(owed);
+                owed_minor[i] = owed_minor[i].checked_add(owed).ok_or_else(overflow)?;
             }
             None => after += n,
         }
@@ -145,14 +150,15 @@ pub async fn aging(db: &Db, config: &Config, as_of: DateTime<Utc>) -> Result<Agi
             }
         })
         .collect();
+    let total = owed_minor
+        .iter()
+        .try_fold(0i64, |a, b| a.checked_add(*b))
+        .ok_or_else(overflow)?;
     Ok(AgingReport {
         as_of,
         owed_is: "max(0, -(cash_balance + credit_quota))",
         accounts_in_arrears: buckets.iter().map(|b| b.accounts).sum(),
-        owed: vec![Amount::new(
-            config,
-            owed_minor.iter().fold(0i64, |a, b| a.saturating_add(*b)),
-        )],
+        owed: vec![Amount::new(config, total)],
         buckets,
         arrears_after_as_of: after,
         by_state,

@@ -461,7 +461,9 @@ async fn run_on_copies(
 ) -> Result<SimulateReport, SimulateError> {
     let url_of = |name: &str| join_url(base_url, name, &db.url);
     let mut copied_with = Vec::new();
-    copied_with.push(copy_database(admin, source, &db.url, &names[0], &url_of(&names[0])).await?);
+    // The source is always dumped: a template copy would lock its users out while it copies.
+    copied_with
+        .push(copy_database(admin, source, &db.url, &names[0], &url_of(&names[0]), false).await?);
     // The first copy has no other sessions, so the second is a fast template copy of it.
     copied_with.push(
         copy_database(
@@ -470,6 +472,7 @@ async fn run_on_copies(
             &url_of(&names[0]),
             &names[1],
             &url_of(&names[1]),
+            true,
         )
         .await?,
     );
@@ -528,6 +531,7 @@ fn sandbox(config: &Config, dir: &Path) -> Result<Config, SimulateError> {
         .map_err(|e| SimulateError::Channels(format!("{}: {e}", dir.display())))?;
     let mut c = config.clone();
     c.email.smtp_url = None;
+    c.email.file_dir = Some(dir.join("outbox"));
     c.embedded.state_dir = dir.to_path_buf();
     c.sms.provider = SmsProviderKind::Log;
     c.sms.log_file = Some(dir.join("sms.log"));
@@ -544,6 +548,10 @@ async fn run_copy(
     windows: &[(DateTime<Utc>, DateTime<Utc>)],
 ) -> Result<(Vec<Counts>, Totals), SimulateError> {
     let db = Db::open_url(url, config.database.pool_size, MigrationMode::Require).await?;
+    // The copy bills with the configured price list (the source is never written to).
+    crate::db::catalog::sync_prices(&mut *db.conn().await?, config)
+        .await
+        .map_err(DbError::Query)?;
     let channels =
         deliver_notifications::Channels::from_config(config).map_err(SimulateError::Channels)?;
     let client = db.raw_client().await?;
@@ -563,15 +571,18 @@ async fn run_copy(
             }
             next += 1;
         }
-        let c = measure(&client, config, base, *from, *to).await?;
-        totals.accounts_alerted += c.accounts_alerted;
-        totals.accounts_suspended += c.accounts_suspended;
-        totals.resources_suspended += c.resources_suspended;
-        totals.resources_released += c.resources_released;
-        totals.accounts_restored += c.accounts_restored;
-        totals.accounts_in_arrears = c.accounts_in_arrears;
-        totals.arrears_at_risk = c.arrears_at_risk.clone();
-        days.push(c);
+        days.push(measure(&client, config, base, *from, *to).await?);
+    }
+    // Totals over the whole window: an account alerted on several days counts once.
+    if let (Some((first, _)), Some((_, last))) = (windows.first(), windows.last()) {
+        let all = measure(&client, config, base, *first, *last).await?;
+        totals.accounts_alerted = all.accounts_alerted;
+        totals.accounts_suspended = all.accounts_suspended;
+        totals.resources_suspended = all.resources_suspended;
+        totals.resources_released = all.resources_released;
+        totals.accounts_restored = all.accounts_restored;
+        totals.accounts_in_arrears = all.accounts_in_arrears;
+        totals.arrears_at_risk = all.arrears_at_risk;
     }
     Ok((days, totals))
 }
@@ -585,6 +596,7 @@ async fn copy_database(
     source_url: &str,
     target: &str,
     target_url: &str,
+    template_ok: bool,
 ) -> Result<String, SimulateError> {
     let others: i64 = admin
         .query_one(
@@ -593,7 +605,7 @@ async fn copy_database(
         )
         .await?
         .get(0);
-    if others == 0 {
+    if template_ok && others == 0 {
         let sql = format!(
             "CREATE DATABASE {} TEMPLATE {}",
             ident(target),
@@ -638,17 +650,29 @@ fn dump_restore(source_url: &str, target_url: &str) -> Result<(), String> {
             .filter(|p| p.is_file())
             .unwrap_or_else(|| PathBuf::from(name))
     };
-    let mut dump = Command::new(bin("pg_dump"))
+    // Passwords go through the environment, never on a command line others can read.
+    let (source_url, source_pass) = crate::db::split_password(source_url);
+    let (target_url, target_pass) = crate::db::split_password(target_url);
+    let mut dump = Command::new(bin("pg_dump"));
+    if let Some(p) = source_pass {
+        dump.env("PGPASSWORD", p);
+    }
+    let mut dump = dump
         .args(["--format=custom", "--no-owner", "--no-privileges"])
         .arg(format!("--dbname={source_url}"))
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        // Not piped: unread warnings could fill the pipe and stall the dump.
+        .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("cannot run pg_dump: {e}"))?;
     let Some(out) = dump.stdout.take() else {
         return Err("pg_dump has no output pipe".into());
     };
-    let restore = Command::new(bin("pg_restore"))
+    let mut restore = Command::new(bin("pg_restore"));
+    if let Some(p) = target_pass {
+        restore.env("PGPASSWORD", p);
+    }
+    let restore = restore
         .args([
             "--no-owner",
             "--no-privileges",
@@ -669,9 +693,8 @@ fn dump_restore(source_url: &str, target_url: &str) -> Result<(), String> {
         .map_err(|e| format!("pg_dump: {e}"))?;
     if !dumped.status.success() {
         return Err(format!(
-            "pg_dump failed ({}): {}",
-            dumped.status,
-            String::from_utf8_lossy(&dumped.stderr).trim()
+            "pg_dump failed ({}); its messages are above",
+            dumped.status
         ));
     }
     if !restored.status.success() {
@@ -693,7 +716,7 @@ fn split_url(url: &str) -> Result<(String, String), SimulateError> {
             let (base, name) = no_query.split_at(after_scheme + i);
             Ok((base.to_string(), name[1..].to_string()))
         }
-        _ => Err(SimulateError::Url(url.to_string())),
+        _ => Err(SimulateError::Url(crate::db::redact_url(url))),
     }
 }
 

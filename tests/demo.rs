@@ -15,7 +15,6 @@ async fn the_demo_runs_80_days_and_every_account_ends_in_its_declared_state() {
         &arrears::demo::DemoOptions {
             out_dir: out.path().to_path_buf(),
             database: name.clone(),
-            days: 80,
             print: false,
         },
     )

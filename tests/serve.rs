@@ -961,7 +961,7 @@ async fn systemd_hears_ready_watchdog_and_stopping() {
         &[("NOTIFY_SOCKET", sock), ("WATCHDOG_USEC", "2000000")],
     );
     let mut heard = Vec::new();
-    let mut recv_until = |want: &str, heard: &mut Vec<String>| {
+    let recv_until = |want: &str, heard: &mut Vec<String>| {
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut buf = [0u8; 256];
         while !heard.iter().any(|m| m == want) {

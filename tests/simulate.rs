@@ -128,7 +128,10 @@ async fn simulate(t: &TestDb, policy: &str, days: u32) -> SimulateReport {
 #[tokio::test]
 async fn simulate_changes_nothing_in_the_database() {
     let dir = tempfile::tempdir().unwrap();
-    let t = TestDb::with_config(test_config(&dir, &[])).await;
+    // A deployment whose emails go to a folder of its own: simulated ones must not.
+    let mail = tempfile::tempdir().unwrap();
+    let mail_dir = mail.path().display().to_string();
+    let t = TestDb::with_config(test_config(&dir, &[("ARREARS_EMAIL__FILE_DIR", &mail_dir)])).await;
     fixture(&t).await;
     let before = fingerprint_all(&t).await;
     let business_before = t.fingerprint().await;
@@ -148,6 +151,11 @@ async fn simulate_changes_nothing_in_the_database() {
     assert_eq!(databases_named(&t, &r.copies).await, 0);
     // No notice went anywhere but the simulation's scratch folder, which is gone.
     assert!(!dir.path().join("outbox").exists());
+    assert_eq!(
+        std::fs::read_dir(mail.path()).unwrap().count(),
+        0,
+        "nothing in the real mail folder"
+    );
 }
 
 /// The job functions themselves, called directly at each slot, the way a scheduler would.

@@ -218,6 +218,54 @@ impl Db {
     }
 }
 
+/// `url` without its password, for anything printed or logged.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// `url` without its password, and the password (percent-decoded), for tools that take the
+/// password from the environment (PGPASSWORD) rather than a command line anyone can read.
+pub fn split_password(url: &str) -> (String, Option<String>) {
+    if let (Some(scheme), Some(at)) = (url.find("://"), url.rfind('@')) {
+        if at > scheme {
+            if let Some((user, pass)) = url[scheme + 3..at].split_once(':') {
+                return (
+                    format!("{}{user}{}", &url[..scheme + 3], &url[at..]),
+                    Some(percent_decode(pass)),
+                );
+            }
+        }
+    }
+    (url.to_string(), None)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 pub async fn raw_connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
