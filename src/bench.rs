@@ -75,18 +75,9 @@ const DAY_START: &str = "2026-11-22T00:00:00+08:00";
 pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     // A fresh database next to the configured (or embedded) one.
     let base = Db::open(config, MigrationMode::Apply).await?;
-    let (server, _) = base
-        .url
-        .rsplit_once('/')
-        .ok_or_else(|| DbError::Connect("no database name in URL".into()))?;
+    let (server, _) = db::split_database(&base.url)?;
     let admin = db::raw_connect(&format!("{server}/postgres")).await?;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {BENCH_DB}"))
-        .await?;
-    let url = format!("{server}/{BENCH_DB}");
+    let url = db::recreate_database(&base.url, BENCH_DB).await?;
     let db = Db::open_url(&url, 2, MigrationMode::Apply).await?;
     catalog::sync_prices(&mut *db.conn().await?, config)
         .await
@@ -234,26 +225,16 @@ pub async fn run_instances(
     opts: &InstancesOptions,
 ) -> Result<InstancesReport, BenchError> {
     let base = Db::open(config, MigrationMode::Apply).await?;
-    let (server, _) = base
-        .url
-        .rsplit_once('/')
-        .ok_or_else(|| DbError::Connect("no database name in URL".into()))?;
+    let (server, _) = db::split_database(&base.url)?;
     let server = server.to_string();
-    drop(base);
-    let admin = db::raw_connect(&format!("{server}/postgres")).await?;
     let names = [
         "arrears_bench_src",
         "arrears_bench_one",
         "arrears_bench_many",
     ];
-    for n in names {
-        admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
-            .await?;
-    }
-    admin
-        .batch_execute(&format!("CREATE DATABASE {}", names[0]))
-        .await?;
+    db::recreate_database(&base.url, names[0]).await?;
+    drop(base);
+    let admin = db::raw_connect(&format!("{server}/postgres")).await?;
     let as_of: DateTime<Utc> = "2026-11-23T00:30:00+08:00"
         .parse()
         .expect("literal instant");
@@ -274,6 +255,9 @@ pub async fn run_instances(
         db.pool.close();
     }
     for n in &names[1..] {
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
+            .await?;
         let mut tries = 0;
         loop {
             match admin
@@ -488,23 +472,10 @@ pub async fn run_email(
 ) -> Result<EmailBenchReport, BenchError> {
     use crate::jobs::deliver_notifications::{self, Channels};
     let base = Db::open(config, MigrationMode::Apply).await?;
-    let (server, _) = base
-        .url
-        .rsplit_once('/')
-        .ok_or_else(|| DbError::Connect("no database name in URL".into()))?;
+    let (server, _) = db::split_database(&base.url)?;
     let admin = db::raw_connect(&format!("{server}/postgres")).await?;
-    admin
-        .batch_execute("DROP DATABASE IF EXISTS arrears_bench_email WITH (FORCE)")
-        .await?;
-    admin
-        .batch_execute("CREATE DATABASE arrears_bench_email")
-        .await?;
-    let db = Db::open_url(
-        &format!("{server}/arrears_bench_email"),
-        8,
-        MigrationMode::Apply,
-    )
-    .await?;
+    let url = db::recreate_database(&base.url, "arrears_bench_email").await?;
+    let db = Db::open_url(&url, 8, MigrationMode::Apply).await?;
     let client = db.raw_client().await?;
     let n = opts.count as i64;
     let vars = crate::notify::templates::sample_vars();

@@ -303,16 +303,9 @@ async fn fresh_database(config: &Config, name: &str) -> Result<Db, DemoError> {
                 .url
         }
     };
-    let (server, _) = url
-        .rsplit_once('/')
-        .ok_or_else(|| DemoError::Step("no database name in the URL".into()))?;
+    let demo_url = db::recreate_database(&url, name).await?;
+    let (server, _) = db::split_database(&url)?;
     let admin = db::raw_connect(&format!("{server}/postgres")).await?;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await?;
     // A scratch database: commits need not wait for the disk (a crash loses the demo, never
     // corrupts it), which is most of the demo's time otherwise.
     admin
@@ -320,7 +313,7 @@ async fn fresh_database(config: &Config, name: &str) -> Result<Db, DemoError> {
             "ALTER DATABASE {name} SET synchronous_commit = off"
         ))
         .await?;
-    let db = Db::open_url(&format!("{server}/{name}"), 4, MigrationMode::Apply).await?;
+    let db = Db::open_url(&demo_url, 4, MigrationMode::Apply).await?;
     catalog::sync_prices(&mut *db.conn().await?, config)
         .await
         .map_err(DbError::Query)?;
@@ -501,7 +494,7 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
             let new = changes(&client, start, &mut seen_event, &mut seen_notice, false).await?;
             emit(new, &mut timeline);
         }
-        crate::jobs::run_scheduled(&db, &cfg, None, *job, *slot).await?;
+        crate::jobs::run_scheduled(&db, &cfg, None, *job, *slot, None).await?;
         // Deliver what the slot queued, at the slot's instant: accepted notices are facts
         // (R2's grace clock, R9's warnings).
         let pending: bool = client

@@ -455,18 +455,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             for j in schedule.jobs.iter().filter(|j| j.enabled) {
                 let (cron, slots) = match &j.cadence {
                     Cadence::Cron { cron, .. } => {
-                        let mut at = from;
-                        let mut slots = Vec::new();
-                        for _ in 0..count {
-                            let Some(t) = cron.next_after(j.time_zone, at) else {
-                                break;
-                            };
-                            slots.push(serde_json::json!({
+                        let slots = j
+                            .next_slots(from, count)
+                            .into_iter()
+                            .map(|t| serde_json::json!({
                                 "utc": t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                                 "local": t.with_timezone(&j.time_zone).to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
-                            }));
-                            at = t;
-                        }
+                            }))
+                            .collect();
                         (cron.as_str().to_string(), slots)
                     }
                     Cadence::Every(d) => {

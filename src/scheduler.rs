@@ -531,6 +531,18 @@ impl JobSchedule {
         }
     }
 
+    /// The next `count` slots after `from` (none for a continuous job).
+    pub fn next_slots(&self, from: DateTime<Utc>, count: usize) -> Vec<DateTime<Utc>> {
+        let Some(cron) = self.cron() else {
+            return Vec::new();
+        };
+        std::iter::successors(cron.next_after(self.time_zone, from), |t| {
+            cron.next_after(self.time_zone, *t)
+        })
+        .take(count)
+        .collect()
+    }
+
     /// The slot a run at `at` belongs to: the latest scheduled instant at or before it.
     pub fn slot_at(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.cron()?.latest_at_or_before(self.time_zone, at)
@@ -646,27 +658,6 @@ impl Schedule {
 
     pub fn get(&self, job: JobName) -> Option<&JobSchedule> {
         self.jobs.iter().find(|j| j.job == job)
-    }
-
-    /// The next `count` slots of every enabled cron job after `from`, in time order.
-    pub fn upcoming(&self, from: DateTime<Utc>, count: usize) -> Vec<(JobName, DateTime<Utc>)> {
-        let mut out = Vec::new();
-        for j in self.jobs.iter().filter(|j| j.enabled) {
-            if let Some(cron) = j.cron() {
-                let mut at = from;
-                for _ in 0..count {
-                    match cron.next_after(j.time_zone, at) {
-                        Some(t) => {
-                            out.push((j.job, t));
-                            at = t;
-                        }
-                        None => break,
-                    }
-                }
-            }
-        }
-        out.sort_by_key(|(j, t)| (*t, *j as u8));
-        out
     }
 
     /// Every slot of every enabled cron job in `(after, until]`, in the order a single
@@ -819,7 +810,7 @@ mod tests {
             let tz = j.time_zone;
             let got = j.cron().unwrap().between(tz, utc(from), utc(to), 100);
             assert_eq!(local(tz, &got), *want, "{zone} {expr}");
-            // The same answer one step at a time (how the service walks the schedule).
+            // The same answer one step at a time (how `arrears schedule` lists slots).
             let mut at = utc(from);
             let mut stepped = Vec::new();
             while let Some(t) = j

@@ -11,7 +11,7 @@
 //! once), and the process exits 0.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -84,11 +84,9 @@ pub struct Shared {
     pub clock: Clock,
     pub metrics: Metrics,
     db: OnceLock<Db>,
-    stop: AtomicBool,
-    /// The last database operation of any loop succeeded.
-    db_ok: AtomicBool,
     /// Unix seconds of the last completed loop pass (the watchdog's proof of life).
     heartbeat: AtomicI64,
+    /// True once the service is asked to stop; sleeping loops wake on it.
     stop_tx: tokio::sync::watch::Sender<bool>,
 }
 
@@ -98,23 +96,17 @@ impl Shared {
     }
 
     pub fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
-    }
-
-    pub fn db_ok(&self) -> bool {
-        self.db_ok.load(Ordering::SeqCst)
+        *self.stop_tx.borrow()
     }
 
     fn request_stop(&self) {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop_tx.send_replace(true);
         if let Some(db) = self.db.get() {
             db.request_stop();
         }
-        let _ = self.stop_tx.send(true);
     }
 
-    fn beat(&self, ok: bool) {
-        self.db_ok.store(ok, Ordering::SeqCst);
+    fn beat(&self) {
         self.heartbeat
             .store(Utc::now().timestamp(), Ordering::SeqCst);
     }
@@ -167,8 +159,6 @@ pub async fn serve(
         clock,
         metrics: Metrics::default(),
         db: OnceLock::new(),
-        stop: AtomicBool::new(false),
-        db_ok: AtomicBool::new(false),
         heartbeat: AtomicI64::new(Utc::now().timestamp()),
         stop_tx,
     });
@@ -231,7 +221,7 @@ pub async fn serve(
     if shared.stopping() {
         db.request_stop();
     }
-    shared.beat(true);
+    shared.beat();
     tracing::info!(
         jobs = shared.schedule.jobs.iter().filter(|j| j.enabled).count(),
         "schedule loaded; ready"
@@ -302,21 +292,18 @@ async fn job_loop(sh: Arc<Shared>, db: Db, js: JobSchedule) {
     let mut client: Option<crate::db::RawClient> = None;
     while !sh.stopping() {
         match job_step(&sh, &db, &js, &mut client).await {
-            Ok(false) => {
-                backoff = tick;
-                sh.beat(true);
-            }
+            Ok(false) => backoff = tick,
             Ok(true) => {
                 // A slot failed or was refused: try again later, not every tick.
                 backoff = (backoff * 2).clamp(tick, Duration::from_secs(30));
             }
             Err(e) => {
                 client = None;
-                sh.beat(false);
                 tracing::warn!(job = js.job.as_str(), error = %e, retry_in_ms = backoff.as_millis() as u64, "scheduler pass failed");
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
+        sh.beat();
         sh.pause(backoff).await;
     }
 }
@@ -461,26 +448,7 @@ async fn run_slot(
     }
     let cfg = js.knobs.apply(js.job, &sh.config);
     let started = Instant::now();
-    let result = match (js.job, resume) {
-        (JobName::GenerateBills, Some(slot)) => {
-            let day = (slot - chrono::Duration::seconds(1))
-                .with_timezone(&cfg.billing.time_zone)
-                .date_naive();
-            generate_bills::run(
-                db,
-                &cfg,
-                &generate_bills::Options {
-                    as_of: as_of.max(slot),
-                    bill_day: Some(day),
-                    dry_run: false,
-                    force: false,
-                },
-            )
-            .await
-            .map(|r| serde_json::to_value(r).unwrap_or_default())
-        }
-        _ => crate::jobs::run_scheduled(db, &cfg, None, js.job, as_of).await,
-    };
+    let result = crate::jobs::run_scheduled(db, &cfg, None, js.job, as_of, resume).await;
     let secs = started.elapsed().as_secs_f64();
     let job = js.job.as_str();
     match result {
@@ -514,7 +482,6 @@ async fn run_slot(
         }
         Err(e) => {
             sh.metrics.record(js.job, "failed", secs);
-            sh.beat(!matches!(e, JobError::Db(_)));
             tracing::error!(job, as_of = %as_of, error = %e, "slot failed");
             SlotOutcome::Failed
         }
@@ -542,7 +509,7 @@ async fn dispatch_loop(
         match deliver_notifications::run(&db, &cfg, &channels, &opts).await {
             Ok(r) => {
                 backoff = every;
-                sh.beat(true);
+                sh.beat();
                 if r.claimed > 0 {
                     sh.metrics
                         .record(js.job, "succeeded", started.elapsed().as_secs_f64());
@@ -556,7 +523,7 @@ async fn dispatch_loop(
                 }
             }
             Err(e) => {
-                sh.beat(false);
+                sh.beat();
                 sh.metrics
                     .record(js.job, "failed", started.elapsed().as_secs_f64());
                 tracing::warn!(job = "deliver_notifications", error = %e, "delivery pass failed");

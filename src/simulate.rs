@@ -272,7 +272,7 @@ pub async fn run_slot(
     at: DateTime<Utc>,
     job: JobName,
 ) -> Result<(), JobError> {
-    crate::jobs::run_scheduled(db, config, Some(channels), job, at)
+    crate::jobs::run_scheduled(db, config, Some(channels), job, at, None)
         .await
         .map(|_| ())
 }
@@ -374,14 +374,10 @@ pub struct Day {
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Totals {
-    pub accounts_alerted: i64,
-    pub accounts_suspended: i64,
-    pub resources_suspended: i64,
-    pub resources_released: i64,
-    pub accounts_restored: i64,
-    /// At the end of the simulation.
-    pub accounts_in_arrears: i64,
-    pub arrears_at_risk: String,
+    /// Over the whole window (an account alerted on several days counts once); arrears at
+    /// the end of the simulation.
+    #[serde(flatten)]
+    pub counts: Counts,
     /// Slots whose job failed (the simulation goes on, as the scheduler would).
     pub job_errors: usize,
     /// The first failures: slot, job and error.
@@ -575,14 +571,7 @@ async fn run_copy(
     }
     // Totals over the whole window: an account alerted on several days counts once.
     if let (Some((first, _)), Some((_, last))) = (windows.first(), windows.last()) {
-        let all = measure(&client, config, base, *first, *last).await?;
-        totals.accounts_alerted = all.accounts_alerted;
-        totals.accounts_suspended = all.accounts_suspended;
-        totals.resources_suspended = all.resources_suspended;
-        totals.resources_released = all.resources_released;
-        totals.accounts_restored = all.accounts_restored;
-        totals.accounts_in_arrears = all.accounts_in_arrears;
-        totals.arrears_at_risk = all.arrears_at_risk;
+        totals.counts = measure(&client, config, base, *first, *last).await?;
     }
     Ok((days, totals))
 }
@@ -762,33 +751,35 @@ pub fn table(r: &SimulateReport) -> String {
         "{:<4} {:<17} {:>15} {:>15} {:>15} {:>15} {:>33}",
         "", "", "cur / prop", "cur / prop", "cur / prop", "cur / prop", "current / proposed"
     );
-    let pair = |a: i64, b: i64| format!("{a} / {b}");
-    for d in &r.per_day {
-        let (c, p) = (&d.current, &d.proposed);
+    let row = |out: &mut String,
+               day: &dyn std::fmt::Display,
+               from: &dyn std::fmt::Display,
+               c: &Counts,
+               p: &Counts| {
+        let pair = |a: i64, b: i64| format!("{a} / {b}");
         let _ = writeln!(
             out,
             "{:<4} {:<17} {:>15} {:>15} {:>15} {:>15} {:>33}",
-            d.day,
-            d.from.format("%Y-%m-%d %H:%M"),
+            day.to_string(),
+            from.to_string(),
             pair(c.accounts_alerted, p.accounts_alerted),
             pair(c.accounts_suspended, p.accounts_suspended),
             pair(c.resources_released, p.resources_released),
             pair(c.accounts_restored, p.accounts_restored),
             format!("{} / {}", c.arrears_at_risk, p.arrears_at_risk)
+        );
+    };
+    for d in &r.per_day {
+        row(
+            &mut out,
+            &d.day,
+            &d.from.format("%Y-%m-%d %H:%M"),
+            &d.current,
+            &d.proposed,
         );
     }
     if let (Some(c), Some(p)) = (r.totals.get("current"), r.totals.get("proposed")) {
-        let _ = writeln!(
-            out,
-            "{:<4} {:<17} {:>15} {:>15} {:>15} {:>15} {:>33}",
-            "all",
-            "",
-            pair(c.accounts_alerted, p.accounts_alerted),
-            pair(c.accounts_suspended, p.accounts_suspended),
-            pair(c.resources_released, p.resources_released),
-            pair(c.accounts_restored, p.accounts_restored),
-            format!("{} / {}", c.arrears_at_risk, p.arrears_at_risk)
-        );
+        row(&mut out, &"all", &"", &c.counts, &p.counts);
         let _ = writeln!(out);
         let _ = writeln!(
             out,

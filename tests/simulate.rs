@@ -138,7 +138,7 @@ async fn simulate_changes_nothing_in_the_database() {
 
     let r = simulate(&t, "[products.lcic.policy]\ngrace = \"72h\"\n", 3).await;
     // It did simulate something...
-    assert_eq!(r.totals["current"].accounts_suspended, 2);
+    assert_eq!(r.totals["current"].counts.accounts_suspended, 2);
     assert_eq!(r.copied_with.len(), 2);
     // (the test database has open connections, so the first copy may be a dump; the second
     // is always a template copy of the first)
@@ -295,7 +295,7 @@ async fn simulated_counts_are_what_the_real_jobs_do_at_the_same_slots() {
     // And the story is the one the fixture tells: alerts on day 1 (a1, a2, a4), a5 back to
     // good, a1 and a2 suspended when their 24 h grace ends (day 2) and released after 3 days
     // of retention (day 5); a4 (sa, 15 days of grace) still in grace.
-    let cur = &r.totals["current"];
+    let cur = &r.totals["current"].counts;
     let day = |i: usize| &r.per_day[i].current;
     assert_eq!(day(0).accounts_alerted, 3);
     assert_eq!(day(0).accounts_restored, 1);
@@ -342,8 +342,8 @@ async fn a_longer_grace_suspends_later() {
         .per_day
         .iter()
         .all(|d| d.current.arrears_at_risk == "46.00" && d.proposed.arrears_at_risk == "46.00"));
-    assert_eq!(r.totals["current"].accounts_suspended, 2);
-    assert_eq!(r.totals["proposed"].accounts_suspended, 2);
+    assert_eq!(r.totals["current"].counts.accounts_suspended, 2);
+    assert_eq!(r.totals["proposed"].counts.accounts_suspended, 2);
     assert_eq!(r.overrides.len(), 1);
     assert_eq!(r.overrides[0].key, "products.lcic.policy.grace");
 

@@ -240,30 +240,12 @@ pub fn split_password(url: &str) -> (String, Option<String>) {
             if let Some((user, pass)) = url[scheme + 3..at].split_once(':') {
                 return (
                     format!("{}{user}{}", &url[..scheme + 3], &url[at..]),
-                    Some(percent_decode(pass)),
+                    Some(crate::notify::email::percent_decode(pass)),
                 );
             }
         }
     }
     (url.to_string(), None)
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 pub async fn raw_connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
@@ -278,11 +260,30 @@ pub async fn raw_connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
     Ok(client)
 }
 
+/// `postgres://u@h:5432/db` -> (`postgres://u@h:5432`, `db`).
+pub fn split_database(url: &str) -> Result<(&str, &str), DbError> {
+    url.rsplit_once('/')
+        .ok_or_else(|| DbError::Connect(format!("no database name in {}", redact_url(url))))
+}
+
+/// Drops database `name` on the server of `url` (when it exists) and creates it empty: the
+/// scratch databases of the benchmarks and the demo. Returns its URL. `name` is the
+/// program's own, or checked by the caller: it is not quoted.
+pub async fn recreate_database(url: &str, name: &str) -> Result<String, DbError> {
+    let (server, _) = split_database(url)?;
+    let admin = raw_connect(&format!("{server}/postgres")).await?;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    Ok(format!("{server}/{name}"))
+}
+
 /// Creates the database named in `url` when it does not exist, connecting to `postgres`.
 async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
-    let (base, name) = url
-        .rsplit_once('/')
-        .ok_or_else(|| DbError::Connect(format!("no database name in {url}")))?;
+    let (base, name) = split_database(url)?;
     let admin = raw_connect(&format!("{base}/postgres")).await?;
     let exists = admin
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::db::Db;
 use crate::domain::lifecycle::evaluate;
-use crate::jobs::{begin_slot, end_slot, JobError, JobName, SlotStart};
+use crate::jobs::{in_slot, JobError, JobName, SlotReport, SlotRun};
 use crate::lifecycle::{self, Applied, LifecycleError};
 
 const LISTED: usize = 100;
@@ -44,6 +44,12 @@ pub struct EnforceReport {
     pub errors: Vec<String>,
 }
 
+impl SlotReport for EnforceReport {
+    fn skipped(&mut self, why: String) {
+        self.skipped = Some(why);
+    }
+}
+
 pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<EnforceReport, JobError> {
     run_in_slot(db, config, opts, opts.as_of).await
 }
@@ -63,27 +69,23 @@ pub async fn run_in_slot(
         dry_run: opts.dry_run,
         ..Default::default()
     };
-    let client = db.raw_client().await?;
-    let lease = match begin_slot(
+    let mut client = db.raw_client().await?;
+    let run = SlotRun {
+        job: JobName::EnforceSuspensions,
+        slot,
+        as_of: opts.as_of,
+        force: opts.force,
+        dry_run: opts.dry_run,
+    };
+    in_slot(
         db,
         config,
-        &client,
-        JobName::EnforceSuspensions,
-        slot,
-        opts.as_of,
-        opts.force,
-        opts.dry_run,
+        &mut client,
+        run,
+        &mut report,
+        async |client, _, report| enforce(db, client, config, opts, report).await,
     )
-    .await?
-    {
-        SlotStart::Skip(skip) => {
-            report.skipped = Some(skip);
-            return Ok(report);
-        }
-        SlotStart::Run(lease) => lease,
-    };
-    let result = enforce(db, &client, config, opts, &mut report).await;
-    end_slot(&client, lease, opts.dry_run, result, &report).await?;
+    .await?;
     tracing::info!(job = report.job, slot = %slot, suspended = report.resources_suspended,
         restored = report.resources_restored, "enforce_suspensions finished");
     Ok(report)

@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::domain::calendar::{default_billing_day, end_of_day, start_of_day};
 use crate::domain::money::{format_scaled, PRICE_DIGITS, QUANTITY_DIGITS};
-use crate::jobs::{begin_slot, end_slot, JobError, JobName, SlotStart};
+use crate::jobs::{in_slot, JobError, JobName, SlotReport, SlotRun};
 
 /// Arbitrary constant naming the billing run's advisory lock.
 const BILLING_LOCK: i64 = 0x6172_7265_6172_7301;
@@ -96,6 +96,12 @@ pub struct GenerateBillsReport {
     pub batches_by_instance: std::collections::BTreeMap<String, i64>,
 }
 
+impl SlotReport for GenerateBillsReport {
+    fn skipped(&mut self, why: String) {
+        self.skipped = Some(why);
+    }
+}
+
 fn lap_mark(
     timings: &mut std::collections::BTreeMap<String, f64>,
     phase: &str,
@@ -130,32 +136,29 @@ pub async fn run(
         currency: config.billing.currency.clone(),
         ..Default::default()
     };
+    // Zero amounts until a run says otherwise (a skipped run reports them so).
+    finish_amounts(&mut report, &BatchResult::default(), config);
     let mut client = db.raw_client().await?;
     if !opts.dry_run {
         // Checked before the claim, so that a refused run leaves no record behind.
         check_order(&client, day, slot).await?;
     }
-    let lease = match begin_slot(
+    let run = SlotRun {
+        job: JobName::GenerateBills,
+        slot,
+        as_of: opts.as_of,
+        force: opts.force,
+        dry_run: opts.dry_run,
+    };
+    in_slot(
         db,
         config,
-        &client,
-        JobName::GenerateBills,
-        slot,
-        opts.as_of,
-        opts.force,
-        opts.dry_run,
+        &mut client,
+        run,
+        &mut report,
+        async |client, lease, report| bill(db, lease, client, config, day, opts, report).await,
     )
-    .await?
-    {
-        SlotStart::Skip(skip) => {
-            report.skipped = Some(skip);
-            finish_amounts(&mut report, &BatchResult::default(), config);
-            return Ok(report);
-        }
-        SlotStart::Run(lease) => lease,
-    };
-    let result = bill(db, &lease, &mut client, config, day, opts, &mut report).await;
-    end_slot(&client, lease, opts.dry_run, result, &report).await?;
+    .await?;
     tracing::info!(job = report.job, slot = %slot, bills = report.bills_issued, dry_run = opts.dry_run, "generate_bills finished");
     Ok(report)
 }

@@ -62,8 +62,9 @@ impl From<tokio_postgres::Error> for JobError {
 }
 
 /// Runs `job` as a scheduled slot at `at` (not a dry run, not forced) and returns its report
-/// as JSON: how the service, the demo and the simulation drive the jobs. The slot is the
-/// instant itself (`generate_bills` names its slot by the billing day `at` closes).
+/// as JSON: how the service, the demo and the simulation drive the jobs. The slot is `slot`
+/// when given (an open run being resumed, whatever instant it acts at now), else the instant
+/// itself; `generate_bills` names its slot by the billing day it closes.
 /// `deliver_notifications` needs `channels`; without them it is not run (`null`).
 pub async fn run_scheduled(
     db: &Db,
@@ -71,10 +72,14 @@ pub async fn run_scheduled(
     channels: Option<&deliver_notifications::Channels>,
     job: JobName,
     at: DateTime<Utc>,
+    slot: Option<DateTime<Utc>>,
 ) -> Result<serde_json::Value, JobError> {
     fn json<R: Serialize>(r: R) -> serde_json::Value {
         serde_json::to_value(r).unwrap_or_default()
     }
+    let tz = config.billing.time_zone;
+    let bill_day = slot.map(|s| crate::domain::calendar::default_billing_day(s, tz));
+    let slot = slot.unwrap_or(at);
     Ok(match job {
         JobName::GenerateBills => json(
             generate_bills::run(
@@ -82,7 +87,7 @@ pub async fn run_scheduled(
                 config,
                 &generate_bills::Options {
                     as_of: at,
-                    bill_day: None,
+                    bill_day,
                     dry_run: false,
                     force: false,
                 },
@@ -98,7 +103,7 @@ pub async fn run_scheduled(
                     dry_run: false,
                     force: false,
                 },
-                at,
+                slot,
             )
             .await?,
         ),
@@ -111,7 +116,7 @@ pub async fn run_scheduled(
                     dry_run: false,
                     force: false,
                 },
-                at,
+                slot,
             )
             .await?,
         ),
@@ -128,7 +133,7 @@ pub async fn run_scheduled(
                     force: false,
                     allow_mass_release: false,
                 },
-                at,
+                slot,
             )
             .await?,
         ),
@@ -296,8 +301,47 @@ impl Drop for SlotLease {
     }
 }
 
+/// One run of a slotted job: which slot, at which instant, and how.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotRun {
+    pub job: JobName,
+    pub slot: DateTime<Utc>,
+    pub as_of: DateTime<Utc>,
+    /// Run a slot that already finished.
+    pub force: bool,
+    /// Claim nothing and record nothing.
+    pub dry_run: bool,
+}
+
+/// The report of a slotted job: where a skipped run says why.
+pub trait SlotReport: Serialize {
+    fn skipped(&mut self, why: String);
+}
+
+/// The one protocol of every slotted job: claims the slot (not on a dry run) and keeps its
+/// lease; when it already ran or another runner holds it, says why in the report and does
+/// nothing; else runs `work` and records its outcome with the report.
+pub async fn in_slot<R: SlotReport>(
+    db: &Db,
+    config: &Config,
+    client: &mut tokio_postgres::Client,
+    run: SlotRun,
+    report: &mut R,
+    work: impl AsyncFnOnce(&mut tokio_postgres::Client, &SlotLease, &mut R) -> Result<(), JobError>,
+) -> Result<(), JobError> {
+    let lease = match begin_slot(db, config, client, &run).await? {
+        SlotStart::Skip(why) => {
+            report.skipped(why);
+            return Ok(());
+        }
+        SlotStart::Run(lease) => lease,
+    };
+    let result = work(client, &lease, report).await;
+    end_slot(client, lease, run.dry_run, result, report).await
+}
+
 /// What `begin_slot` decided.
-pub enum SlotStart {
+enum SlotStart {
     /// Not run, and why (it already ran, or another runner holds it).
     Skip(String),
     /// Ours to run; pass the lease to `end_slot`.
@@ -307,17 +351,19 @@ pub enum SlotStart {
 /// Claims `(job, slot)` unless this is a dry run, and keeps renewing the lease while the run
 /// goes on. Skips a slot that already finished (without `force`) or that another live runner
 /// holds.
-#[allow(clippy::too_many_arguments)]
-pub async fn begin_slot(
+async fn begin_slot(
     db: &Db,
     config: &Config,
     client: &tokio_postgres::Client,
-    job: JobName,
-    slot: DateTime<Utc>,
-    as_of: DateTime<Utc>,
-    force: bool,
-    dry_run: bool,
+    run: &SlotRun,
 ) -> Result<SlotStart, JobError> {
+    let SlotRun {
+        job,
+        slot,
+        as_of,
+        force,
+        dry_run,
+    } = *run;
     if dry_run {
         return Ok(SlotStart::Run(SlotLease {
             job,
@@ -406,7 +452,7 @@ async fn renew_lease(
 /// Records the end of a slot claimed by `begin_slot` (nothing on a dry run): the report on
 /// success, `interrupted` when the run stopped for a shutdown (the next start resumes it at
 /// once), the error otherwise. The job's own error wins over a failure to record it.
-pub async fn end_slot<R: Serialize>(
+async fn end_slot<R: Serialize>(
     client: &tokio_postgres::Client,
     mut lease: SlotLease,
     dry_run: bool,

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::db::schema::resources;
 use crate::db::Db;
 use crate::domain::lifecycle::{release_check, NotReleased, ResourceState};
-use crate::jobs::{begin_slot, end_slot, JobError, JobName, SlotStart};
+use crate::jobs::{in_slot, JobError, JobName, SlotReport, SlotRun};
 use crate::lifecycle::{self, LifecycleError, Loaded};
 
 const LISTED: usize = 100;
@@ -62,6 +62,12 @@ pub struct ReleaseReport {
     pub errors: Vec<String>,
 }
 
+impl SlotReport for ReleaseReport {
+    fn skipped(&mut self, why: String) {
+        self.skipped = Some(why);
+    }
+}
+
 pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<ReleaseReport, JobError> {
     run_in_slot(db, config, opts, opts.as_of).await
 }
@@ -90,27 +96,23 @@ pub async fn run_in_slot(
         dry_run: opts.dry_run,
         ..Default::default()
     };
-    let client = db.raw_client().await?;
-    let lease = match begin_slot(
+    let mut client = db.raw_client().await?;
+    let run = SlotRun {
+        job: JobName::ReleaseResources,
+        slot,
+        as_of: opts.as_of,
+        force: opts.force,
+        dry_run: opts.dry_run,
+    };
+    in_slot(
         db,
         config,
-        &client,
-        JobName::ReleaseResources,
-        slot,
-        opts.as_of,
-        opts.force,
-        opts.dry_run,
+        &mut client,
+        run,
+        &mut report,
+        async |_, _, report| release(db, config, opts, report).await,
     )
-    .await?
-    {
-        SlotStart::Skip(skip) => {
-            report.skipped = Some(skip);
-            return Ok(report);
-        }
-        SlotStart::Run(lease) => lease,
-    };
-    let result = release(db, config, opts, &mut report).await;
-    end_slot(&client, lease, opts.dry_run, result, &report).await?;
+    .await?;
     tracing::info!(job = report.job, slot = %slot, released = report.released_count, "release_resources finished");
     Ok(report)
 }

@@ -17,7 +17,7 @@ use crate::db::schema::accounts;
 use crate::db::{Db, DbError};
 use crate::domain::lifecycle::{grace_deadline, AccountState, Reason, ResourceState};
 use crate::domain::money::format_scaled;
-use crate::jobs::{begin_slot, end_slot, JobError, JobName, SlotStart};
+use crate::jobs::{in_slot, JobError, JobName, SlotReport, SlotRun};
 use crate::lifecycle::{self, LifecycleError};
 use crate::notify::{self, NoticeKind};
 
@@ -45,6 +45,12 @@ pub struct AlertsReport {
     pub errors: Vec<String>,
 }
 
+impl SlotReport for AlertsReport {
+    fn skipped(&mut self, why: String) {
+        self.skipped = Some(why);
+    }
+}
+
 pub async fn run(db: &Db, config: &Config, opts: &Options) -> Result<AlertsReport, JobError> {
     run_in_slot(db, config, opts, opts.as_of).await
 }
@@ -64,27 +70,23 @@ pub async fn run_in_slot(
         dry_run: opts.dry_run,
         ..Default::default()
     };
-    let client = db.raw_client().await?;
-    let lease = match begin_slot(
+    let mut client = db.raw_client().await?;
+    let run = SlotRun {
+        job: JobName::SendAlerts,
+        slot,
+        as_of: opts.as_of,
+        force: opts.force,
+        dry_run: opts.dry_run,
+    };
+    in_slot(
         db,
         config,
-        &client,
-        JobName::SendAlerts,
-        slot,
-        opts.as_of,
-        opts.force,
-        opts.dry_run,
+        &mut client,
+        run,
+        &mut report,
+        async |_, _, report| alerts(db, config, opts, report).await,
     )
-    .await?
-    {
-        SlotStart::Skip(skip) => {
-            report.skipped = Some(skip);
-            return Ok(report);
-        }
-        SlotStart::Run(lease) => lease,
-    };
-    let result = alerts(db, config, opts, &mut report).await;
-    end_slot(&client, lease, opts.dry_run, result, &report).await?;
+    .await?;
     Ok(report)
 }
 

@@ -33,7 +33,8 @@ pub struct SmtpSettings {
     pub password: Option<String>,
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%XX` escapes decoded (URL user info); anything else kept as it is.
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
