@@ -414,12 +414,13 @@ async fn job_step(
             "catching up missed slots"
         );
     }
+    let mut newest_done = None;
     for slot in due.slots {
         if sh.stopping() {
             break;
         }
         match run_slot(sh, db, js, slot, None).await {
-            SlotOutcome::Done => {}
+            SlotOutcome::Done => newest_done = Some(slot),
             SlotOutcome::Busy if every => break,
             SlotOutcome::Busy => {}
             SlotOutcome::Failed => {
@@ -429,6 +430,17 @@ async fn job_step(
                 }
             }
         }
+    }
+    if let Some(newest) = newest_done.filter(|_| !every) {
+        // A level-triggered job's open slots behind a newer run have nothing left to do:
+        // closed, so that no claim of a dead runner stays open for ever.
+        c.execute(
+            "UPDATE job_runs SET status = 'failed', error = $3, finished_at = clock_timestamp(), lease_until = NULL
+             WHERE job = $1 AND slot < $2 AND (status = 'interrupted'
+                OR (status = 'running' AND coalesce(lease_until, '-infinity') < clock_timestamp()))",
+            &[&job, &newest, &format!("superseded by the slot at {newest}")],
+        )
+        .await?;
     }
     Ok(failed)
 }
