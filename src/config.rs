@@ -304,9 +304,14 @@ pub struct LifecycleConfig {
     /// A release warning must have been accepted at least this long before release (R9).
     #[serde(default = "default_warning_age")]
     pub warning_min_age: PolicyDuration,
-    /// enforce_suspensions evaluates at most this many accounts per run.
-    #[serde(default = "default_enforce_max")]
+    /// A flood guard: each lifecycle job (send_alerts, enforce_suspensions,
+    /// release_resources) decides on at most this many due accounts per run; what it defers
+    /// is reported and first in line on the next run. (Also read as `enforce_max_accounts`.)
+    #[serde(default = "default_enforce_max", alias = "max_accounts_per_run")]
     pub enforce_max_accounts: usize,
+    /// Due accounts decided on and written per transaction by the lifecycle jobs.
+    #[serde(default = "default_lifecycle_batch")]
+    pub batch_size: usize,
 }
 
 fn default_release_percent() -> u32 {
@@ -322,7 +327,10 @@ fn default_warning_age() -> PolicyDuration {
     PolicyDuration(86_400)
 }
 fn default_enforce_max() -> usize {
-    10_000
+    200_000
+}
+fn default_lifecycle_batch() -> usize {
+    500
 }
 
 impl Default for LifecycleConfig {
@@ -333,6 +341,7 @@ impl Default for LifecycleConfig {
             max_clock_skew: default_skew(),
             warning_min_age: default_warning_age(),
             enforce_max_accounts: default_enforce_max(),
+            batch_size: default_lifecycle_batch(),
         }
     }
 }
@@ -679,6 +688,12 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
         return Err(invalid(
             "lifecycle.enforce_max_accounts",
             "must be greater than 0".into(),
+        ));
+    }
+    if raw.lifecycle.batch_size == 0 || raw.lifecycle.batch_size > 10_000 {
+        return Err(invalid(
+            "lifecycle.batch_size",
+            "must be between 1 and 10000".into(),
         ));
     }
     if raw

@@ -529,6 +529,19 @@ pub async fn import_accounts(
             &[&as_of],
         )
         .await?;
+    // The due-work index: accounts whose new figures may give the lifecycle jobs work (a debt
+    // without a bill, funds below the threshold, a balance alert to re-arm, a raised credit
+    // quota that pays an episode) are looked at by the next runs.
+    tx.execute(
+        "UPDATE accounts a SET alerts_due_at = least(coalesce(a.alerts_due_at, 'infinity'), $1),
+                               enforce_due_at = least(coalesce(a.enforce_due_at, 'infinity'), $1)
+         FROM accounts_staging s
+         WHERE a.id = s.id
+           AND (a.cash_balance + a.credit_quota < coalesce(a.low_balance_threshold, 0)
+                OR a.episode IS NOT NULL OR NOT a.balance_alert_armed OR a.compliance_locked)",
+        &[&as_of],
+    )
+    .await?;
     tx.commit().await?;
     Ok(ImportReport {
         kind: ImportKind::Accounts,
@@ -698,6 +711,29 @@ pub async fn import_resources(
             &[&as_of],
         )
         .await?;
+    // The due-work index: a package is looked at when it expires (or now, when it has no
+    // quota left); an account in the lifecycle (or owing) is looked at now, its new resources
+    // being something to act on.
+    tx.execute(
+        "WITH due AS (
+           SELECT r.account_id,
+                  min(CASE WHEN a.episode IS NOT NULL OR a.compliance_locked OR a.cash_balance + a.credit_quota < 0
+                             OR (r.billing_mode = 'package' AND NOT r.payg_enabled
+                                 AND r.package_used >= coalesce(r.package_quota, 0))
+                           THEN $1
+                           WHEN r.billing_mode = 'package' THEN r.package_expires_at END) AS at
+           FROM resources_staging s
+           JOIN resources r ON r.account_id = s.account_id AND r.id = s.id
+           JOIN accounts a ON a.id = s.account_id
+           GROUP BY r.account_id
+         )
+         UPDATE accounts a SET enforce_due_at = least(coalesce(a.enforce_due_at, 'infinity'), d.at),
+                               alerts_due_at = CASE WHEN d.at <= $1 THEN least(coalesce(a.alerts_due_at, 'infinity'), $1)
+                                                    ELSE a.alerts_due_at END
+         FROM due d WHERE a.id = d.account_id AND d.at IS NOT NULL",
+        &[&as_of],
+    )
+    .await?;
     tx.commit().await?;
     Ok(ImportReport {
         kind: ImportKind::Resources,

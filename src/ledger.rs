@@ -8,7 +8,7 @@ use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::db::schema::{accounts, coupons, ledger_entries};
+use crate::db::schema::{accounts, coupons, ledger_entries, payment_references};
 use crate::db::{Db, DbError};
 use crate::domain::money::format_scaled;
 use crate::domain::settle::CouponKind;
@@ -29,6 +29,12 @@ pub enum LedgerError {
         account: String,
         reference: String,
         existing: String,
+    },
+    #[error("reference {reference:?} already credited account {owner}: one payment credits one account; refusing to credit {account}")]
+    ReferenceOfAnotherAccount {
+        account: String,
+        reference: String,
+        owner: String,
     },
     #[error("expires_at: {0} is not after the grant instant {1}")]
     AlreadyExpired(DateTime<Utc>, DateTime<Utc>),
@@ -100,15 +106,31 @@ pub async fn topup(
             .await
             .optional()?
             .ok_or_else(|| LedgerError::UnknownAccount(account.clone()))?;
-        let existing: Option<i64> = ledger_entries::table
-            .filter(ledger_entries::account_id.eq(&account))
-            .filter(ledger_entries::kind.eq("topup"))
-            .filter(ledger_entries::reference.eq(&reference))
-            .select(ledger_entries::amount)
-            .first(conn)
-            .await
-            .optional()?;
-        if let Some(prev) = existing {
+        // The reference is claimed first, for the whole deployment: a concurrent top-up with
+        // the same reference waits here for this one to commit, then finds it taken.
+        let claimed = diesel::insert_into(payment_references::table)
+            .values((
+                payment_references::reference.eq(&reference),
+                payment_references::account_id.eq(&account),
+                payment_references::amount.eq(amount),
+                payment_references::applied_at.eq(as_of),
+            ))
+            .on_conflict_do_nothing()
+            .execute(conn)
+            .await?;
+        if claimed == 0 {
+            let (owner, prev): (String, i64) = payment_references::table
+                .find(&reference)
+                .select((payment_references::account_id, payment_references::amount))
+                .first(conn)
+                .await?;
+            if owner != account {
+                return Err(LedgerError::ReferenceOfAnotherAccount {
+                    account,
+                    reference,
+                    owner,
+                });
+            }
             if prev != amount {
                 return Err(LedgerError::ReferenceReused {
                     account,
@@ -127,7 +149,7 @@ pub async fn topup(
                 restored: vec![],
             });
         }
-        diesel::insert_into(ledger_entries::table)
+        let entry: i64 = diesel::insert_into(ledger_entries::table)
             .values((
                 ledger_entries::account_id.eq(&account),
                 ledger_entries::kind.eq("topup"),
@@ -135,6 +157,11 @@ pub async fn topup(
                 ledger_entries::reference.eq(&reference),
                 ledger_entries::effective_at.eq(as_of),
             ))
+            .returning(ledger_entries::id)
+            .get_result(conn)
+            .await?;
+        diesel::update(payment_references::table.find(&reference))
+            .set(payment_references::ledger_entry_id.eq(entry))
             .execute(conn)
             .await?;
         let new_balance = balance.checked_add(amount).ok_or(LedgerError::TooLarge)?;
@@ -147,7 +174,7 @@ pub async fn topup(
             .await?;
         // R5: re-evaluate in this transaction, under the lock taken above, so that a paid-up
         // account is restored at once and no concurrent job can suspend it meanwhile.
-        let loaded = lifecycle::load(conn, &account, false)
+        let loaded = lifecycle::load(conn, &account, true)
             .await
             .map_err(LedgerError::from)?
             .ok_or_else(|| LedgerError::UnknownAccount(account.clone()))?;
@@ -216,6 +243,14 @@ pub async fn grant_coupon(
         .returning(coupons::id)
         .get_result(&mut conn)
         .await?;
+    // R7: the funds rose; the balance alert may re-arm.
+    lifecycle::mark_due(
+        &mut conn,
+        &[account_id.to_string()],
+        &[lifecycle::DueJob::SendAlerts],
+        as_of,
+    )
+    .await?;
     Ok(CouponReport {
         account_id: account_id.to_string(),
         coupon_id: id,

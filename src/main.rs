@@ -313,13 +313,14 @@ enum FactsAction {
     /// (starts the lcic grace clock).
     OverdueAlert { account: String },
     /// A channel accepted the release warning LEAD before release (e.g. 7d, 24h) at --as-of,
-    /// for the account's current suspension(s) or --period.
+    /// for the current suspension of every suspended resource of the account (or --resource),
+    /// announcing its current release instant.
     ReleaseWarning {
         account: String,
         #[arg(long)]
         lead: String,
-        #[arg(long, value_parser = parse_instant)]
-        period: Option<DateTime<Utc>>,
+        #[arg(long)]
+        resource: Option<String>,
     },
 }
 
@@ -974,19 +975,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 FactsAction::ReleaseWarning {
                     account,
                     lead,
-                    period,
+                    resource,
                 } => {
                     let lead: PolicyDuration = lead.parse()?;
-                    let periods = lifecycle::record_release_warning(
+                    let recorded = lifecycle::record_release_warning(
                         &db,
                         &account,
                         lead.seconds(),
-                        period,
+                        resource.as_deref(),
                         as_of,
                     )
                     .await?;
                     print_json(&serde_json::json!({
-                        "account_id": account, "lead": lead, "accepted_at": as_of, "periods": periods
+                        "account_id": account, "lead": lead, "accepted_at": as_of, "warnings": recorded
                     }))?;
                 }
             }

@@ -5,25 +5,54 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
-use crate::db::schema::{accounts, bill_lines, bills, coupons, ledger_entries, resources};
+use crate::db::schema::{
+    accounts, arrears_episodes, bill_lines, bills, coupons, ledger_entries, resource_suspensions,
+    resources,
+};
 use crate::db::{Db, DbError};
 use crate::domain::money::{format_quantity, format_scaled, PRICE_DIGITS};
 use crate::import::mask_contact;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
+#[diesel(table_name = resources)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
 pub struct ResourceView {
     pub id: String,
     pub product: String,
     pub billing_mode: String,
     pub state: String,
+    #[diesel(column_name = state_reason)]
     pub reason: Option<String>,
-    pub package_quota: Option<String>,
-    pub package_used: String,
+    #[diesel(select_expression = resources::package_quota)]
+    #[diesel(deserialize_as = Option<i64>)]
+    #[serde(serialize_with = "quantity_opt")]
+    pub package_quota: Option<i64>,
+    #[serde(serialize_with = "quantity")]
+    pub package_used: i64,
     pub package_expires_at: Option<DateTime<Utc>>,
     pub payg_enabled: bool,
     pub term_ends_at: Option<DateTime<Utc>>,
+    /// Since when the resource has been out of service without a break.
     pub suspended_at: Option<DateTime<Utc>>,
     pub released_at: Option<DateTime<Utc>>,
+    /// The current suspension's number on the account (its clock and release instant are in
+    /// `suspension_started_at` and `release_at`).
+    pub suspension: Option<i32>,
+    #[diesel(select_expression = resource_suspensions::started_at.nullable())]
+    pub suspension_started_at: Option<DateTime<Utc>>,
+    #[diesel(select_expression = resource_suspensions::release_at.nullable())]
+    pub release_at: Option<DateTime<Utc>>,
+}
+
+fn quantity<S: serde::Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_quantity(*v))
+}
+
+fn quantity_opt<S: serde::Serializer>(v: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(v) => s.serialize_str(&format_quantity(*v)),
+        None => s.serialize_none(),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -33,6 +62,33 @@ pub struct CouponView {
     pub amount: String,
     pub remaining: String,
     pub expires_at: DateTime<Utc>,
+}
+
+/// An arrears episode as `account show` and `account history` print it.
+#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
+#[diesel(table_name = arrears_episodes)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct EpisodeView {
+    pub no: i32,
+    pub opened_at: DateTime<Utc>,
+    pub opened_by: String,
+    pub first_overdue_alert_at: Option<DateTime<Utc>>,
+    pub suspended_at: Option<DateTime<Utc>>,
+    pub closed_at: Option<DateTime<Utc>>,
+    pub close_reason: Option<String>,
+}
+
+/// When each lifecycle job next looks at the account (the due-work index).
+#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
+#[diesel(table_name = accounts)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct NextDue {
+    #[diesel(column_name = alerts_due_at)]
+    pub send_alerts: Option<DateTime<Utc>>,
+    #[diesel(column_name = enforce_due_at)]
+    pub enforce_suspensions: Option<DateTime<Utc>>,
+    #[diesel(column_name = release_due_at)]
+    pub release_resources: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -52,13 +108,23 @@ pub struct AccountView {
     pub ledger_sum: String,
     pub compliance_locked: bool,
     pub legal_hold: bool,
+    /// Since when the account owes money.
     pub arrears_since: Option<DateTime<Utc>>,
+    /// When the account was suspended in its current (or, once everything was released, its
+    /// last) arrears episode.
     pub suspended_at: Option<DateTime<Utc>>,
+    /// The open arrears episode.
+    pub episode: Option<EpisodeView>,
+    /// The next instant each lifecycle job looks at the account (null: not until something
+    /// changes).
+    pub next_due: NextDue,
     pub resources: Vec<ResourceView>,
     pub coupons: Vec<CouponView>,
 }
 
-#[derive(Queryable)]
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = accounts)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
 struct AccountRow {
     id: String,
     name: String,
@@ -73,29 +139,16 @@ struct AccountRow {
     compliance_locked: bool,
     legal_hold: bool,
     arrears_since: Option<DateTime<Utc>>,
-    suspended_at: Option<DateTime<Utc>>,
+    episode: Option<i32>,
+    #[diesel(embed)]
+    next_due: NextDue,
 }
 
 pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountView>, DbError> {
     let mut conn = db.conn().await?;
     let row: Option<AccountRow> = accounts::table
         .find(id)
-        .select((
-            accounts::id,
-            accounts::name,
-            accounts::email,
-            accounts::phone,
-            accounts::locale,
-            accounts::timezone,
-            accounts::cash_balance,
-            accounts::credit_quota,
-            accounts::low_balance_threshold,
-            accounts::state,
-            accounts::compliance_locked,
-            accounts::legal_hold,
-            accounts::arrears_since,
-            accounts::suspended_at,
-        ))
+        .select(AccountRow::as_select())
         .first(&mut conn)
         .await
         .optional()?;
@@ -108,37 +161,15 @@ pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountVie
         ))
         .first(&mut conn)
         .await?;
-    type ResRow = (
-        String,
-        String,
-        String,
-        String,
-        Option<String>,
-        Option<i64>,
-        i64,
-        Option<DateTime<Utc>>,
-        bool,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-        Option<DateTime<Utc>>,
-    );
-    let res: Vec<ResRow> = resources::table
+    let res: Vec<ResourceView> = resources::table
+        .left_join(
+            resource_suspensions::table.on(resource_suspensions::account_id
+                .eq(resources::account_id)
+                .and(resources::suspension.eq(resource_suspensions::no.nullable()))),
+        )
         .filter(resources::account_id.eq(id))
         .order(resources::id)
-        .select((
-            resources::id,
-            resources::product,
-            resources::billing_mode,
-            resources::state,
-            resources::state_reason,
-            resources::package_quota,
-            resources::package_used,
-            resources::package_expires_at,
-            resources::payg_enabled,
-            resources::term_ends_at,
-            resources::suspended_at,
-            resources::released_at,
-        ))
+        .select(ResourceView::as_select())
         .load(&mut conn)
         .await?;
     let cps: Vec<(i64, String, i64, i64, DateTime<Utc>)> = coupons::table
@@ -153,6 +184,19 @@ pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountVie
         ))
         .load(&mut conn)
         .await?;
+    let last: Option<EpisodeView> = arrears_episodes::table
+        .filter(arrears_episodes::account_id.eq(id))
+        .order(arrears_episodes::no.desc())
+        .select(EpisodeView::as_select())
+        .first(&mut conn)
+        .await
+        .optional()?;
+    let open = last.clone().filter(|e| Some(e.no) == a.episode);
+    let suspended_at = match (&open, &last) {
+        (Some(e), _) => e.suspended_at,
+        (None, Some(e)) if a.state == "suspended" => e.suspended_at,
+        _ => None,
+    };
     Ok(Some(AccountView {
         id: a.id,
         name: a.name,
@@ -168,24 +212,10 @@ pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountVie
         compliance_locked: a.compliance_locked,
         legal_hold: a.legal_hold,
         arrears_since: a.arrears_since,
-        suspended_at: a.suspended_at,
-        resources: res
-            .into_iter()
-            .map(|r| ResourceView {
-                id: r.0,
-                product: r.1,
-                billing_mode: r.2,
-                state: r.3,
-                reason: r.4,
-                package_quota: r.5.map(format_quantity),
-                package_used: format_quantity(r.6),
-                package_expires_at: r.7,
-                payg_enabled: r.8,
-                term_ends_at: r.9,
-                suspended_at: r.10,
-                released_at: r.11,
-            })
-            .collect(),
+        suspended_at,
+        episode: open,
+        next_due: a.next_due,
+        resources: res,
         coupons: cps
             .into_iter()
             .map(|c| CouponView {
@@ -197,6 +227,17 @@ pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountVie
             })
             .collect(),
     }))
+}
+
+/// Every arrears episode of an account, oldest first.
+pub async fn episodes(db: &Db, account_id: &str) -> Result<Vec<EpisodeView>, DbError> {
+    let mut conn = db.conn().await?;
+    Ok(arrears_episodes::table
+        .filter(arrears_episodes::account_id.eq(account_id))
+        .order(arrears_episodes::no)
+        .select(EpisodeView::as_select())
+        .load(&mut conn)
+        .await?)
 }
 
 #[derive(Debug, Clone, Serialize)]

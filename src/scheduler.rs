@@ -377,9 +377,11 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields)]
 pub struct Knobs {
     /// generate_bills: accounts per batch (overrides `billing.batch_size`);
-    /// deliver_notifications: notices claimed per pass (`notifications.batch_size`).
+    /// deliver_notifications: notices claimed per pass (`notifications.batch_size`);
+    /// the lifecycle jobs: due accounts per transaction (`lifecycle.batch_size`).
     pub batch_size: Option<usize>,
-    /// enforce_suspensions: accounts evaluated per run (`lifecycle.enforce_max_accounts`).
+    /// The lifecycle jobs: the most due accounts one run decides on
+    /// (`lifecycle.enforce_max_accounts`).
     pub max_accounts: Option<usize>,
     /// deliver_notifications: notices sent at once (`notifications.concurrency`).
     pub concurrency: Option<usize>,
@@ -395,9 +397,12 @@ impl Knobs {
                     c.billing.batch_size = n;
                 }
             }
-            JobName::EnforceSuspensions => {
+            JobName::EnforceSuspensions | JobName::SendAlerts | JobName::ReleaseResources => {
                 if let Some(n) = self.max_accounts {
                     c.lifecycle.enforce_max_accounts = n;
+                }
+                if let Some(n) = self.batch_size {
+                    c.lifecycle.batch_size = n;
                 }
             }
             JobName::DeliverNotifications => {
@@ -408,7 +413,6 @@ impl Knobs {
                     c.notifications.concurrency = n;
                 }
             }
-            JobName::SendAlerts | JobName::ReleaseResources => {}
         }
         c
     }

@@ -391,6 +391,13 @@ async fn topup(
             "reference",
             "this reference was already used for a different amount",
         ),
+        LedgerError::ReferenceOfAnotherAccount { ref owner, .. } => ApiError::new(
+            StatusCode::CONFLICT,
+            "reference",
+            format!(
+                "this reference already credited account {owner}: one payment credits one account"
+            ),
+        ),
         LedgerError::AlreadyExpired(..) | LedgerError::Db(_) => ApiError::unavailable(),
     })?;
     let status = if report.replayed {

@@ -407,7 +407,8 @@ async fn topup_racing_enforcement_always_wins() {
                 dry_run: false,
                 force: false,
             };
-            let pay = topup(&db, &cfg, &id, 100, "race", past_grace, "test");
+            let reference = format!("race-{id}");
+            let pay = topup(&db, &cfg, &id, 100, &reference, past_grace, "test");
             let enf = enforce_suspensions::enforce_account(&db, &cfg, &id, &opts, "race-enforce");
             // Alternate which side is polled first so both orders happen.
             if i % 2 == 0 {
@@ -466,7 +467,8 @@ async fn topup_racing_release_never_releases_a_paid_up_account() {
         let id = format!("r{i:04}");
         handles.push(tokio::spawn(async move {
             let planned = vec![format!("{id}-a"), format!("{id}-b")];
-            let pay = topup(&db, &cfg, &id, 100, "race", release_at, "test");
+            let reference = format!("race-{id}");
+            let pay = topup(&db, &cfg, &id, 100, &reference, release_at, "test");
             let rel = release_resources::release_account(
                 &db,
                 &cfg,

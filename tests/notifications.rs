@@ -258,7 +258,7 @@ async fn overdue_email_over_starttls_with_auth_arrives_complete() {
     let first: Option<DateTime<Utc>> = t
         .client()
         .await
-        .query_one("SELECT first_overdue_alert_at FROM accounts", &[])
+        .query_one("SELECT first_overdue_alert_at FROM arrears_episodes", &[])
         .await
         .unwrap()
         .get(0);

@@ -16,13 +16,63 @@ diesel::table! {
         compliance_locked -> Bool,
         legal_hold -> Bool,
         arrears_since -> Nullable<Timestamptz>,
-        suspended_at -> Nullable<Timestamptz>,
-        first_overdue_alert_at -> Nullable<Timestamptz>,
         billed_through_day -> Nullable<Date>,
         billed_through_seq -> Int8,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         balance_alert_armed -> Bool,
+        episode -> Nullable<Int4>,
+        episodes -> Int4,
+        suspensions -> Int4,
+        alerts_due_at -> Nullable<Timestamptz>,
+        enforce_due_at -> Nullable<Timestamptz>,
+        release_due_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    arrears_episodes (account_id, no) {
+        account_id -> Text,
+        no -> Int4,
+        opened_at -> Timestamptz,
+        opened_by -> Text,
+        first_overdue_alert_at -> Nullable<Timestamptz>,
+        suspended_at -> Nullable<Timestamptz>,
+        closed_at -> Nullable<Timestamptz>,
+        close_reason -> Nullable<Text>,
+        closed_by -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    resource_suspensions (account_id, no) {
+        account_id -> Text,
+        no -> Int4,
+        resource_id -> Text,
+        reason -> Text,
+        episode -> Nullable<Int4>,
+        started_at -> Timestamptz,
+        release_at -> Nullable<Timestamptz>,
+        ended_at -> Nullable<Timestamptz>,
+        ended_how -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    payment_references (reference) {
+        reference -> Text,
+        account_id -> Text,
+        amount -> Int8,
+        ledger_entry_id -> Nullable<Int8>,
+        applied_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    lifecycle_policies (product) {
+        product -> Text,
+        policy -> Jsonb,
+        applied_at -> Timestamptz,
     }
 }
 
@@ -66,6 +116,7 @@ diesel::table! {
         unsubscribed_at -> Nullable<Timestamptz>,
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
+        suspension -> Nullable<Int4>,
     }
 }
 
@@ -188,6 +239,10 @@ diesel::allow_tables_to_appear_in_same_query!(
     release_warnings,
     control_plane_orders,
     notices,
+    arrears_episodes,
+    resource_suspensions,
+    lifecycle_policies,
+    payment_references,
 );
 
 diesel::table! {
@@ -206,6 +261,8 @@ diesel::table! {
         provider_message_id -> Nullable<Text>,
         accepted_at -> Nullable<Timestamptz>,
         created_at -> Timestamptz,
+        episode -> Nullable<Int4>,
+        suspension -> Nullable<Int4>,
     }
 }
 
@@ -227,13 +284,56 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
             "compliance_locked",
             "legal_hold",
             "arrears_since",
-            "suspended_at",
-            "first_overdue_alert_at",
             "billed_through_day",
             "billed_through_seq",
             "created_at",
             "updated_at",
             "balance_alert_armed",
+            "episode",
+            "episodes",
+            "suspensions",
+            "alerts_due_at",
+            "enforce_due_at",
+            "release_due_at",
+        ],
+    ),
+    (
+        "arrears_episodes",
+        &[
+            "account_id",
+            "no",
+            "opened_at",
+            "opened_by",
+            "first_overdue_alert_at",
+            "suspended_at",
+            "closed_at",
+            "close_reason",
+            "closed_by",
+        ],
+    ),
+    (
+        "resource_suspensions",
+        &[
+            "account_id",
+            "no",
+            "resource_id",
+            "reason",
+            "episode",
+            "started_at",
+            "release_at",
+            "ended_at",
+            "ended_how",
+        ],
+    ),
+    ("lifecycle_policies", &["product", "policy", "applied_at"]),
+    (
+        "payment_references",
+        &[
+            "reference",
+            "account_id",
+            "amount",
+            "ledger_entry_id",
+            "applied_at",
         ],
     ),
     (
@@ -277,6 +377,7 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
             "unsubscribed_at",
             "created_at",
             "updated_at",
+            "suspension",
         ],
     ),
     (
@@ -377,7 +478,14 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
     ),
     (
         "release_warnings",
-        &["account_id", "period", "lead_seconds", "accepted_at"],
+        &[
+            "account_id",
+            "id",
+            "suspension",
+            "lead_seconds",
+            "release_at",
+            "accepted_at",
+        ],
     ),
     (
         "control_plane_orders",
@@ -409,15 +517,19 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
             "provider_message_id",
             "accepted_at",
             "created_at",
+            "episode",
+            "suspension",
         ],
     ),
 ];
 
 diesel::table! {
-    release_warnings (account_id, period, lead_seconds) {
+    release_warnings (account_id, id) {
         account_id -> Text,
-        period -> Timestamptz,
+        id -> Int8,
+        suspension -> Int4,
         lead_seconds -> Int4,
+        release_at -> Nullable<Timestamptz>,
         accepted_at -> Timestamptz,
     }
 }

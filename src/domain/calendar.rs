@@ -33,6 +33,15 @@ pub fn end_of_day(day: NaiveDate, tz: Tz) -> DateTime<Utc> {
     start_of_day(day + Duration::days(1), tz)
 }
 
+/// "2026-11-23 14:00 (Asia/Shanghai)": an instant as an account in zone `tz` reads it (UTC when
+/// the zone is unknown).
+pub fn format_instant(t: DateTime<Utc>, tz: &str) -> String {
+    match tz.parse::<Tz>() {
+        Ok(z) => format!("{} ({tz})", t.with_timezone(&z).format("%Y-%m-%d %H:%M")),
+        Err(_) => format!("{} (UTC)", t.format("%Y-%m-%d %H:%M")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

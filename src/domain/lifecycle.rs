@@ -1,7 +1,13 @@
-//! The lifecycle rules R1–R10 (PRODUCT.md §3) as pure decisions: given an account, its
-//! resources with their products' policies, the facts (balances, accepted alerts and
-//! warnings) and an instant, what state should each be in, may this resource be released,
-//! and may this action go ahead. The jobs and commands do the I/O around these functions.
+//! The lifecycle rules R1–R10 (PRODUCT.md §3) as pure decisions: given an account with its
+//! open arrears episode, its resources with their current suspensions and their products'
+//! policies, and an instant, what state should each be in, does an episode open or close,
+//! may this resource be released, and may this action go ahead. The jobs and commands do the
+//! I/O around these functions.
+//!
+//! Every clock counts from a fact of the episode or suspension it belongs to: grace from the
+//! episode's start (sa) or its first accepted overdue alert (lcic); retention from the start
+//! of the resource's current suspension (resource and reason) with the release deadline the
+//! policy gave it. A new episode, or a new reason, starts new clocks.
 
 use std::fmt;
 
@@ -41,7 +47,7 @@ impl AccountState {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     Arrears,
@@ -136,15 +142,32 @@ impl BillingMode {
     }
 }
 
+/// The open arrears episode of an account: from R1 until the account is good again (or
+/// nothing of it is left to act on). Its facts are what grace and suspension count from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EpisodeFacts {
+    /// The episode's number on its account (1, 2, ...).
+    pub no: i32,
+    /// R1: when it began.
+    pub opened_at: DateTime<Utc>,
+    /// When a channel first accepted this episode's overdue alert (lcic's grace clock, R9).
+    pub first_overdue_alert_at: Option<DateTime<Utc>>,
+    /// When the account was suspended in this episode.
+    pub suspended_at: Option<DateTime<Utc>>,
+}
+
 #[derive(Debug, Clone)]
 pub struct AccountFacts {
     pub cash_balance: i64,
     pub credit_quota: i64,
     pub state: AccountState,
+    /// Since when the account owes money (aging); kept while the debt lasts, even when its
+    /// episode closed because everything was released.
     pub arrears_since: Option<DateTime<Utc>>,
-    pub suspended_at: Option<DateTime<Utc>>,
-    /// When the first overdue alert of the current arrears was accepted by a channel.
-    pub first_overdue_alert_at: Option<DateTime<Utc>>,
+    /// The open episode, if any.
+    pub episode: Option<EpisodeFacts>,
+    /// Episodes numbered so far on this account (the next one is `episodes + 1`).
+    pub episodes: i32,
     pub compliance_locked: bool,
     pub legal_hold: bool,
 }
@@ -153,6 +176,25 @@ impl AccountFacts {
     pub fn in_arrears(&self) -> bool {
         is_in_arrears(self.cash_balance, self.credit_quota)
     }
+
+    /// When the open episode's first overdue alert was accepted.
+    pub fn first_overdue_alert_at(&self) -> Option<DateTime<Utc>> {
+        self.episode.as_ref()?.first_overdue_alert_at
+    }
+}
+
+/// The current suspension of a resource: one resource, one reason, one retention clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SuspensionFacts {
+    /// The suspension's number on its account (1, 2, ...).
+    pub no: i32,
+    pub reason: Reason,
+    /// The episode an arrears suspension belongs to.
+    pub episode: Option<i32>,
+    /// When the resource was suspended for this reason: the retention clock.
+    pub started_at: DateTime<Utc>,
+    /// When the policy releases it (R4); `None`: never (compliance, or a reason the policy keeps).
+    pub release_at: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Clone)]
@@ -165,16 +207,26 @@ pub struct ResourceFacts {
     pub package_expires_at: Option<DateTime<Utc>>,
     pub payg_enabled: bool,
     pub term_ends_at: Option<DateTime<Utc>>,
+    /// Since when the resource has been out of service without a break (whatever the
+    /// reasons): usage starting after it is refused.
     pub suspended_at: Option<DateTime<Utc>>,
+    pub suspension: Option<SuspensionFacts>,
+}
+
+impl ResourceFacts {
+    pub fn is_live(&self) -> bool {
+        self.state != ResourceState::Released
+    }
 }
 
 /// R2: when grace ends for resources of a product with `policy`, if it has started.
-/// lcic counts from the first accepted overdue alert (no alert, no deadline: R9); sa from
-/// the start of arrears.
+/// lcic counts from the open episode's first accepted overdue alert (no alert, no deadline:
+/// R9); sa from the start of the episode.
 pub fn grace_deadline(account: &AccountFacts, policy: &Policy) -> Option<DateTime<Utc>> {
+    let ep = account.episode.as_ref()?;
     let start = match policy.grace_starts {
-        GraceStart::FirstOverdueAlert => account.first_overdue_alert_at?,
-        GraceStart::ArrearsStart => account.arrears_since?,
+        GraceStart::FirstOverdueAlert => ep.first_overdue_alert_at?,
+        GraceStart::ArrearsStart => ep.opened_at,
     };
     Some(start + policy.grace.to_chrono())
 }
@@ -194,8 +246,25 @@ fn in_suspend_scope(r: &ResourceFacts, policy: &Policy, now: DateTime<Utc>) -> b
     }
 }
 
+/// R4 and R6: when a suspension for `reason` that started at `started_at` is released under
+/// `policy`; `None` when the policy never releases it.
+pub fn release_deadline(
+    reason: Reason,
+    started_at: DateTime<Utc>,
+    policy: &Policy,
+) -> Option<DateTime<Utc>> {
+    let releasable = match reason {
+        Reason::Arrears | Reason::Unsubscribed => true,
+        Reason::QuotaExhausted | Reason::PackageExpired => policy.release_non_arrears_suspensions,
+        Reason::Compliance => false,
+    };
+    releasable.then(|| started_at + policy.retention.to_chrono())
+}
+
 /// The state a resource should be in at `now`. Released and unsubscribed resources stay as
 /// they are; a compliance lock wins over everything; arrears over the package reasons (R6).
+/// An arrears suspension belongs to its episode: one left from another episode counts as
+/// not suspended for arrears (it gets a new suspension and new clocks).
 pub fn desired_resource_state(
     account: &AccountFacts,
     r: &ResourceFacts,
@@ -209,12 +278,16 @@ pub fn desired_resource_state(
     if account.compliance_locked {
         return ResourceState::Suspended(Reason::Compliance);
     }
-    let already_for_arrears = r.state == ResourceState::Suspended(Reason::Arrears);
-    if account.in_arrears()
-        && (already_for_arrears
-            || (grace_over(account, policy, now) && in_suspend_scope(r, policy, now)))
-    {
-        return ResourceState::Suspended(Reason::Arrears);
+    if let (true, Some(ep)) = (account.in_arrears(), &account.episode) {
+        let already_for_arrears = r.state == ResourceState::Suspended(Reason::Arrears)
+            && r.suspension
+                .as_ref()
+                .is_none_or(|s| s.episode == Some(ep.no));
+        if already_for_arrears
+            || (grace_over(account, policy, now) && in_suspend_scope(r, policy, now))
+        {
+            return ResourceState::Suspended(Reason::Arrears);
+        }
     }
     if r.billing_mode == BillingMode::Package {
         if r.package_expires_at.is_some_and(|t| now >= t) {
@@ -228,7 +301,8 @@ pub fn desired_resource_state(
 }
 
 /// The state the account should be in at `now`: suspended once grace is over for any of its
-/// live resources' products, good as soon as cash + credit quota is back to >= 0 (R5).
+/// live resources' products (and for the rest of the episode), good as soon as cash + credit
+/// quota is back to >= 0 (R5).
 pub fn desired_account_state<'a>(
     account: &AccountFacts,
     resources: impl IntoIterator<Item = (&'a ResourceFacts, &'a Policy)>,
@@ -240,14 +314,69 @@ pub fn desired_account_state<'a>(
     if !account.in_arrears() {
         return AccountState::Good;
     }
-    let suspended = account.state == AccountState::Suspended
+    let Some(ep) = &account.episode else {
+        // Owing, with nothing left to act on: it stays where it was.
+        return match account.state {
+            AccountState::Suspended => AccountState::Suspended,
+            _ => AccountState::InArrears,
+        };
+    };
+    let suspended = ep.suspended_at.is_some()
         || resources
             .into_iter()
-            .any(|(r, p)| r.state != ResourceState::Released && grace_over(account, p, now));
+            .any(|(r, p)| r.is_live() && grace_over(account, p, now));
     if suspended {
         AccountState::Suspended
     } else {
         AccountState::InArrears
+    }
+}
+
+/// Why an episode closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CloseReason {
+    /// Cash + credit quota is back to >= 0.
+    Paid,
+    /// Every resource of the account was released: nothing is left to act on.
+    Released,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Paid => "paid",
+            CloseReason::Released => "released",
+        }
+    }
+}
+
+/// What happens to the account's episode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpisodeMove {
+    /// R1 without a bill (a lowered credit quota, an opening balance below zero): a new
+    /// episode begins now.
+    Open,
+    Close(CloseReason),
+}
+
+/// An episode opens when the account owes and has something live to act on (or nothing at
+/// all: it is still told it owes), and closes when it is paid or its resources are all
+/// released.
+pub fn episode_move<'a>(
+    account: &AccountFacts,
+    resources: impl IntoIterator<Item = &'a ResourceFacts>,
+) -> Option<EpisodeMove> {
+    let (mut any, mut live) = (false, false);
+    for r in resources {
+        any = true;
+        live |= r.is_live();
+    }
+    match (&account.episode, account.in_arrears()) {
+        (None, true) if live || !any => Some(EpisodeMove::Open),
+        (Some(_), false) => Some(EpisodeMove::Close(CloseReason::Paid)),
+        (Some(_), true) if any && !live => Some(EpisodeMove::Close(CloseReason::Released)),
+        _ => None,
     }
 }
 
@@ -257,13 +386,45 @@ pub struct ResourceChange {
     pub resource_id: String,
     pub from: ResourceState,
     pub to: ResourceState,
+    /// A new suspension (and retention clock) starts: a new reason, or arrears in a new episode.
+    pub new_suspension: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Evaluation {
     pub account_from: AccountState,
     pub account_to: AccountState,
+    pub episode: Option<EpisodeMove>,
     pub changes: Vec<ResourceChange>,
+}
+
+impl Evaluation {
+    pub fn is_empty(&self) -> bool {
+        self.episode.is_none() && self.account_from == self.account_to && self.changes.is_empty()
+    }
+}
+
+/// The account as the rest of an evaluation sees it once `mv` has happened at `now`.
+pub fn after_episode_move(
+    account: &AccountFacts,
+    mv: Option<EpisodeMove>,
+    now: DateTime<Utc>,
+) -> AccountFacts {
+    let mut a = account.clone();
+    match mv {
+        Some(EpisodeMove::Open) => {
+            a.episodes += 1;
+            a.episode = Some(EpisodeFacts {
+                no: a.episodes,
+                opened_at: now,
+                first_overdue_alert_at: None,
+                suspended_at: None,
+            });
+        }
+        Some(EpisodeMove::Close(_)) => a.episode = None,
+        None => {}
+    }
+    a
 }
 
 /// Everything that should change for one account at `now`.
@@ -272,20 +433,32 @@ pub fn evaluate(
     resources: &[(ResourceFacts, &Policy)],
     now: DateTime<Utc>,
 ) -> Evaluation {
+    let mv = episode_move(account, resources.iter().map(|(r, _)| r));
+    let eff = after_episode_move(account, mv, now);
+    let episode_no = eff.episode.as_ref().map(|e| e.no);
     let changes = resources
         .iter()
         .filter_map(|(r, p)| {
-            let to = desired_resource_state(account, r, p, now);
-            (to != r.state).then(|| ResourceChange {
+            let to = desired_resource_state(&eff, r, p, now);
+            let new_suspension = match (to, &r.suspension) {
+                (ResourceState::Suspended(_), _) if to != r.state => true,
+                // Every suspended resource has its suspension (and clock).
+                (ResourceState::Suspended(_), None) => true,
+                (ResourceState::Suspended(Reason::Arrears), Some(s)) => s.episode != episode_no,
+                _ => false,
+            };
+            (to != r.state || new_suspension).then(|| ResourceChange {
                 resource_id: r.id.clone(),
                 from: r.state,
                 to,
+                new_suspension,
             })
         })
         .collect();
     Evaluation {
         account_from: account.state,
-        account_to: desired_account_state(account, resources.iter().map(|(r, p)| (r, *p)), now),
+        account_to: desired_account_state(&eff, resources.iter().map(|(r, p)| (r, *p)), now),
+        episode: mv,
         changes,
     }
 }
@@ -306,7 +479,7 @@ pub enum NotReleased {
     RetentionNotOver {
         release_at: DateTime<Utc>,
     },
-    /// R9: the warning `lead` before release was not accepted by a channel.
+    /// R9: the warning `lead` before this suspension's release was not accepted by a channel.
     WarningMissing {
         lead: String,
     },
@@ -317,14 +490,34 @@ pub enum NotReleased {
     },
 }
 
-/// A release warning accepted by a channel, for the suspension that began at `period`.
-#[derive(Debug, Clone)]
+/// A release warning a channel accepted: for which suspension, which lead, and the release
+/// instant it announced.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AcceptedWarning {
+    pub suspension: i32,
     pub lead_seconds: i64,
+    pub release_at: Option<DateTime<Utc>>,
     pub accepted_at: DateTime<Utc>,
 }
 
-/// R4, R9, R10's legal hold: may this resource be released at `now`?
+/// When the warning `lead` for the suspension `s` (announcing its current release instant)
+/// was first accepted.
+fn accepted_for(
+    warnings: &[AcceptedWarning],
+    s: &SuspensionFacts,
+    lead_seconds: i64,
+) -> Option<DateTime<Utc>> {
+    warnings
+        .iter()
+        .filter(|w| {
+            w.suspension == s.no && w.lead_seconds == lead_seconds && w.release_at == s.release_at
+        })
+        .map(|w| w.accepted_at)
+        .min()
+}
+
+/// R4, R9, R10's legal hold: may this resource be released at `now`? Only on warnings for
+/// its current suspension that announced its current release instant.
 pub fn release_check(
     account: &AccountFacts,
     r: &ResourceFacts,
@@ -333,7 +526,7 @@ pub fn release_check(
     warning_min_age: Duration,
     now: DateTime<Utc>,
 ) -> Result<DateTime<Utc>, NotReleased> {
-    let (ResourceState::Suspended(reason), Some(suspended_at)) = (r.state, r.suspended_at) else {
+    let (ResourceState::Suspended(reason), Some(s)) = (r.state, r.suspension.as_ref()) else {
         return Err(NotReleased::NotSuspended);
     };
     match reason {
@@ -346,20 +539,17 @@ pub fn release_check(
         }
         _ => {}
     }
+    let Some(release_at) = s.release_at else {
+        return Err(NotReleased::PolicyKeepsNonArrearsSuspensions);
+    };
     if account.legal_hold {
         return Err(NotReleased::LegalHold);
     }
-    let release_at = suspended_at + policy.retention.to_chrono();
     if now < release_at {
         return Err(NotReleased::RetentionNotOver { release_at });
     }
     for lead in &policy.release_warnings {
-        match warnings
-            .iter()
-            .filter(|w| w.lead_seconds == lead.seconds())
-            .map(|w| w.accepted_at)
-            .min()
-        {
+        match accepted_for(warnings, s, lead.seconds()) {
             None => {
                 return Err(NotReleased::WarningMissing {
                     lead: lead.to_string(),
@@ -375,6 +565,39 @@ pub fn release_check(
         }
     }
     Ok(release_at)
+}
+
+/// When `release_resources` should next look at this resource: when `release_check` can
+/// first pass without new input (its release instant, or a day after its last warning was
+/// accepted, whichever is later; `now` when it can already), or, while a warning is missing or
+/// a legal hold holds it, once at its release instant (to report why it is kept) and then only
+/// when an input changes (a warning accepted, the hold lifted: both mark the account due).
+pub fn release_due_at(
+    account: &AccountFacts,
+    r: &ResourceFacts,
+    policy: &Policy,
+    warnings: &[AcceptedWarning],
+    warning_min_age: Duration,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let (ResourceState::Suspended(reason), Some(s)) = (r.state, r.suspension.as_ref()) else {
+        return None;
+    };
+    if reason == Reason::Compliance || (reason == Reason::Arrears && !account.in_arrears()) {
+        return None;
+    }
+    let release_at = s.release_at?;
+    let mut ready = Some(release_at);
+    for lead in &policy.release_warnings {
+        ready = match (ready, accepted_for(warnings, s, lead.seconds())) {
+            (Some(t), Some(at)) => Some(t.max(at + warning_min_age)),
+            _ => None,
+        };
+    }
+    match ready {
+        Some(t) if !account.legal_hold => Some(t.max(now)),
+        _ => (release_at > now).then_some(release_at),
+    }
 }
 
 /// What a product's control plane may ask before acting (PRODUCT.md §5 `gate`).
@@ -522,17 +745,42 @@ mod tests {
         )
     }
 
-    /// In arrears since t0 by one unit, first overdue alert accepted at t0 + 1 h.
+    /// In arrears since t0 by one unit (episode 1), first overdue alert accepted at t0 + 1 h.
     fn debtor() -> AccountFacts {
         AccountFacts {
             cash_balance: -100,
             credit_quota: 0,
             state: AccountState::InArrears,
             arrears_since: Some(t0()),
-            suspended_at: None,
-            first_overdue_alert_at: Some(t0() + hours(1)),
+            episode: Some(EpisodeFacts {
+                no: 1,
+                opened_at: t0(),
+                first_overdue_alert_at: Some(t0() + hours(1)),
+                suspended_at: None,
+            }),
+            episodes: 1,
             compliance_locked: false,
             legal_hold: false,
+        }
+    }
+
+    /// `debtor()` whose overdue alert no channel accepted.
+    fn unalerted() -> AccountFacts {
+        let mut a = debtor();
+        if let Some(e) = a.episode.as_mut() {
+            e.first_overdue_alert_at = None;
+        }
+        a
+    }
+
+    /// A suspension for `reason` that started at `at`, released 60 days later.
+    fn suspension(no: i32, reason: Reason, at: DateTime<Utc>) -> SuspensionFacts {
+        SuspensionFacts {
+            no,
+            reason,
+            episode: (reason == Reason::Arrears).then_some(1),
+            started_at: at,
+            release_at: Some(at + days(60)),
         }
     }
 
@@ -547,6 +795,7 @@ mod tests {
             payg_enabled: false,
             term_ends_at: (mode == BillingMode::Prepaid).then(|| t0() + days(180)),
             suspended_at: None,
+            suspension: None,
         }
     }
 
@@ -602,10 +851,7 @@ mod tests {
             ),
             (
                 "no accepted alert: never suspended (R9)",
-                AccountFacts {
-                    first_overdue_alert_at: None,
-                    ..debtor()
-                },
+                unalerted(),
                 BillingMode::PayPerUse,
                 deadline + days(30),
                 ACTIVE,
@@ -665,10 +911,7 @@ mod tests {
                 ARREARS,
             ),
         ];
-        let account = AccountFacts {
-            first_overdue_alert_at: None,
-            ..debtor()
-        };
+        let account = unalerted();
         for (name, r, now, want) in cases {
             assert_eq!(
                 desired_resource_state(&account, &r, &sa, now),
@@ -684,6 +927,7 @@ mod tests {
         let suspended = ResourceFacts {
             state: ARREARS,
             suspended_at: Some(t0() + days(2)),
+            suspension: Some(suspension(1, Reason::Arrears, t0() + days(2))),
             ..res("r", BillingMode::PayPerUse)
         };
         let now = t0() + days(30);
@@ -845,7 +1089,8 @@ mod tests {
             vec![ResourceChange {
                 resource_id: "r".into(),
                 from: ACTIVE,
-                to: ARREARS
+                to: ARREARS,
+                new_suspension: true,
             }]
         );
         assert!(evaluate(&debtor(), &[(r, &lcic)], deadline - secs(1))
@@ -861,10 +1106,13 @@ mod tests {
         let r = ResourceFacts {
             state: ARREARS,
             suspended_at: Some(suspended_at),
+            suspension: Some(suspension(1, Reason::Arrears, suspended_at)),
             ..res("r", BillingMode::PayPerUse)
         };
         let w = |lead_days: i64, at: DateTime<Utc>| AcceptedWarning {
+            suspension: 1,
             lead_seconds: lead_days * 86_400,
+            release_at: Some(release_at),
             accepted_at: at,
         };
         let both = vec![w(7, release_at - days(7)), w(1, release_at - days(1))];

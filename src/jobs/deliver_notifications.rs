@@ -18,6 +18,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::db::Db;
+use crate::domain::alerts::Topic;
 use crate::import::mask_contact;
 use crate::jobs::{JobError, JobName};
 use crate::notify::email::{build_message, Mailer};
@@ -365,44 +366,64 @@ async fn record_batch(
     Ok(())
 }
 
-/// R2 and R9: the facts that an accepted notice establishes.
+/// R2 and R9: the facts that an accepted notice establishes, for the episode and suspension
+/// it was about (its `_about` topics): the episode's first accepted overdue alert (only while
+/// that episode is open, and only the first acceptance counts), and a release warning for a
+/// suspension with the release instant it announced. The account is marked due for the jobs
+/// whose decisions the fact moves.
 async fn accepted_facts(
     tx: &tokio_postgres::Transaction<'_>,
     n: &Claimed,
     now: DateTime<Utc>,
 ) -> Result<(), JobError> {
-    match n.kind.as_str() {
-        "overdue" => {
-            // Only for the arrears the alert was about, and only the first acceptance counts.
-            let since: Option<DateTime<Utc>> = n.payload["_arrears_since"]
-                .as_str()
-                .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-                .map(|t| t.with_timezone(&Utc));
-            if let Some(since) = since {
+    let topics: Vec<Topic> =
+        serde_json::from_value(n.payload["_about"].clone()).unwrap_or_default();
+    let (mut grace, mut release) = (false, false);
+    for t in topics {
+        match t {
+            Topic::Overdue { episode } => {
+                let set = tx
+                    .execute(
+                        "UPDATE arrears_episodes e SET first_overdue_alert_at = $3
+                         FROM accounts a
+                         WHERE e.account_id = $1 AND e.no = $2 AND e.first_overdue_alert_at IS NULL
+                           AND e.closed_at IS NULL AND a.id = e.account_id AND a.episode = e.no",
+                        &[&n.account_id, &episode, &now],
+                    )
+                    .await?;
+                grace |= set > 0;
+            }
+            Topic::Warning {
+                suspension,
+                lead_seconds,
+                release_at,
+            } => {
+                let Ok(lead) = i32::try_from(lead_seconds) else {
+                    continue;
+                };
                 tx.execute(
-                    "UPDATE accounts SET first_overdue_alert_at = $2
-                     WHERE id = $1 AND first_overdue_alert_at IS NULL AND arrears_since = $3",
-                    &[&n.account_id, &now, &since],
+                    "INSERT INTO release_warnings (account_id, suspension, lead_seconds, release_at, accepted_at)
+                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                    &[&n.account_id, &suspension, &lead, &release_at, &now],
                 )
                 .await?;
+                release = true;
             }
+            Topic::Reminder { .. } | Topic::Imminent { .. } => {}
         }
-        "release_warning" => {
-            let period: Option<DateTime<Utc>> =
-                serde_json::from_value(n.payload["_period"].clone()).ok();
-            let lead = n.payload["_lead_seconds"]
-                .as_i64()
-                .and_then(|l| i32::try_from(l).ok());
-            if let (Some(period), Some(lead)) = (period, lead) {
-                tx.execute(
-                    "INSERT INTO release_warnings (account_id, period, lead_seconds, accepted_at)
-                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                    &[&n.account_id, &period, &lead, &now],
-                )
-                .await?;
-            }
-        }
-        _ => {}
+    }
+    if grace || release {
+        // The lcic grace clock started (enforcement and reminders move), or a release can now
+        // be due.
+        tx.execute(
+            "UPDATE accounts SET
+               enforce_due_at = CASE WHEN $3 THEN least(coalesce(enforce_due_at, 'infinity'), $2) ELSE enforce_due_at END,
+               alerts_due_at = CASE WHEN $3 THEN least(coalesce(alerts_due_at, 'infinity'), $2) ELSE alerts_due_at END,
+               release_due_at = CASE WHEN $4 THEN least(coalesce(release_due_at, 'infinity'), $2) ELSE release_due_at END
+             WHERE id = $1",
+            &[&n.account_id, &now, &grace, &release],
+        )
+        .await?;
     }
     Ok(())
 }

@@ -1,10 +1,10 @@
-//! `enforce_suspensions`: R2, R3, R5 and R6 applied on a schedule. Every account that might
-//! need a change (not good, in arrears, compliance-locked, or owning a package that ran out
-//! or expired, or a suspended resource) is evaluated at `as_of` and brought to the state the
-//! rules give: grace over and unpaid -> suspended per policy; paid -> restored; package used
-//! up with pay-as-you-go off -> quota_exhausted; package expired -> package_expired. Each
-//! account is re-read and decided under its row lock in the transaction that applies the
-//! decision, so a concurrent top-up always wins.
+//! `enforce_suspensions`: R2, R3, R5 and R6 applied on a schedule, to the accounts that are
+//! due (the due-work index: a grace deadline, a package expiry or a prepaid term end that has
+//! come, or an input that changed). Each due account is decided on under its row lock in the
+//! transaction that applies the decision, so a concurrent top-up always wins: grace over and
+//! unpaid -> suspended per policy; paid -> restored; package used up with pay-as-you-go off ->
+//! quota_exhausted; package expired -> package_expired; an episode opens (a debt without a
+//! bill) or closes (paid, or nothing left live).
 
 use chrono::{DateTime, Utc};
 use diesel_async::{AsyncConnection, AsyncPgConnection};
@@ -14,7 +14,11 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::domain::lifecycle::evaluate;
 use crate::jobs::{in_slot, JobError, JobName, SlotReport, SlotRun};
-use crate::lifecycle::{self, Applied, LifecycleError};
+use crate::lifecycle::apply::{self, Ctx};
+use crate::lifecycle::effects::Effects;
+use crate::lifecycle::policies::{self, PoliciesReport};
+use crate::lifecycle::run::{run_due, DueStats, DueWork, RunOptions};
+use crate::lifecycle::{self, Applied, DueJob, LifecycleError, Loaded};
 
 const LISTED: usize = 100;
 
@@ -32,21 +36,75 @@ pub struct EnforceReport {
     pub as_of: DateTime<Utc>,
     pub dry_run: bool,
     pub skipped: Option<String>,
-    pub accounts_evaluated: usize,
-    /// More accounts were waiting than one run evaluates; the next run goes on.
+    /// The lifecycle policies were recomputed first (they changed since the last run).
+    pub policies: Option<PoliciesReport>,
+    #[serde(flatten)]
+    pub due: DueStats,
+    /// More accounts were due than one run decides on; the next run goes on with them first.
     pub more_remaining: bool,
     pub accounts_changed: usize,
     pub resources_suspended: usize,
     pub resources_restored: usize,
+    pub episodes_opened: usize,
+    pub episodes_closed: usize,
     /// The first changes (or, on a dry run, the plan), by account.
     pub changes: Vec<Applied>,
-    /// Accounts that could not be evaluated, with the error; the others went on.
+    /// Accounts that could not be decided on, with the error; the others went on.
     pub errors: Vec<String>,
 }
 
 impl SlotReport for EnforceReport {
     fn skipped(&mut self, why: String) {
         self.skipped = Some(why);
+    }
+}
+
+/// What one batch adds to the report.
+#[derive(Default)]
+pub struct Tally {
+    changed: Vec<Applied>,
+}
+
+struct Enforce {
+    dry_run: bool,
+    report: EnforceReport,
+}
+
+impl DueWork for Enforce {
+    const JOB: DueJob = DueJob::EnforceSuspensions;
+    type Tally = Tally;
+
+    fn decide(&self, l: &mut Loaded, ctx: &Ctx, fx: &mut Effects, tally: &mut Tally) -> bool {
+        let applied = if self.dry_run {
+            apply::describe(
+                &l.id,
+                &evaluate(&l.account, &l.with_policies(ctx.config), ctx.now),
+            )
+        } else {
+            apply::reconcile(l, ctx, fx)
+        };
+        let changed = !applied.is_empty();
+        if changed {
+            tally.changed.push(applied);
+        }
+        changed
+    }
+
+    fn merge(&mut self, tally: Tally) {
+        let r = &mut self.report;
+        for a in tally.changed {
+            r.accounts_changed += 1;
+            r.resources_suspended += a.suspended.len();
+            r.resources_restored += a.restored.len();
+            match a.episode.as_deref() {
+                Some("opened") => r.episodes_opened += 1,
+                Some(_) => r.episodes_closed += 1,
+                None => {}
+            }
+            if r.changes.len() < LISTED {
+                r.changes.push(a);
+            }
+        }
     }
 }
 
@@ -83,63 +141,46 @@ pub async fn run_in_slot(
         &mut client,
         run,
         &mut report,
-        async |client, _, report| enforce(db, client, config, opts, report).await,
+        async |_, _, report| enforce(db, config, opts, report).await,
     )
     .await?;
-    tracing::info!(job = report.job, slot = %slot, suspended = report.resources_suspended,
-        restored = report.resources_restored, "enforce_suspensions finished");
+    tracing::info!(job = report.job, slot = %slot, due = report.due.accounts_due,
+        suspended = report.resources_suspended, restored = report.resources_restored,
+        "enforce_suspensions finished");
     Ok(report)
 }
 
 async fn enforce(
     db: &Db,
-    client: &tokio_postgres::Client,
     config: &Config,
     opts: &Options,
     report: &mut EnforceReport,
 ) -> Result<(), JobError> {
-    let limit = config.lifecycle.enforce_max_accounts as i64;
-    let ids: Vec<String> = client
-        .query(
-            "SELECT id FROM accounts
-             WHERE state <> 'good' OR cash_balance + credit_quota < 0 OR compliance_locked
-             UNION
-             SELECT DISTINCT account_id FROM resources
-             WHERE state = 'suspended' AND state_reason <> 'unsubscribed'
-                OR (state = 'active' AND billing_mode = 'package'
-                    AND (package_expires_at <= $1 OR (NOT payg_enabled AND package_used >= package_quota)))
-             ORDER BY 1 LIMIT $2",
-            &[&opts.as_of, &(limit + 1)],
-        )
-        .await?
-        .into_iter()
-        .map(|r| r.get(0))
-        .collect();
-    report.more_remaining = ids.len() as i64 > limit;
-    let cause = format!("enforce_suspensions@{}", opts.as_of.to_rfc3339());
-    for id in ids.iter().take(limit as usize) {
-        report.accounts_evaluated += 1;
-        match enforce_account(db, config, id, opts, &cause).await {
-            Ok(applied) if applied.is_empty() => {}
-            Ok(applied) => {
-                report.accounts_changed += 1;
-                report.resources_suspended += applied.suspended.len();
-                report.resources_restored += applied.restored.len();
-                if report.changes.len() < LISTED {
-                    report.changes.push(applied);
-                }
-            }
-            Err(e) => {
-                tracing::warn!(job = "enforce_suspensions", account_id = %id, error = %e, "account not evaluated");
-                if report.errors.len() < LISTED {
-                    report.errors.push(format!("{id}: {e}"));
-                }
-            }
-        }
+    if !opts.dry_run {
+        report.policies = policies::ensure(db, config, opts.as_of).await?;
     }
+    let mut work = Enforce {
+        dry_run: opts.dry_run,
+        report: std::mem::take(report),
+    };
+    let run = RunOptions {
+        as_of: opts.as_of,
+        dry_run: opts.dry_run,
+        batch_size: config.lifecycle.batch_size,
+        max_accounts: config.lifecycle.enforce_max_accounts,
+    };
+    let cause = format!("enforce_suspensions@{}", opts.as_of.to_rfc3339());
+    let mut errors = Vec::new();
+    let stats = run_due(db, config, &run, &cause, &mut work, &mut errors).await;
+    *report = work.report;
+    report.due = stats?;
+    report.errors = errors;
+    report.more_remaining = report.due.deferred > 0;
     Ok(())
 }
 
+/// Decides on one account now, waiting for its lock (operators and tests; the job's runs
+/// take due accounts in batches).
 pub async fn enforce_account(
     db: &Db,
     config: &Config,
@@ -149,19 +190,31 @@ pub async fn enforce_account(
 ) -> Result<Applied, LifecycleError> {
     let mut pooled = db.conn().await?;
     let conn: &mut AsyncPgConnection = &mut pooled;
-    let (id, cause, as_of, dry_run) = (id.to_string(), cause.to_string(), opts.as_of, opts.dry_run);
-    conn.transaction::<_, LifecycleError, _>(async move |conn| {
-        let Some(loaded) = lifecycle::load(conn, &id, true).await? else {
+    let (as_of, dry_run) = (opts.as_of, opts.dry_run);
+    conn.transaction::<_, LifecycleError, _>(async |conn| {
+        let Some(loaded) = lifecycle::load(conn, id, true).await? else {
             return Ok(Applied {
-                account_id: id.clone(),
+                account_id: id.to_string(),
                 ..Default::default()
             });
         };
         if dry_run {
             let eval = evaluate(&loaded.account, &loaded.with_policies(config), as_of);
-            return Ok(lifecycle::describe(&id, &eval));
+            return Ok(apply::describe(id, &eval));
         }
-        lifecycle::reconcile(conn, config, &loaded, as_of, &cause).await
+        let ctx = Ctx::new(config, as_of, cause);
+        let mut l = loaded;
+        let mut fx = Effects::default();
+        let applied = apply::reconcile(&mut l, &ctx, &mut fx);
+        apply::finish(
+            &l,
+            &ctx,
+            Some(DueJob::EnforceSuspensions),
+            !applied.is_empty(),
+            &mut fx,
+        );
+        fx.write(conn).await?;
+        Ok(applied)
     })
     .await
 }

@@ -816,23 +816,48 @@ async fn bill_batch(
     lap_mark(&mut report.timings, "update_packages", &mut lap);
     let entered = tx
         .query(
-            "WITH charged AS (
+            "WITH exhausted AS (
+               -- packages this bill used up with pay-as-you-go off: enforcement looks at them now
+               SELECT DISTINCT l.account_id FROM batch_lines l
+               JOIN resources r ON r.account_id = l.account_id AND r.id = l.resource_id
+               WHERE l.included > 0 AND r.billing_mode = 'package' AND r.state = 'active'
+                 AND NOT r.payg_enabled AND r.package_used >= coalesce(r.package_quota, 0)
+             ), charged AS (
                SELECT a.id, a.state AS old_state, a.cash_balance - b.paid_cash AS new_cash, a.credit_quota,
-                      b.max_seq
+                      b.max_seq, x.account_id IS NOT NULL AS exhausted,
+                      -- R1: an arrears episode opens when the account owes and has something live
+                      CASE WHEN a.episode IS NULL AND a.cash_balance - b.paid_cash + a.credit_quota < 0
+                           THEN EXISTS (SELECT 1 FROM resources r WHERE r.account_id = a.id AND r.state <> 'released')
+                           ELSE false END AS opens,
+                      -- R7: funds may have crossed below the threshold (coupons only add to them)
+                      (a.low_balance_threshold IS NOT NULL AND a.balance_alert_armed
+                       AND a.cash_balance - b.paid_cash + a.credit_quota < a.low_balance_threshold) AS low
                FROM accounts a JOIN batch_bills b ON b.account_id = a.id
+               LEFT JOIN exhausted x ON x.account_id = a.id
              ), upd AS (
-               -- the new balance, R1's start of arrears, and the account's billing mark
+               -- the new balance, R1's start of arrears and its episode, the account's billing mark,
+               -- and the due-work index of the lifecycle jobs the bill gives work to
                UPDATE accounts a SET
                  cash_balance = c.new_cash,
                  billed_through_day = $1,
                  billed_through_seq = greatest(a.billed_through_seq, c.max_seq),
                  arrears_since = CASE WHEN c.new_cash + c.credit_quota < 0 THEN coalesce(a.arrears_since, $2)
                                       ELSE a.arrears_since END,
-                 state = CASE WHEN a.state = 'good' AND c.new_cash + c.credit_quota < 0 THEN 'in_arrears'
+                 state = CASE WHEN c.opens AND a.state <> 'compliance_locked' THEN 'in_arrears'
+                              WHEN a.state = 'good' AND c.new_cash + c.credit_quota < 0 THEN 'in_arrears'
                               ELSE a.state END,
+                 episode = CASE WHEN c.opens THEN a.episodes + 1 ELSE a.episode END,
+                 episodes = CASE WHEN c.opens THEN a.episodes + 1 ELSE a.episodes END,
+                 alerts_due_at = CASE WHEN c.opens OR c.low THEN least(coalesce(a.alerts_due_at, 'infinity'), $2)
+                                      ELSE a.alerts_due_at END,
+                 enforce_due_at = CASE WHEN c.opens OR c.exhausted THEN least(coalesce(a.enforce_due_at, 'infinity'), $2)
+                                       ELSE a.enforce_due_at END,
                  updated_at = $2
                FROM charged c WHERE a.id = c.id
-               RETURNING a.id, c.old_state, a.state
+               RETURNING a.id, c.old_state, a.state, c.opens, a.episode
+             ), opened AS (
+               INSERT INTO arrears_episodes (account_id, no, opened_at, opened_by)
+               SELECT id, episode, $2, $3 FROM upd WHERE opens
              )
              INSERT INTO lifecycle_events (account_id, from_state, to_state, reason, cause, occurred_at)
              SELECT id, old_state, state,

@@ -1,13 +1,16 @@
-//! `release_resources`: R4 with the guards of R9 and R10. A suspended resource whose
-//! retention is over, whose account has no legal hold, and whose release warnings were all
-//! accepted at least `warning_min_age` earlier is released: marked released (the row stays as
-//! its tombstone), with a lifecycle event and a delete order for its product's control plane.
-//! Bills, ledger and usage are never touched. One run releases at most
-//! max(`max_release_percent` of live resources, `release_always_allowed`) unless the operator
-//! allows a mass release, and the job refuses to run when the service clock and the
-//! database clock disagree by more than `max_clock_skew`.
+//! `release_resources`: R4 with the guards of R9 and R10, for the accounts that are due (the
+//! due-work index: a release instant that has come, or a day after the last warning was
+//! accepted). A suspended resource whose retention is over, whose account has no legal hold,
+//! and whose release warnings for its current suspension (announcing its current release
+//! instant) were all accepted at least `warning_min_age` earlier is released: marked released
+//! (the row stays as its tombstone), with a lifecycle event and a delete order for its
+//! product's control plane. Bills, ledger and usage are never touched. One run releases at
+//! most max(`max_release_percent` of live resources, `release_always_allowed`) unless the
+//! operator allows a mass release (the whole run is planned first, read-only), and the job
+//! refuses to run when the service clock and the database clock disagree by more than
+//! `max_clock_skew`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
@@ -17,9 +20,14 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::db::schema::resources;
 use crate::db::Db;
-use crate::domain::lifecycle::{release_check, NotReleased, ResourceState};
 use crate::jobs::{in_slot, JobError, JobName, SlotReport, SlotRun};
-use crate::lifecycle::{self, LifecycleError, Loaded};
+use crate::lifecycle::apply::{self, Ctx};
+use crate::lifecycle::effects::Effects;
+use crate::lifecycle::policies::{self, PoliciesReport};
+use crate::lifecycle::run::{run_due, DueStats, DueWork, RunOptions};
+use crate::lifecycle::{self, DueJob, LifecycleError, Loaded};
+
+pub use crate::lifecycle::apply::Released;
 
 const LISTED: usize = 100;
 
@@ -33,16 +41,6 @@ pub struct Options {
     pub allow_mass_release: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Released {
-    pub account_id: String,
-    pub resource_id: String,
-    pub product: String,
-    pub reason: String,
-    pub suspended_at: Option<DateTime<Utc>>,
-    pub release_at: DateTime<Utc>,
-}
-
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ReleaseReport {
     pub job: &'static str,
@@ -50,6 +48,10 @@ pub struct ReleaseReport {
     pub as_of: DateTime<Utc>,
     pub dry_run: bool,
     pub skipped: Option<String>,
+    pub policies: Option<PoliciesReport>,
+    #[serde(flatten)]
+    pub due: DueStats,
+    /// Live resources, when something was due (the base of the mass-release guard).
     pub live_resources: i64,
     /// The most one run may release without --allow-mass-release.
     pub cap: i64,
@@ -59,12 +61,68 @@ pub struct ReleaseReport {
     pub released: Vec<Released>,
     /// Suspended resources kept, counted by why (retention_not_over, legal_hold, ...).
     pub kept: BTreeMap<String, usize>,
+    /// Accounts that could not be decided on, with the error; the others went on.
     pub errors: Vec<String>,
 }
 
 impl SlotReport for ReleaseReport {
     fn skipped(&mut self, why: String) {
         self.skipped = Some(why);
+    }
+}
+
+#[derive(Default)]
+pub struct Tally {
+    examined: usize,
+    released: Vec<Released>,
+    kept: BTreeMap<String, usize>,
+}
+
+/// Plans (`planned` = None) or releases what the plan holds.
+struct Release {
+    dry_run: bool,
+    planned: Option<HashSet<(String, String)>>,
+    report: ReleaseReport,
+}
+
+impl DueWork for Release {
+    const JOB: DueJob = DueJob::ReleaseResources;
+    type Tally = Tally;
+
+    fn decide(&self, l: &mut Loaded, ctx: &Ctx, fx: &mut Effects, tally: &mut Tally) -> bool {
+        tally.examined += l
+            .resources
+            .iter()
+            .filter(|(r, _)| r.suspension.is_some())
+            .count();
+        let mut due = apply::releasable(l, ctx, &mut tally.kept);
+        if let Some(planned) = &self.planned {
+            // Only what the guarded plan holds: a release that became possible since waits for
+            // the next run's plan.
+            due.retain(|d| planned.contains(&(d.account_id.clone(), d.resource_id.clone())));
+        }
+        if due.is_empty() {
+            return false;
+        }
+        if !self.dry_run {
+            apply::release(l, &due, ctx, fx);
+        }
+        tally.released.extend(due);
+        true
+    }
+
+    fn merge(&mut self, tally: Tally) {
+        let r = &mut self.report;
+        r.suspended_examined += tally.examined;
+        r.released_count += tally.released.len();
+        for d in tally.released {
+            if r.released.len() < LISTED {
+                r.released.push(d);
+            }
+        }
+        for (k, v) in tally.kept {
+            *r.kept.entry(k).or_default() += v;
+        }
     }
 }
 
@@ -117,118 +175,48 @@ pub async fn run_in_slot(
     Ok(report)
 }
 
-fn why(n: &NotReleased) -> &'static str {
-    match n {
-        NotReleased::NotSuspended => "not_suspended",
-        NotReleased::ArrearsPaid => "arrears_paid",
-        NotReleased::ComplianceSuspension => "compliance_suspension",
-        NotReleased::PolicyKeepsNonArrearsSuspensions => "non_arrears_suspension_kept_by_policy",
-        NotReleased::LegalHold => "legal_hold",
-        NotReleased::RetentionNotOver { .. } => "retention_not_over",
-        NotReleased::WarningMissing { .. } => "release_warning_missing",
-        NotReleased::WarningTooRecent { .. } => "release_warning_too_recent",
-    }
-}
-
-/// The resources of `loaded` that may be released at `now`.
-async fn releasable(
-    conn: &mut AsyncPgConnection,
-    config: &Config,
-    loaded: &Loaded,
-    now: DateTime<Utc>,
-    kept: &mut BTreeMap<String, usize>,
-) -> Result<Vec<Released>, LifecycleError> {
-    let mut out = Vec::new();
-    for (r, product) in &loaded.resources {
-        let ResourceState::Suspended(reason) = r.state else {
-            continue;
-        };
-        let Some(policy) = config.product(product).map(|p| &p.policy) else {
-            *kept.entry("product_not_configured".into()).or_default() += 1;
-            continue;
-        };
-        let warnings = match r.suspended_at {
-            Some(p) => lifecycle::accepted_warnings(conn, &loaded.id, p).await?,
-            None => vec![],
-        };
-        match release_check(
-            &loaded.account,
-            r,
-            policy,
-            &warnings,
-            config.lifecycle.warning_min_age.to_chrono(),
-            now,
-        ) {
-            Ok(release_at) => out.push(Released {
-                account_id: loaded.id.clone(),
-                resource_id: r.id.clone(),
-                product: product.clone(),
-                reason: reason.as_str().to_string(),
-                suspended_at: r.suspended_at,
-                release_at,
-            }),
-            Err(n) => *kept.entry(why(&n).to_string()).or_default() += 1,
-        }
-    }
-    Ok(out)
-}
-
 async fn release(
     db: &Db,
     config: &Config,
     opts: &Options,
     report: &mut ReleaseReport,
 ) -> Result<(), JobError> {
+    if !opts.dry_run {
+        report.policies = policies::ensure(db, config, opts.as_of).await?;
+    }
+    let run = RunOptions {
+        as_of: opts.as_of,
+        dry_run: true,
+        batch_size: config.lifecycle.batch_size,
+        max_accounts: config.lifecycle.enforce_max_accounts,
+    };
+    let cause = format!("release_resources@{}", opts.as_of.to_rfc3339());
+    // First the plan, read-only, so the mass-release guard sees the whole run.
+    let mut plan = Release {
+        dry_run: true,
+        planned: None,
+        report: ReleaseReport::default(),
+    };
+    let planned_stats = run_due(db, config, &run, &cause, &mut plan, &mut Vec::new()).await?;
+    if planned_stats.accounts_due == 0 {
+        report.due = planned_stats;
+        return Ok(());
+    }
     let mut conn = db.conn().await?;
-    let min_retention = config
-        .products
-        .values()
-        .map(|p| p.policy.retention.to_chrono())
-        .min()
-        .unwrap_or_default();
-    let accounts_with_due: Vec<String> = resources::table
-        .filter(resources::state.eq("suspended"))
-        .filter(resources::suspended_at.le(opts.as_of - min_retention))
-        .select(resources::account_id)
-        .distinct()
-        .order(resources::account_id)
-        .load(&mut conn)
-        .await
-        .map_err(crate::db::DbError::Query)?;
     report.live_resources = resources::table
         .filter(resources::state.ne("released"))
         .count()
         .get_result(&mut conn)
         .await
         .map_err(crate::db::DbError::Query)?;
+    drop(conn);
     report.cap = (report.live_resources * i64::from(config.lifecycle.max_release_percent) / 100)
         .max(i64::from(config.lifecycle.release_always_allowed));
-
-    // First the plan, read-only, so the mass-release guard sees the whole run.
-    let mut plan: Vec<Released> = Vec::new();
-    for id in &accounts_with_due {
-        let Some(loaded) = lifecycle::load(&mut conn, id, false)
-            .await
-            .map_err(lifecycle_err)?
-        else {
-            continue;
-        };
-        report.suspended_examined += loaded
-            .resources
-            .iter()
-            .filter(|(r, _)| matches!(r.state, ResourceState::Suspended(_)))
-            .count();
-        plan.extend(
-            releasable(&mut conn, config, &loaded, opts.as_of, &mut report.kept)
-                .await
-                .map_err(lifecycle_err)?,
-        );
-    }
-    if plan.len() as i64 > report.cap && !opts.allow_mass_release {
+    let due_count = plan.report.released_count as i64;
+    if due_count > report.cap && !opts.allow_mass_release {
         return Err(JobError::Refused(format!(
-            "refusing a mass release: {} resources are due, but one run may release at most {} (max of {}% of {} live \
+            "refusing a mass release: {due_count} resources are due, but one run may release at most {} (max of {}% of {} live \
              resources and {}); check the plan with --dry-run, then rerun with --allow-mass-release",
-            plan.len(),
             report.cap,
             config.lifecycle.max_release_percent,
             report.live_resources,
@@ -236,45 +224,77 @@ async fn release(
         )));
     }
     if opts.dry_run {
-        report.released_count = plan.len();
-        report.released = plan.into_iter().take(LISTED).collect();
+        let (live, cap) = (report.live_resources, report.cap);
+        *report = ReleaseReport {
+            job: report.job,
+            slot: report.slot,
+            as_of: report.as_of,
+            dry_run: true,
+            live_resources: live,
+            cap,
+            due: planned_stats,
+            ..plan.report
+        };
         return Ok(());
     }
-    drop(conn);
-    let cause = format!("release_resources@{}", opts.as_of.to_rfc3339());
-    let mut by_account: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for p in &plan {
-        by_account
-            .entry(p.account_id.clone())
-            .or_default()
-            .push(p.resource_id.clone());
-    }
-    for (account, planned) in by_account {
-        match release_account(db, config, &account, &planned, opts.as_of, &cause).await {
-            Ok(done) => {
-                report.released_count += done.len();
-                for d in done {
-                    if report.released.len() < LISTED {
-                        report.released.push(d);
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(job = "release_resources", account_id = %account, error = %e, "account not released");
-                if report.errors.len() < LISTED {
-                    report.errors.push(format!("{account}: {e}"));
-                }
-            }
-        }
-    }
+    let mut work = Release {
+        dry_run: false,
+        planned: Some(
+            all_planned(&plan.report, db, config, &run, &cause)
+                .await?
+                .into_iter()
+                .collect(),
+        ),
+        report: std::mem::take(report),
+    };
+    let run = RunOptions {
+        dry_run: false,
+        ..run
+    };
+    let mut errors = Vec::new();
+    let stats = run_due(db, config, &run, &cause, &mut work, &mut errors).await;
+    *report = work.report;
+    report.due = stats?;
+    report.errors = errors;
     Ok(())
 }
 
-fn lifecycle_err(e: LifecycleError) -> JobError {
-    match e {
-        LifecycleError::Db(d) => JobError::Db(d),
-        other => JobError::Refused(other.to_string()),
+/// Every (account, resource) of the plan: the report lists only the first ones, so a second
+/// read-only pass collects them all.
+async fn all_planned(
+    listed: &ReleaseReport,
+    db: &Db,
+    config: &Config,
+    run: &RunOptions,
+    cause: &str,
+) -> Result<Vec<(String, String)>, JobError> {
+    if listed.released.len() == listed.released_count {
+        return Ok(listed
+            .released
+            .iter()
+            .map(|d| (d.account_id.clone(), d.resource_id.clone()))
+            .collect());
     }
+    struct Collect(Vec<(String, String)>);
+    impl DueWork for Collect {
+        const JOB: DueJob = DueJob::ReleaseResources;
+        type Tally = Vec<(String, String)>;
+        fn decide(&self, l: &mut Loaded, ctx: &Ctx, _: &mut Effects, t: &mut Self::Tally) -> bool {
+            let mut kept = BTreeMap::new();
+            t.extend(
+                apply::releasable(l, ctx, &mut kept)
+                    .into_iter()
+                    .map(|d| (d.account_id, d.resource_id)),
+            );
+            false
+        }
+        fn merge(&mut self, t: Self::Tally) {
+            self.0.extend(t);
+        }
+    }
+    let mut c = Collect(Vec::new());
+    run_due(db, config, run, cause, &mut c, &mut Vec::new()).await?;
+    Ok(c.0)
 }
 
 /// Re-checks and releases, under the account's lock, the planned resources that are still
@@ -289,56 +309,27 @@ pub async fn release_account(
 ) -> Result<Vec<Released>, LifecycleError> {
     let mut pooled = db.conn().await?;
     let conn: &mut AsyncPgConnection = &mut pooled;
-    let (account, planned, cause) = (account.to_string(), planned.to_vec(), cause.to_string());
-    conn.transaction::<_, LifecycleError, _>(async move |conn| {
-        let Some(loaded) = lifecycle::load(conn, &account, true).await? else {
+    conn.transaction::<_, LifecycleError, _>(async |conn| {
+        let Some(mut l) = lifecycle::load(conn, account, true).await? else {
             return Ok(vec![]);
         };
+        let ctx = Ctx::new(config, now, cause);
         let mut kept = BTreeMap::new();
-        let due = releasable(conn, config, &loaded, now, &mut kept).await?;
-        let mut done = Vec::new();
-        for d in due.into_iter().filter(|d| planned.contains(&d.resource_id)) {
-            diesel::update(resources::table.find((&account, &d.resource_id)))
-                .set((
-                    resources::state.eq("released"),
-                    resources::released_at.eq(now),
-                    resources::updated_at.eq(now),
-                ))
-                .execute(conn)
-                .await?;
-            lifecycle::record_event(
-                conn,
-                &account,
-                Some(&d.resource_id),
-                &format!("suspended ({})", d.reason),
-                "released",
-                "retention period over: released for good, its data deleted by the control plane",
-                &cause,
-                now,
-            )
-            .await?;
-            lifecycle::record_order(
-                conn,
-                config,
-                &account,
-                &d.resource_id,
-                &d.product,
-                "release",
-                Some(&d.reason),
-                &cause,
-                now,
-            )
-            .await?;
-            done.push(d);
-        }
-        if !done.is_empty() {
-            let r = crate::notify::recipient(conn, &account).await?;
-            let extra = serde_json::json!({ "released_at": r.at(now) });
-            let kind = crate::notify::NoticeKind::Released;
-            crate::notify::notify_customer(conn, config, &r, kind, &now.to_rfc3339(), extra, now)
-                .await?;
-        }
-        Ok(done)
+        let due: Vec<Released> = apply::releasable(&l, &ctx, &mut kept)
+            .into_iter()
+            .filter(|d| planned.contains(&d.resource_id))
+            .collect();
+        let mut fx = Effects::default();
+        apply::release(&mut l, &due, &ctx, &mut fx);
+        apply::finish(
+            &l,
+            &ctx,
+            Some(DueJob::ReleaseResources),
+            !due.is_empty(),
+            &mut fx,
+        );
+        fx.write(conn).await?;
+        Ok(due)
     })
     .await
 }

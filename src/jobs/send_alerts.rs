@@ -1,31 +1,47 @@
-//! `send_alerts` (hourly): decides which customer notices are due and writes them into the
-//! outbox, each once per (account, kind, period, channel):
-//! - overdue: the first alert of an arrears, then reminders on the policy's cadence (counted
-//!   from the first alert a channel accepted) until the account is suspended;
+//! `send_alerts` (hourly): writes the customer notices that are due into the outbox, for the
+//! accounts that are due (the due-work index), each notice once per (account, topic,
+//! channel) whatever the number of runs:
+//! - overdue: the first alert of an arrears episode, then reminders on the policy's cadence
+//!   (counted from the first alert a channel accepted) until the grace deadline;
 //! - suspension imminent: `notifications.suspension_imminent_lead` before the grace deadline;
-//! - release warnings: each of the policy's leads before a suspended resource's release;
+//! - release warnings: each of the policy's leads before a suspension's release instant, for
+//!   every suspension the policy releases (arrears, unsubscribed, and the package reasons when
+//!   `release_non_arrears_suspensions` is on), whether or not the account owes money;
 //! - balance low (R7): once per crossing below the account's threshold, re-armed above it.
-//! Hourly slots that were missed collapse into one: every decision is level-triggered.
+//! Every notice names the episode or suspension it is about, so a new episode always gets its
+//! own alerts and a retry is never taken for a new notice. Missed hours collapse into one run.
 
-use chrono::{DateTime, Duration, Utc};
-use diesel::prelude::*;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::db::schema::accounts;
-use crate::db::{Db, DbError};
-use crate::domain::lifecycle::{grace_deadline, AccountState, Reason, ResourceState};
-use crate::domain::money::format_scaled;
+use crate::db::Db;
+use crate::domain::alerts::AlertPlan;
+use crate::domain::notice::NoticeKind;
 use crate::jobs::{in_slot, JobError, JobName, SlotReport, SlotRun};
-use crate::lifecycle::{self, LifecycleError};
-use crate::notify::{self, NoticeKind};
+use crate::lifecycle::apply::{self, Ctx};
+use crate::lifecycle::effects::Effects;
+use crate::lifecycle::policies::{self, PoliciesReport};
+use crate::lifecycle::run::{run_due, DueStats, DueWork, RunOptions};
+use crate::lifecycle::{DueJob, Loaded};
+
+const LISTED: usize = 100;
 
 #[derive(Debug, Clone)]
 pub struct Options {
     pub as_of: DateTime<Utc>,
     pub dry_run: bool,
     pub force: bool,
+}
+
+/// One notice a run wrote (or, on a dry run, would write), and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedView {
+    pub account_id: String,
+    pub kind: &'static str,
+    pub channels: Vec<&'static str>,
+    pub period: String,
+    pub why: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -35,19 +51,89 @@ pub struct AlertsReport {
     pub as_of: DateTime<Utc>,
     pub dry_run: bool,
     pub skipped: Option<String>,
-    pub accounts_in_arrears: usize,
+    pub policies: Option<PoliciesReport>,
+    #[serde(flatten)]
+    pub due: DueStats,
+    /// Notices written (or planned) per kind, counted once per channel.
     pub overdue: usize,
     pub overdue_reminders: usize,
     pub suspension_imminent: usize,
     pub release_warnings: usize,
     pub balance_low: usize,
     pub balance_alerts_rearmed: usize,
+    /// The first notices written, or on a dry run the plan: for whom, which, and why.
+    pub plan: Vec<PlannedView>,
+    /// Accounts that could not be decided on, with the error; the others went on.
     pub errors: Vec<String>,
 }
 
 impl SlotReport for AlertsReport {
     fn skipped(&mut self, why: String) {
         self.skipped = Some(why);
+    }
+}
+
+#[derive(Default)]
+pub struct Tally {
+    planned: Vec<(String, AlertPlan, Vec<&'static str>)>,
+}
+
+struct Alerts {
+    dry_run: bool,
+    report: AlertsReport,
+}
+
+impl DueWork for Alerts {
+    const JOB: DueJob = DueJob::SendAlerts;
+    type Tally = Tally;
+
+    fn decide(&self, l: &mut Loaded, ctx: &Ctx, fx: &mut Effects, tally: &mut Tally) -> bool {
+        let plan = apply::alert_plan(l, ctx);
+        if plan.is_empty() {
+            return false;
+        }
+        if !self.dry_run {
+            apply::apply_alerts(l, &plan, ctx, fx);
+        }
+        let mut channels = Vec::new();
+        if l.contact.has_email {
+            channels.push("email");
+        }
+        if l.contact.has_phone {
+            channels.push("sms");
+        }
+        let changed = plan.disarm || plan.rearm;
+        tally.planned.push((l.id.clone(), plan, channels));
+        changed
+    }
+
+    fn merge(&mut self, tally: Tally) {
+        let r = &mut self.report;
+        for (account, plan, channels) in tally.planned {
+            if plan.rearm {
+                r.balance_alerts_rearmed += 1;
+            }
+            for n in plan.notices {
+                let count = channels.len();
+                match n.kind {
+                    NoticeKind::Overdue => r.overdue += count,
+                    NoticeKind::OverdueReminder => r.overdue_reminders += count,
+                    NoticeKind::SuspensionImminent => r.suspension_imminent += count,
+                    NoticeKind::ReleaseWarning => r.release_warnings += count,
+                    NoticeKind::BalanceLow => r.balance_low += count,
+                    _ => {}
+                }
+                if r.plan.len() < LISTED {
+                    r.plan.push(PlannedView {
+                        account_id: account.clone(),
+                        kind: n.kind.as_str(),
+                        channels: channels.clone(),
+                        period: n.period,
+                        why: n.why,
+                    });
+                }
+            }
+        }
     }
 }
 
@@ -90,256 +176,30 @@ pub async fn run_in_slot(
     Ok(report)
 }
 
-#[derive(Default)]
-struct Counts {
-    overdue: usize,
-    reminders: usize,
-    imminent: usize,
-    warnings: usize,
-}
-
 async fn alerts(
     db: &Db,
     config: &Config,
     opts: &Options,
     report: &mut AlertsReport,
 ) -> Result<(), JobError> {
-    let mut conn = db.conn().await?;
-    let limit = config.lifecycle.enforce_max_accounts as i64;
-    let ids: Vec<String> = accounts::table
-        .filter(diesel::dsl::sql::<diesel::sql_types::Bool>(
-            "cash_balance + credit_quota < 0",
-        ))
-        .filter(accounts::compliance_locked.eq(false))
-        .select(accounts::id)
-        .order(accounts::id)
-        .limit(limit)
-        .load(&mut conn)
-        .await
-        .map_err(DbError::Query)?;
-    report.accounts_in_arrears = ids.len();
-    drop(conn);
-    for id in ids {
-        match account_alerts(db, config, &id, opts).await {
-            Ok(c) => {
-                report.overdue += c.overdue;
-                report.overdue_reminders += c.reminders;
-                report.suspension_imminent += c.imminent;
-                report.release_warnings += c.warnings;
-            }
-            Err(e) => {
-                tracing::warn!(job = "send_alerts", account_id = %id, error = %e, "account skipped");
-                report.errors.push(format!("{id}: {e}"));
-            }
-        }
+    if !opts.dry_run {
+        report.policies = policies::ensure(db, config, opts.as_of).await?;
     }
-    balance_alerts(db, config, opts, report).await
-}
-
-async fn account_alerts(
-    db: &Db,
-    config: &Config,
-    id: &str,
-    opts: &Options,
-) -> Result<Counts, LifecycleError> {
-    let mut pooled = db.conn().await?;
-    let conn: &mut AsyncPgConnection = &mut pooled;
-    let (id, now, dry) = (id.to_string(), opts.as_of, opts.dry_run);
-    conn.transaction::<_, LifecycleError, _>(async move |conn| {
-        let mut c = Counts::default();
-        let Some(loaded) = lifecycle::load(conn, &id, true).await? else {
-            return Ok(c);
-        };
-        let a = &loaded.account;
-        let Some(arrears_since) = a.arrears_since else {
-            return Ok(c);
-        };
-        let r = notify::recipient(conn, &id).await?;
-        let live: Vec<_> = loaded
-            .with_policies(config)
-            .into_iter()
-            .filter(|(res, _)| res.state != ResourceState::Released)
-            .collect();
-        let deadline = live.iter().filter_map(|(_, p)| grace_deadline(a, p)).min();
-        let min_grace = live
-            .iter()
-            .map(|(_, p)| p.grace.to_chrono())
-            .min()
-            .unwrap_or(Duration::hours(24));
-        let cadence = live
-            .iter()
-            .map(|(_, p)| p.overdue_reminder_every.to_chrono())
-            .min()
-            .unwrap_or(Duration::hours(24));
-        // Before the first alert is accepted the lcic clock has not started: the deadline is a
-        // grace period from now.
-        let shown_deadline = deadline.unwrap_or(now + min_grace);
-        let since = arrears_since.to_rfc3339();
-        let extra =
-            serde_json::json!({ "deadline": r.at(shown_deadline), "_arrears_since": since });
-        if dry {
-            return Ok(c);
-        }
-        c.overdue += notify::notify_customer(
-            conn,
-            config,
-            &r,
-            NoticeKind::Overdue,
-            &since,
-            extra.clone(),
-            now,
-        )
-        .await?;
-        if a.state != AccountState::Suspended {
-            // Reminders stop at the grace deadline: from then on the suspension notice speaks.
-            if let (Some(first), true) =
-                (a.first_overdue_alert_at, deadline.is_none_or(|d| now < d))
-            {
-                let n = (now - first).num_seconds() / cadence.num_seconds().max(1);
-                if n >= 1 {
-                    let period = format!("{since}:{n}");
-                    c.reminders += notify::notify_customer(
-                        conn,
-                        config,
-                        &r,
-                        NoticeKind::OverdueReminder,
-                        &period,
-                        extra.clone(),
-                        now,
-                    )
-                    .await?;
-                }
-            }
-            if let Some(d) = deadline {
-                if now >= d - config.notifications.suspension_imminent_lead.to_chrono() && now < d {
-                    c.imminent += notify::notify_customer(
-                        conn,
-                        config,
-                        &r,
-                        NoticeKind::SuspensionImminent,
-                        &d.to_rfc3339(),
-                        extra.clone(),
-                        now,
-                    )
-                    .await?;
-                }
-            }
-        }
-        for (res, policy) in &live {
-            let (ResourceState::Suspended(reason), Some(suspended_at)) =
-                (res.state, res.suspended_at)
-            else {
-                continue;
-            };
-            let releasable = reason == Reason::Arrears
-                || reason == Reason::Unsubscribed
-                || (matches!(reason, Reason::QuotaExhausted | Reason::PackageExpired)
-                    && policy.release_non_arrears_suspensions);
-            if !releasable {
-                continue;
-            }
-            let release_at = suspended_at + policy.retention.to_chrono();
-            for lead in &policy.release_warnings {
-                if now >= release_at - lead.to_chrono() && now < release_at {
-                    let period = format!("{}:{}", suspended_at.to_rfc3339(), lead.seconds());
-                    let vars = serde_json::json!({
-                        "release_at": r.at(release_at),
-                        "lead": lead.to_string(),
-                        "_period": suspended_at,
-                        "_lead_seconds": lead.seconds(),
-                    });
-                    c.warnings += notify::notify_customer(
-                        conn,
-                        config,
-                        &r,
-                        NoticeKind::ReleaseWarning,
-                        &period,
-                        vars,
-                        now,
-                    )
-                    .await?;
-                }
-            }
-        }
-        Ok(c)
-    })
-    .await
-}
-
-/// R7: funds (cash + credit quota + unexpired coupons) below the threshold alert once per
-/// crossing; the alert re-arms when funds are back at or above it.
-async fn balance_alerts(
-    db: &Db,
-    config: &Config,
-    opts: &Options,
-    report: &mut AlertsReport,
-) -> Result<(), JobError> {
-    let client = db.raw_client().await?;
-    let rows = client
-        .query(
-            "SELECT a.id, a.cash_balance + a.credit_quota
-                      + coalesce(sum(c.remaining) FILTER (WHERE c.expires_at > $1), 0)::bigint AS funds,
-                    a.low_balance_threshold, a.balance_alert_armed
-             FROM accounts a LEFT JOIN coupons c ON c.account_id = a.id
-             WHERE a.low_balance_threshold IS NOT NULL AND NOT a.compliance_locked
-             GROUP BY a.id",
-            &[&opts.as_of],
-        )
-        .await?;
-    let d = config.billing.minor_unit_digits;
-    for row in rows {
-        let (id, funds, threshold, armed): (String, i64, i64, bool) =
-            (row.get(0), row.get(1), row.get(2), row.get(3));
-        if opts.dry_run {
-            continue;
-        }
-        if funds < threshold && armed {
-            let mut pooled = db.conn().await?;
-            let conn: &mut AsyncPgConnection = &mut pooled;
-            let (id2, now) = (id.clone(), opts.as_of);
-            let cur = config.billing.currency.clone();
-            let sent = conn
-                .transaction::<_, diesel::result::Error, _>(async move |conn| {
-                    // Disarm only if still armed: a concurrent run sends nothing twice.
-                    let n = diesel::update(
-                        accounts::table
-                            .find(&id2)
-                            .filter(accounts::balance_alert_armed.eq(true)),
-                    )
-                    .set(accounts::balance_alert_armed.eq(false))
-                    .execute(conn)
-                    .await?;
-                    if n == 0 {
-                        return Ok(0);
-                    }
-                    let r = notify::recipient(conn, &id2).await?;
-                    let extra = serde_json::json!({
-                        "funds": format!("{} {cur}", format_scaled(funds, d)),
-                        "threshold": format!("{} {cur}", format_scaled(threshold, d)),
-                    });
-                    notify::notify_customer(
-                        conn,
-                        config,
-                        &r,
-                        NoticeKind::BalanceLow,
-                        &now.to_rfc3339(),
-                        extra,
-                        now,
-                    )
-                    .await
-                })
-                .await
-                .map_err(DbError::Query)?;
-            report.balance_low += sent;
-        } else if funds >= threshold && !armed {
-            let mut conn = db.conn().await?;
-            diesel::update(accounts::table.find(&id))
-                .set(accounts::balance_alert_armed.eq(true))
-                .execute(&mut conn)
-                .await
-                .map_err(DbError::Query)?;
-            report.balance_alerts_rearmed += 1;
-        }
-    }
+    let mut work = Alerts {
+        dry_run: opts.dry_run,
+        report: std::mem::take(report),
+    };
+    let run = RunOptions {
+        as_of: opts.as_of,
+        dry_run: opts.dry_run,
+        batch_size: config.lifecycle.batch_size,
+        max_accounts: config.lifecycle.enforce_max_accounts,
+    };
+    let cause = format!("send_alerts@{}", opts.as_of.to_rfc3339());
+    let mut errors = Vec::new();
+    let stats = run_due(db, config, &run, &cause, &mut work, &mut errors).await;
+    *report = work.report;
+    report.due = stats?;
+    report.errors = errors;
     Ok(())
 }
