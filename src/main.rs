@@ -37,8 +37,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Apply pending database migrations.
+    /// Apply pending database migrations, then the configuration's lifecycle policies
+    /// (`policies apply`).
     Migrate,
+    /// The lifecycle policies in the database.
+    Policies {
+        #[command(subcommand)]
+        action: PoliciesAction,
+    },
     /// Import a CSV file (header row required); a file with any bad row imports nothing.
     Import { kind: ImportWhat, file: PathBuf },
     /// Credit an account's cash balance; idempotent by reference.
@@ -210,6 +216,17 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum PoliciesAction {
+    /// Recompute what the configuration's lifecycle policies derive (release instants of live
+    /// suspensions, the due-work index) for the accounts they affect, when they differ from
+    /// those recorded; prints how many moved.
+    Apply {
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum ReportWhat {
     /// Accounts in arrears by days in arrears (0-1, 2-7, 8-30, 31-60, over 60) and by
     /// lifecycle state, with what they owe, at --as-of.
@@ -253,8 +270,16 @@ enum AccountAction {
         #[arg(long)]
         json: bool,
     },
-    /// The audit trail: every state change of the account and its resources.
+    /// The audit trail: every state change of the account and its resources, with the
+    /// arrears episode it happened in (the text view lists the episodes first).
     History {
+        id: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The account's arrears episodes and resource suspensions: when each began, its facts
+    /// (first accepted overdue alert, suspension, release instant) and how it ended.
+    Episodes {
         id: String,
         #[arg(long)]
         json: bool,
@@ -330,6 +355,27 @@ enum EmbeddedAction {
     Url,
     /// Stop the embedded PostgreSQL cluster.
     Stop,
+}
+
+fn print_episodes(episodes: &[queries::EpisodeView]) {
+    for e in episodes {
+        println!(
+            "episode {}: opened {} ({}); overdue alert accepted {}; suspended {}; {}",
+            e.no,
+            e.opened_at,
+            e.opened_by,
+            e.first_overdue_alert_at
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into()),
+            e.suspended_at
+                .map(|t| t.to_string())
+                .unwrap_or_else(|| "-".into()),
+            match (&e.closed_at, &e.close_reason) {
+                (Some(t), Some(r)) => format!("closed {t} ({r})"),
+                _ => "open".into(),
+            }
+        );
+    }
 }
 
 fn parse_instant(s: &str) -> Result<DateTime<Utc>, String> {
@@ -540,7 +586,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Migrate => {
             let db = Db::open(&config, MigrationMode::Apply).await?;
             let applied = db.migrate().await?;
-            print_json(&serde_json::json!({ "applied": applied, "status": "up to date" }))?;
+            let policies = lifecycle::policies::apply(&db, &config, as_of, false).await?;
+            print_json(&serde_json::json!({
+                "applied": applied, "status": "up to date", "policies": policies
+            }))?;
+        }
+        Command::Policies {
+            action: PoliciesAction::Apply { dry_run },
+        } => {
+            let db = Db::open(&config, MigrationMode::Require).await?;
+            print_json(&lifecycle::policies::apply(&db, &config, as_of, dry_run).await?)?;
         }
         Command::Bench {
             accounts,
@@ -1000,18 +1055,53 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if json {
                 print_json(&events)?;
             } else {
+                print_episodes(&queries::episodes(&db, &id).await?);
                 if events.is_empty() {
                     println!("no lifecycle events for {id}");
                 }
                 for e in &events {
                     println!(
-                        "{}  {:<16} {} -> {}  {}  [{}]",
+                        "{}  {:<4} {:<16} {} -> {}  {}  [{}]",
                         e.occurred_at.format("%Y-%m-%d %H:%M:%S"),
+                        e.episode.map(|n| format!("e{n}")).unwrap_or_default(),
                         e.resource_id.as_deref().unwrap_or("(account)"),
                         e.from,
                         e.to,
                         e.reason,
                         e.cause
+                    );
+                }
+            }
+        }
+        Command::Account {
+            action: AccountAction::Episodes { id, json },
+        } => {
+            let db = open(&config, MigrationMode::Require).await?;
+            let episodes = queries::episodes(&db, &id).await?;
+            let suspensions = queries::suspensions(&db, &id).await?;
+            if json {
+                print_json(&serde_json::json!({
+                    "account_id": id, "episodes": episodes, "suspensions": suspensions
+                }))?;
+            } else {
+                print_episodes(&episodes);
+                for s in &suspensions {
+                    println!(
+                        "  s{:<4} {:<16} {:<16} {} from {}  release {}  {}",
+                        s.no,
+                        s.resource_id,
+                        s.reason,
+                        s.episode
+                            .map(|n| format!("e{n}"))
+                            .unwrap_or_else(|| "-".into()),
+                        s.started_at,
+                        s.release_at
+                            .map(|t| t.to_string())
+                            .unwrap_or_else(|| "never".into()),
+                        match (&s.ended_at, &s.ended_how) {
+                            (Some(t), Some(how)) => format!("ended {t} ({how})"),
+                            _ => "current".into(),
+                        }
                     );
                 }
             }
@@ -1045,7 +1135,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     OperatorAction::LegalHold(false),
                     "cli:account legal-hold-clear",
                 ),
-                AccountAction::Show { .. } | AccountAction::History { .. } => {
+                AccountAction::Show { .. }
+                | AccountAction::History { .. }
+                | AccountAction::Episodes { .. } => {
                     unreachable!("matched above")
                 }
             };
@@ -1073,9 +1165,31 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 if let Some(t) = view.arrears_since {
                     println!("  in arrears since {t}");
                 }
+                if let Some(e) = &view.episode {
+                    println!(
+                        "  episode {} opened {}; overdue alert accepted {}; suspended {}",
+                        e.no,
+                        e.opened_at,
+                        e.first_overdue_alert_at
+                            .map(|t| t.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                        e.suspended_at
+                            .map(|t| t.to_string())
+                            .unwrap_or_else(|| "-".into()),
+                    );
+                }
+                let due = |t: Option<DateTime<Utc>>| {
+                    t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+                };
+                println!(
+                    "  next due: send_alerts {}, enforce_suspensions {}, release_resources {}",
+                    due(view.next_due.send_alerts),
+                    due(view.next_due.enforce_suspensions),
+                    due(view.next_due.release_resources)
+                );
                 for r in &view.resources {
                     println!(
-                        "  {:<16} {:<6} {:<12} {}{}",
+                        "  {:<16} {:<6} {:<12} {}{}{}",
                         r.id,
                         r.product,
                         r.billing_mode,
@@ -1083,6 +1197,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         r.reason
                             .as_deref()
                             .map(|x| format!(" ({x})"))
+                            .unwrap_or_default(),
+                        r.release_at
+                            .map(|t| format!("  released at {t} unless paid"))
                             .unwrap_or_default()
                     );
                 }

@@ -378,11 +378,18 @@ pub async fn bills(
         .collect())
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// One entry of the audit trail.
+#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
+#[diesel(table_name = crate::db::schema::lifecycle_events)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
 pub struct EventView {
     pub occurred_at: DateTime<Utc>,
+    /// The arrears episode open when it happened.
+    pub episode: Option<i32>,
     pub resource_id: Option<String>,
+    #[diesel(column_name = from_state)]
     pub from: String,
+    #[diesel(column_name = to_state)]
     pub to: String,
     pub reason: String,
     pub cause: String,
@@ -392,37 +399,38 @@ pub struct EventView {
 pub async fn history(db: &Db, account_id: &str) -> Result<Vec<EventView>, DbError> {
     use crate::db::schema::lifecycle_events as e;
     let mut conn = db.conn().await?;
-    let rows: Vec<(
-        DateTime<Utc>,
-        Option<String>,
-        String,
-        String,
-        String,
-        String,
-    )> = e::table
+    Ok(e::table
         .filter(e::account_id.eq(account_id))
         .order(e::id)
-        .select((
-            e::occurred_at,
-            e::resource_id,
-            e::from_state,
-            e::to_state,
-            e::reason,
-            e::cause,
-        ))
+        .select(EventView::as_select())
         .load(&mut conn)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| EventView {
-            occurred_at: r.0,
-            resource_id: r.1,
-            from: r.2,
-            to: r.3,
-            reason: r.4,
-            cause: r.5,
-        })
-        .collect())
+        .await?)
+}
+
+/// A resource's suspension: one reason, one retention clock, one release instant.
+#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
+#[diesel(table_name = resource_suspensions)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+pub struct SuspensionView {
+    pub no: i32,
+    pub resource_id: String,
+    pub reason: String,
+    pub episode: Option<i32>,
+    pub started_at: DateTime<Utc>,
+    pub release_at: Option<DateTime<Utc>>,
+    pub ended_at: Option<DateTime<Utc>>,
+    pub ended_how: Option<String>,
+}
+
+/// Every resource suspension of an account, oldest first.
+pub async fn suspensions(db: &Db, account_id: &str) -> Result<Vec<SuspensionView>, DbError> {
+    let mut conn = db.conn().await?;
+    Ok(resource_suspensions::table
+        .filter(resource_suspensions::account_id.eq(account_id))
+        .order(resource_suspensions::no)
+        .select(SuspensionView::as_select())
+        .load(&mut conn)
+        .await?)
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -208,7 +208,7 @@ pub async fn serve(
             let _ = http.await;
             return Ok(());
         }
-        match open_db(&shared.config).await {
+        match open_db(&shared.config, shared.clock.now()).await {
             Ok(db) => break db,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "database not available");
@@ -254,10 +254,17 @@ pub async fn serve(
     Ok(())
 }
 
-async fn open_db(config: &Config) -> Result<Db, DbError> {
+async fn open_db(config: &Config, now: DateTime<Utc>) -> Result<Db, DbError> {
     let db = Db::open(config, MigrationMode::Require).await?;
     let mut conn = db.conn().await?;
     crate::db::catalog::sync_prices(&mut conn, config).await?;
+    drop(conn);
+    // The due-work index follows the configured policies before the first slot runs.
+    let policies = crate::lifecycle::policies::apply(&db, config, now, false).await?;
+    if !policies.up_to_date {
+        tracing::info!(report = %serde_json::to_value(&policies).unwrap_or_default(),
+            "the lifecycle policies changed: recomputed what they derive");
+    }
     Ok(db)
 }
 

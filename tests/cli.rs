@@ -564,3 +564,65 @@ async fn lcic_and_sa_timelines_through_the_cli() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn send_alerts_dry_run_prints_the_plan_and_account_show_the_episode_and_next_due() {
+    let t = TestDb::new().await;
+    t.import_accounts(&["D,Debtor,d@example.com,+8613800138000,en,UTC,1.00,0,"])
+        .await;
+    t.import_resources(&["D-1,D,lcic,pay_per_use,,,,"]).await;
+    t.import_usage(
+        &["d1,D,D-1,classroom_minutes,200,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z"],
+        "2026-11-22T16:30:00Z",
+    )
+    .await;
+    t.bill("2026-11-22T16:30:00Z").await;
+    let u = Some(t.url.as_str());
+    let before = t.fingerprint().await;
+    let dry = ok_json(arrears(
+        u,
+        &[
+            "run",
+            "send_alerts",
+            "--dry-run",
+            "--as-of",
+            "2026-11-22T17:05:00Z",
+        ],
+    ));
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(
+        (dry["accounts_due"].as_i64(), dry["overdue"].as_i64()),
+        (Some(1), Some(2))
+    );
+    let plan = dry["plan"].as_array().unwrap();
+    assert_eq!(plan.len(), 1, "{dry}");
+    assert_eq!(plan[0]["account_id"], "D");
+    assert_eq!(plan[0]["kind"], "overdue");
+    assert_eq!(plan[0]["channels"], serde_json::json!(["email", "sms"]));
+    assert!(
+        plan[0]["why"].as_str().unwrap().contains("episode 1"),
+        "{dry}"
+    );
+    assert_eq!(before, t.fingerprint().await, "a dry run writes nothing");
+    assert_eq!(t.scalar_i64("SELECT count(*) FROM notices").await, 0);
+
+    let show = ok_json(arrears(u, &["account", "show", "D", "--json"]));
+    assert_eq!(show["episode"]["no"], 1);
+    assert_eq!(show["episode"]["opened_at"], "2026-11-22T16:30:00Z");
+    assert_eq!(show["next_due"]["send_alerts"], "2026-11-22T16:30:00Z");
+    // Once written, neither alerts nor enforcement are due until a channel accepts the alert
+    // (lcic's grace and reminders count from it, R9).
+    let r = ok_json(arrears(
+        u,
+        &["run", "send_alerts", "--as-of", "2026-11-22T17:05:00Z"],
+    ));
+    assert_eq!(r["overdue"], 2);
+    let show = ok_json(arrears(u, &["account", "show", "D", "--json"]));
+    assert!(show["next_due"]["send_alerts"].is_null(), "{show}");
+    assert!(show["next_due"]["enforce_suspensions"].is_null(), "{show}");
+    let eps = ok_json(arrears(u, &["account", "episodes", "D", "--json"]));
+    assert_eq!(eps["episodes"][0]["no"], 1);
+    assert!(eps["episodes"][0]["closed_at"].is_null());
+    let hist = ok_json(arrears(u, &["account", "history", "D", "--json"]));
+    assert_eq!(hist[0]["episode"], 1, "{hist}");
+}

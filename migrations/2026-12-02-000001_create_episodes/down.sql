@@ -11,6 +11,7 @@ CREATE TABLE release_warnings (
   PRIMARY KEY (account_id, period, lead_seconds)
 );
 DROP INDEX notices_about;
+ALTER TABLE lifecycle_events DROP COLUMN episode;
 ALTER TABLE notices DROP COLUMN episode, DROP COLUMN suspension;
 ALTER TABLE resources DROP CONSTRAINT resources_current_suspension;
 ALTER TABLE resources DROP COLUMN suspension;

@@ -75,6 +75,9 @@ ALTER TABLE resources ADD COLUMN suspension integer;
 ALTER TABLE resources ADD CONSTRAINT resources_current_suspension
   FOREIGN KEY (account_id, suspension) REFERENCES resource_suspensions (account_id, no);
 
+-- The audit trail names the episode each change happened in.
+ALTER TABLE lifecycle_events ADD COLUMN episode integer;
+
 -- Notices name what they are about, so that a decision (and delivery) can tell an earlier
 -- episode's notice from this one's.
 ALTER TABLE notices
@@ -99,6 +102,8 @@ WHERE a.arrears_since IS NOT NULL
               AND r.state_reason = 'arrears');
 UPDATE accounts a SET episode = 1, episodes = 1
 FROM arrears_episodes e WHERE e.account_id = a.id;
+UPDATE lifecycle_events v SET episode = 1
+FROM arrears_episodes e WHERE e.account_id = v.account_id AND v.occurred_at >= e.opened_at;
 
 -- An episode whose resources are all released has nothing left to act on.
 UPDATE arrears_episodes e SET closed_at = r.last_release, close_reason = 'released', closed_by = 'migration'

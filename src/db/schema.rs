@@ -191,6 +191,7 @@ diesel::table! {
         cause -> Text,
         occurred_at -> Timestamptz,
         recorded_at -> Timestamptz,
+        episode -> Nullable<Int4>,
     }
 }
 
@@ -452,6 +453,7 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
             "cause",
             "occurred_at",
             "recorded_at",
+            "episode",
         ],
     ),
     (

@@ -386,3 +386,270 @@ pub fn next_due(
     }
     next
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, EXAMPLE_CONFIG};
+    use crate::domain::lifecycle::{BillingMode, EpisodeFacts, SuspensionFacts};
+    use chrono::TimeZone;
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap()
+    }
+    fn h(n: i64) -> Duration {
+        Duration::hours(n)
+    }
+    fn d(n: i64) -> Duration {
+        Duration::days(n)
+    }
+
+    fn policies() -> (Policy, Policy) {
+        let c = Config::from_toml(EXAMPLE_CONFIG, "test", &[]).unwrap();
+        (
+            c.products["lcic"].policy.clone(),
+            c.products["sa"].policy.clone(),
+        )
+    }
+
+    fn settings() -> AlertSettings {
+        AlertSettings {
+            imminent_lead: h(6),
+            currency: "CNY".into(),
+            minor_unit_digits: 2,
+        }
+    }
+
+    /// In arrears since t0 (episode 3), alert accepted at `accepted`.
+    fn debtor(accepted: Option<DateTime<Utc>>) -> AccountFacts {
+        AccountFacts {
+            cash_balance: -100,
+            credit_quota: 0,
+            state: AccountState::InArrears,
+            arrears_since: Some(t0()),
+            episode: Some(EpisodeFacts {
+                no: 3,
+                opened_at: t0(),
+                first_overdue_alert_at: accepted,
+                suspended_at: None,
+            }),
+            episodes: 3,
+            compliance_locked: false,
+            legal_hold: false,
+        }
+    }
+
+    fn ppu(id: &str) -> ResourceFacts {
+        ResourceFacts {
+            id: id.into(),
+            billing_mode: BillingMode::PayPerUse,
+            state: ResourceState::Active,
+            package_quota: None,
+            package_used: 0,
+            package_expires_at: None,
+            payg_enabled: false,
+            term_ends_at: None,
+            suspended_at: None,
+            suspension: None,
+        }
+    }
+
+    fn suspended(id: &str, no: i32, at: DateTime<Utc>, release_at: DateTime<Utc>) -> ResourceFacts {
+        ResourceFacts {
+            state: ResourceState::Suspended(Reason::Arrears),
+            suspended_at: Some(at),
+            suspension: Some(SuspensionFacts {
+                no,
+                reason: Reason::Arrears,
+                episode: Some(3),
+                started_at: at,
+                release_at: Some(release_at),
+            }),
+            ..ppu(id)
+        }
+    }
+
+    fn kinds(p: &AlertPlan) -> Vec<&'static str> {
+        p.notices.iter().map(|n| n.kind.as_str()).collect()
+    }
+
+    #[test]
+    fn lcic_overdue_then_imminent_counted_from_the_accepted_alert() {
+        let (lcic, _) = policies();
+        let none = HashSet::new();
+        let res = vec![(ppu("r"), &lcic)];
+        let b = BalanceFacts::default();
+        let s = settings();
+        // At the episode's start: the overdue alert, quoting a deadline a grace period away.
+        let a = debtor(None);
+        let p = plan(&a, &b, &res, &none, &s, "UTC", t0());
+        assert_eq!(kinds(&p), vec!["overdue"]);
+        assert_eq!(p.notices[0].period, "e3");
+        assert_eq!(p.notices[0].vars["deadline"], "2026-11-02 00:00 (UTC)");
+        // Written, and no alert accepted: nothing is ever due (R9: no clock).
+        let written: HashSet<Topic> = p.notices[0].topics.iter().cloned().collect();
+        assert_eq!(next_due(&a, &b, &res, &written, &s, t0()), None);
+        // Accepted an hour in: the deadline is 24 h later, suspension imminent 6 h before it.
+        let a = debtor(Some(t0() + h(1)));
+        let deadline = t0() + h(25);
+        assert_eq!(
+            next_due(&a, &b, &res, &written, &s, t0() + h(2)),
+            Some(deadline - h(6))
+        );
+        let p = plan(&a, &b, &res, &written, &s, "UTC", deadline - h(6));
+        assert_eq!(kinds(&p), vec!["suspension_imminent"]);
+        assert_eq!(p.notices[0].period, format!("e3:{}", deadline.to_rfc3339()));
+        let mut w = written.clone();
+        w.extend(p.notices[0].topics.iter().cloned());
+        assert_eq!(next_due(&a, &b, &res, &w, &s, deadline - h(6)), None);
+        // A second before the window, nothing; at the deadline, nothing (the suspension speaks).
+        assert!(plan(
+            &a,
+            &b,
+            &res,
+            &written,
+            &s,
+            "UTC",
+            deadline - h(6) - Duration::seconds(1)
+        )
+        .is_empty());
+        assert!(plan(&a, &b, &res, &written, &s, "UTC", deadline).is_empty());
+    }
+
+    #[test]
+    fn sa_reminders_on_the_cadence_until_the_deadline_each_once() {
+        let (_, sa) = policies();
+        let res = vec![(ppu("r"), &sa)];
+        let b = BalanceFacts::default();
+        let s = settings();
+        let a = debtor(Some(t0()));
+        let mut written: HashSet<Topic> = [Topic::Overdue { episode: 3 }].into();
+        // Reminders every 72 h from the accepted alert: 1 at 72 h, 2 at 144 h, ...
+        assert_eq!(
+            next_due(&a, &b, &res, &written, &s, t0()),
+            Some(t0() + h(72))
+        );
+        let p = plan(&a, &b, &res, &written, &s, "UTC", t0() + h(80));
+        assert_eq!(kinds(&p), vec!["overdue_reminder"]);
+        assert_eq!(p.notices[0].period, "e3:1");
+        written.extend(p.notices[0].topics.iter().cloned());
+        assert!(plan(&a, &b, &res, &written, &s, "UTC", t0() + h(100)).is_empty());
+        assert_eq!(
+            next_due(&a, &b, &res, &written, &s, t0() + h(80)),
+            Some(t0() + h(144))
+        );
+        // Missed reminders collapse into the current one.
+        let p = plan(&a, &b, &res, &written, &s, "UTC", t0() + d(13));
+        assert_eq!(p.notices[0].period, "e3:4");
+        // The last window ends at the deadline (15 days).
+        assert!(plan(&a, &b, &res, &written, &s, "UTC", t0() + d(15))
+            .notices
+            .iter()
+            .all(|n| n.kind != NoticeKind::OverdueReminder));
+    }
+
+    #[test]
+    fn release_warnings_belong_to_their_suspension_and_release_instant() {
+        let (lcic, _) = policies();
+        let b = BalanceFacts::default();
+        let s = settings();
+        let mut a = debtor(Some(t0()));
+        a.episode.as_mut().unwrap().suspended_at = Some(t0() + d(1));
+        let r_at = t0() + d(61);
+        // Two resources suspended at one instant: one notice per lead, about both.
+        let res = vec![
+            (suspended("a", 7, t0() + d(1), r_at), &lcic),
+            (suspended("b", 8, t0() + d(1), r_at), &lcic),
+        ];
+        let written: HashSet<Topic> = [Topic::Overdue { episode: 3 }].into();
+        assert_eq!(
+            next_due(&a, &b, &res, &written, &s, t0() + d(2)),
+            Some(r_at - d(7))
+        );
+        let p = plan(&a, &b, &res, &written, &s, "UTC", r_at - d(7));
+        assert_eq!(kinds(&p), vec!["release_warning"]);
+        let n = &p.notices[0];
+        assert_eq!(n.period, format!("e3:604800:{}:s7,s8", r_at.to_rfc3339()));
+        assert_eq!(n.vars["lead"], "7d");
+        assert_eq!(n.topics.len(), 2);
+        // What was written for suspension 7 is not written for a later suspension 9 of the
+        // same resource, even with the same release instant.
+        let mut w = written.clone();
+        w.extend(n.topics.iter().cloned());
+        let later = vec![
+            (suspended("a", 9, t0() + d(1), r_at), &lcic),
+            (suspended("b", 8, t0() + d(1), r_at), &lcic),
+        ];
+        let p = plan(&a, &b, &later, &w, &s, "UTC", r_at - d(6));
+        assert_eq!(p.notices.len(), 1);
+        assert_eq!(p.notices[0].suspension, Some(9));
+        // A moved release instant needs new warnings too.
+        let moved = vec![(suspended("a", 7, t0() + d(1), r_at + d(30)), &lcic)];
+        assert_eq!(
+            next_due(&a, &b, &moved, &w, &s, r_at - d(6)),
+            Some(r_at + d(23))
+        );
+        // Legal hold or compliance: no warnings.
+        let held = AccountFacts {
+            legal_hold: true,
+            ..a.clone()
+        };
+        assert!(plan(&held, &b, &res, &written, &s, "UTC", r_at - d(7)).is_empty());
+        let locked = AccountFacts {
+            compliance_locked: true,
+            ..a.clone()
+        };
+        assert!(plan(&locked, &b, &res, &HashSet::new(), &s, "UTC", r_at - d(7)).is_empty());
+        // Paid: an arrears suspension is restored, never warned about.
+        let paid = AccountFacts {
+            cash_balance: 0,
+            episode: None,
+            ..a.clone()
+        };
+        assert!(plan(&paid, &b, &res, &HashSet::new(), &s, "UTC", r_at - d(7)).is_empty());
+    }
+
+    #[test]
+    fn balance_low_once_per_crossing_and_coupon_expiry_is_a_due_instant() {
+        let (_, sa) = policies();
+        let s = settings();
+        let res = vec![(ppu("r"), &sa)];
+        let good = AccountFacts {
+            cash_balance: 1_500,
+            episode: None,
+            state: AccountState::Good,
+            ..debtor(None)
+        };
+        let none = HashSet::new();
+        // 15.00 cash + 10.00 coupon expiring at t0+5d, threshold 20.00.
+        let armed = BalanceFacts {
+            threshold: Some(2_000),
+            armed: true,
+            coupons: vec![(1_000, t0() + d(5))],
+        };
+        assert!(plan(&good, &armed, &res, &none, &s, "UTC", t0()).is_empty());
+        assert_eq!(
+            next_due(&good, &armed, &res, &none, &s, t0()),
+            Some(t0() + d(5))
+        );
+        let p = plan(&good, &armed, &res, &none, &s, "UTC", t0() + d(5));
+        assert!(p.disarm);
+        assert_eq!(kinds(&p), vec!["balance_low"]);
+        assert_eq!(p.notices[0].vars["funds"], "15.00 CNY");
+        let disarmed = BalanceFacts {
+            armed: false,
+            ..armed.clone()
+        };
+        assert!(plan(&good, &disarmed, &res, &none, &s, "UTC", t0() + d(6)).is_empty());
+        assert_eq!(
+            next_due(&good, &disarmed, &res, &none, &s, t0() + d(6)),
+            None
+        );
+        let topped = AccountFacts {
+            cash_balance: 2_000,
+            ..good.clone()
+        };
+        let p = plan(&topped, &disarmed, &res, &none, &s, "UTC", t0() + d(6));
+        assert!(p.rearm && p.notices.is_empty());
+    }
+}

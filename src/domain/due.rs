@@ -61,3 +61,190 @@ pub fn release_due(
         .filter_map(|(r, p, w)| release_due_at(account, r, p, w, warning_min_age, now))
         .min()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, EXAMPLE_CONFIG};
+    use crate::domain::lifecycle::{AccountState, EpisodeFacts, SuspensionFacts};
+    use chrono::TimeZone;
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 1, 0, 0, 0).unwrap()
+    }
+
+    fn policies() -> (Policy, Policy) {
+        let c = Config::from_toml(EXAMPLE_CONFIG, "test", &[]).unwrap();
+        (
+            c.products["lcic"].policy.clone(),
+            c.products["sa"].policy.clone(),
+        )
+    }
+
+    fn debtor(accepted: Option<DateTime<Utc>>) -> AccountFacts {
+        AccountFacts {
+            cash_balance: -100,
+            credit_quota: 0,
+            state: AccountState::InArrears,
+            arrears_since: Some(t0()),
+            episode: Some(EpisodeFacts {
+                no: 1,
+                opened_at: t0(),
+                first_overdue_alert_at: accepted,
+                suspended_at: None,
+            }),
+            episodes: 1,
+            compliance_locked: false,
+            legal_hold: false,
+        }
+    }
+
+    fn res(mode: BillingMode) -> ResourceFacts {
+        ResourceFacts {
+            id: "r".into(),
+            billing_mode: mode,
+            state: ResourceState::Active,
+            package_quota: (mode == BillingMode::Package).then_some(1000),
+            package_used: 0,
+            package_expires_at: (mode == BillingMode::Package).then(|| t0() + Duration::days(40)),
+            payg_enabled: false,
+            term_ends_at: (mode == BillingMode::Prepaid).then(|| t0() + Duration::days(20)),
+            suspended_at: None,
+            suspension: None,
+        }
+    }
+
+    #[test]
+    fn enforcement_is_due_at_the_deadline_the_expiry_or_now() {
+        let (lcic, sa) = policies();
+        let now = t0() + Duration::hours(2);
+        let cases: Vec<(
+            &str,
+            AccountFacts,
+            ResourceFacts,
+            &Policy,
+            Option<DateTime<Utc>>,
+        )> = vec![
+            (
+                "lcic without an accepted alert: no clock",
+                debtor(None),
+                res(BillingMode::PayPerUse),
+                &lcic,
+                None,
+            ),
+            (
+                "lcic: 24 h from the accepted alert",
+                debtor(Some(t0() + Duration::hours(1))),
+                res(BillingMode::PayPerUse),
+                &lcic,
+                Some(t0() + Duration::hours(25)),
+            ),
+            (
+                "sa: 15 days from the start",
+                debtor(None),
+                res(BillingMode::PayPerUse),
+                &sa,
+                Some(t0() + Duration::days(15)),
+            ),
+            (
+                "sa prepaid: its term end comes first",
+                debtor(None),
+                res(BillingMode::Prepaid),
+                &sa,
+                Some(t0() + Duration::days(15)),
+            ),
+            (
+                "a package: its expiry, arrears or not",
+                AccountFacts {
+                    cash_balance: 10,
+                    episode: None,
+                    state: AccountState::Good,
+                    ..debtor(None)
+                },
+                res(BillingMode::Package),
+                &lcic,
+                Some(t0() + Duration::days(40)),
+            ),
+            (
+                "grace over: due now",
+                debtor(Some(t0() - Duration::days(2))),
+                res(BillingMode::PayPerUse),
+                &lcic,
+                Some(now),
+            ),
+            (
+                "in arrears without an episode: one opens now",
+                AccountFacts {
+                    episode: None,
+                    ..debtor(None)
+                },
+                res(BillingMode::PayPerUse),
+                &lcic,
+                Some(now),
+            ),
+        ];
+        for (name, a, r, p, want) in cases {
+            assert_eq!(enforce_due(&a, &[(r, p)], now), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn release_is_due_when_it_can_pass_or_once_to_say_why_it_cannot() {
+        let (lcic, _) = policies();
+        let susp_at = t0();
+        let release_at = t0() + Duration::days(60);
+        let r = ResourceFacts {
+            state: ResourceState::Suspended(Reason::Arrears),
+            suspended_at: Some(susp_at),
+            suspension: Some(SuspensionFacts {
+                no: 4,
+                reason: Reason::Arrears,
+                episode: Some(1),
+                started_at: susp_at,
+                release_at: Some(release_at),
+            }),
+            ..res(BillingMode::PayPerUse)
+        };
+        let w = |lead: i64, at: DateTime<Utc>, no: i32| AcceptedWarning {
+            suspension: no,
+            lead_seconds: lead * 86_400,
+            release_at: Some(release_at),
+            accepted_at: at,
+        };
+        let day = Duration::hours(24);
+        let both = vec![
+            w(7, release_at - Duration::days(7), 4),
+            w(1, release_at - Duration::hours(20), 4),
+        ];
+        let a = debtor(Some(t0()));
+        let due = |a: &AccountFacts, ws: &[AcceptedWarning], now| {
+            release_due(a, &[(r.clone(), &lcic, ws)], day, now)
+        };
+        // Both accepted, the last 20 h before release: due a day after it.
+        assert_eq!(due(&a, &both, t0()), Some(release_at + Duration::hours(4)));
+        assert_eq!(
+            due(&a, &both, release_at + Duration::hours(5)),
+            Some(release_at + Duration::hours(5))
+        );
+        // A warning missing, or another suspension's: once at the release instant, then never.
+        let other = vec![
+            w(7, release_at - Duration::days(7), 3),
+            w(1, release_at - Duration::days(1), 3),
+        ];
+        assert_eq!(due(&a, &other, t0()), Some(release_at));
+        assert_eq!(due(&a, &other, release_at), None);
+        // Legal hold: the same.
+        let held = AccountFacts {
+            legal_hold: true,
+            ..a.clone()
+        };
+        assert_eq!(due(&held, &both, t0()), Some(release_at));
+        assert_eq!(due(&held, &both, release_at + day), None);
+        // Paid: never released (enforcement restores it).
+        let paid = AccountFacts {
+            cash_balance: 0,
+            ..a.clone()
+        };
+        assert_eq!(due(&paid, &both, t0()), None);
+    }
+}

@@ -1301,4 +1301,139 @@ mod tests {
             assert!(!d.reason.is_empty());
         }
     }
+
+    #[test]
+    fn episodes_open_on_a_debt_and_close_when_paid_or_nothing_is_left() {
+        let live = res("r", BillingMode::PayPerUse);
+        let released = ResourceFacts {
+            state: ResourceState::Released,
+            ..res("r", BillingMode::PayPerUse)
+        };
+        let no_episode = AccountFacts {
+            episode: None,
+            ..debtor()
+        };
+        let paid = AccountFacts {
+            cash_balance: 0,
+            ..debtor()
+        };
+        let owing = debtor();
+        let cases: Vec<(
+            &str,
+            &AccountFacts,
+            Vec<&ResourceFacts>,
+            Option<EpisodeMove>,
+        )> = vec![
+            (
+                "owes, no episode, something live",
+                &no_episode,
+                vec![&live],
+                Some(EpisodeMove::Open),
+            ),
+            (
+                "owes, no resource at all: still told",
+                &no_episode,
+                vec![],
+                Some(EpisodeMove::Open),
+            ),
+            (
+                "owes, everything released: nothing to act on",
+                &no_episode,
+                vec![&released],
+                None,
+            ),
+            (
+                "paid",
+                &paid,
+                vec![&live],
+                Some(EpisodeMove::Close(CloseReason::Paid)),
+            ),
+            (
+                "everything released",
+                &owing,
+                vec![&released],
+                Some(EpisodeMove::Close(CloseReason::Released)),
+            ),
+            ("owes, episode open", &owing, vec![&live], None),
+        ];
+        for (name, a, r, want) in cases {
+            assert_eq!(episode_move(a, r), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_new_episode_or_a_new_reason_starts_a_new_suspension() {
+        let (lcic, _) = policies();
+        let grace_over = t0() + hours(30);
+        // Suspended for arrears in episode 1, still in episode 1: nothing changes.
+        let same = ResourceFacts {
+            state: ARREARS,
+            suspension: Some(suspension(1, Reason::Arrears, t0() + hours(25))),
+            ..res("r", BillingMode::PayPerUse)
+        };
+        assert!(evaluate(&debtor(), &[(same.clone(), &lcic)], grace_over)
+            .changes
+            .is_empty());
+        // Left over from episode 1 while episode 2 is open: a new suspension of episode 2.
+        let mut ep2 = debtor();
+        ep2.episodes = 2;
+        if let Some(e) = ep2.episode.as_mut() {
+            e.no = 2;
+        }
+        let e = evaluate(&ep2, &[(same.clone(), &lcic)], grace_over);
+        assert_eq!(e.changes.len(), 1);
+        assert!(e.changes[0].new_suspension && e.changes[0].to == ARREARS);
+        // Quota exhausted, then arrears: a new reason, a new suspension.
+        let quota = ResourceFacts {
+            state: ResourceState::Suspended(Reason::QuotaExhausted),
+            package_used: 1000,
+            suspension: Some(suspension(2, Reason::QuotaExhausted, t0())),
+            ..res("p", BillingMode::Package)
+        };
+        let e = evaluate(&debtor(), &[(quota, &lcic)], grace_over);
+        assert_eq!(
+            (e.changes[0].to, e.changes[0].new_suspension),
+            (ARREARS, true)
+        );
+    }
+
+    #[test]
+    fn release_counts_only_warnings_for_the_current_suspension_and_instant() {
+        let (lcic, _) = policies();
+        let s_at = t0() + hours(25);
+        let release_at = s_at + days(60);
+        let r = ResourceFacts {
+            state: ARREARS,
+            suspended_at: Some(s_at),
+            suspension: Some(suspension(5, Reason::Arrears, s_at)),
+            ..res("r", BillingMode::PayPerUse)
+        };
+        let w = |no: i32, lead: i64, announced: DateTime<Utc>| AcceptedWarning {
+            suspension: no,
+            lead_seconds: lead * 86_400,
+            release_at: Some(announced),
+            accepted_at: release_at - days(lead),
+        };
+        let min_age = hours(24);
+        let ok = [w(5, 7, release_at), w(5, 1, release_at)];
+        assert_eq!(
+            release_check(&debtor(), &r, &lcic, &ok, min_age, release_at),
+            Ok(release_at)
+        );
+        // Another suspension's warnings (an earlier episode, or another product's resource).
+        let other = [w(4, 7, release_at), w(4, 1, release_at)];
+        assert!(matches!(
+            release_check(&debtor(), &r, &lcic, &other, min_age, release_at),
+            Err(NotReleased::WarningMissing { .. })
+        ));
+        // Warnings that announced another release instant.
+        let moved = [
+            w(5, 7, release_at - days(10)),
+            w(5, 1, release_at - days(10)),
+        ];
+        assert!(matches!(
+            release_check(&debtor(), &r, &lcic, &moved, min_age, release_at),
+            Err(NotReleased::WarningMissing { .. })
+        ));
+    }
 }

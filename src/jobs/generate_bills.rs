@@ -859,9 +859,9 @@ async fn bill_batch(
                INSERT INTO arrears_episodes (account_id, no, opened_at, opened_by)
                SELECT id, episode, $2, $3 FROM upd WHERE opens
              )
-             INSERT INTO lifecycle_events (account_id, from_state, to_state, reason, cause, occurred_at)
+             INSERT INTO lifecycle_events (account_id, from_state, to_state, reason, cause, occurred_at, episode)
              SELECT id, old_state, state,
-                    'arrears: settling the bill of ' || $1 || ' left cash + credit quota below zero', $3, $2
+                    'arrears: settling the bill of ' || $1 || ' left cash + credit quota below zero', $3, $2, episode
              FROM upd WHERE old_state <> state
              RETURNING account_id",
             &[&day, &as_of, &cause],

@@ -8,6 +8,7 @@
 //!   every suspension the policy releases (arrears, unsubscribed, and the package reasons when
 //!   `release_non_arrears_suspensions` is on), whether or not the account owes money;
 //! - balance low (R7): once per crossing below the account's threshold, re-armed above it.
+//!
 //! Every notice names the episode or suspension it is about, so a new episode always gets its
 //! own alerts and a retry is never taken for a new notice. Missed hours collapse into one run.
 

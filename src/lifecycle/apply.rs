@@ -256,6 +256,7 @@ fn event(
 ) {
     fx.events.push(NewEvent {
         account_id: l.id.clone(),
+        episode: l.account.episode.as_ref().map(|e| e.no),
         resource_id: resource_id.map(str::to_string),
         from,
         to,

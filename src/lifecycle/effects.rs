@@ -93,6 +93,8 @@ pub struct AccountUpdate {
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub account_id: String,
+    /// The episode open when it happened.
+    pub episode: Option<i32>,
     pub resource_id: Option<String>,
     pub from: String,
     pub to: String,
@@ -319,6 +321,7 @@ impl Effects {
                         lifecycle_events::reason.eq(&e.reason),
                         lifecycle_events::cause.eq(&e.cause),
                         lifecycle_events::occurred_at.eq(e.at),
+                        lifecycle_events::episode.eq(e.episode),
                     )
                 })
                 .collect();
