@@ -165,6 +165,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Lifecycle benchmark: N accounts of which HISTORY became history through the jobs and
+    /// DEBTORS fall into arrears on one bill; times each lifecycle job with nothing due and in
+    /// the slots where the debtors are due, in a scratch database `arrears_bench_lifecycle`.
+    BenchLifecycle {
+        #[arg(long, default_value_t = 1_000_000)]
+        accounts: u64,
+        #[arg(long, default_value_t = 100_000)]
+        history: u64,
+        #[arg(long, default_value_t = 30_000)]
+        debtors: u64,
+        /// Accounts billed on the day the debtors fall into arrears (debtors included).
+        #[arg(long, default_value_t = 100_000)]
+        billed: u64,
+        #[arg(long, default_value = "target/bench-data")]
+        dir: PathBuf,
+    },
     /// Billing with several instances: bills one generated day alone, then on an identical
     /// copy with HELPERS more instances claiming batches; prints both times.
     BenchInstances {
@@ -699,6 +715,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 helpers,
             };
             print_json(&arrears::bench::run_instances(&config, &opts).await?)?;
+        }
+        Command::BenchLifecycle {
+            accounts,
+            history,
+            debtors,
+            billed,
+            dir,
+        } => {
+            let opts = arrears::bench_lifecycle::LifecycleBenchOptions {
+                accounts,
+                history,
+                debtors,
+                billed,
+                dir,
+            };
+            print_json(&arrears::bench_lifecycle::run(&config, &opts).await?)?;
         }
         Command::BenchEmail {
             count,

@@ -41,9 +41,12 @@ pub enum Topic {
     },
 }
 
-/// R7's inputs: the threshold, whether the alert is armed, and the coupons that count as funds.
+/// R7's inputs: the threshold, whether the alert is armed, and the coupons that count as funds;
+/// and whether the account can be reached at all (an address or a number): a notice to an
+/// account that has neither is nothing to do.
 #[derive(Debug, Clone, Default)]
 pub struct BalanceFacts {
+    pub reachable: bool,
     pub threshold: Option<i64>,
     pub armed: bool,
     /// (remaining, expires_at) of each coupon with something left.
@@ -227,7 +230,7 @@ pub fn plan(
     let mut plan = AlertPlan::default();
     let due: Vec<Topic> = windows(account, resources, settings, now)
         .into_iter()
-        .filter(|w| w.active(now) && !written.contains(&w.topic))
+        .filter(|w| balance.reachable && w.active(now) && !written.contains(&w.topic))
         .map(|w| w.topic)
         .collect();
     let live: Vec<&(ResourceFacts, &Policy)> =
@@ -369,7 +372,7 @@ pub fn next_due(
     }
     let mut next = windows(account, resources, settings, now)
         .into_iter()
-        .filter(|w| w.start > now && !written.contains(&w.topic))
+        .filter(|w| balance.reachable && w.start > now && !written.contains(&w.topic))
         .map(|w| w.start)
         .min();
     if balance.threshold.is_some() && balance.armed && !account.compliance_locked {
@@ -469,6 +472,24 @@ mod tests {
         }
     }
 
+    fn reachable() -> BalanceFacts {
+        BalanceFacts {
+            reachable: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_account_that_cannot_be_reached_has_no_notice_due() {
+        let (lcic, _) = policies();
+        let res = vec![(ppu("r"), &lcic)];
+        let s = settings();
+        let a = debtor(Some(t0()));
+        let b = BalanceFacts::default();
+        assert!(plan(&a, &b, &res, &HashSet::new(), &s, "UTC", t0()).is_empty());
+        assert_eq!(next_due(&a, &b, &res, &HashSet::new(), &s, t0()), None);
+    }
+
     fn kinds(p: &AlertPlan) -> Vec<&'static str> {
         p.notices.iter().map(|n| n.kind.as_str()).collect()
     }
@@ -478,7 +499,7 @@ mod tests {
         let (lcic, _) = policies();
         let none = HashSet::new();
         let res = vec![(ppu("r"), &lcic)];
-        let b = BalanceFacts::default();
+        let b = reachable();
         let s = settings();
         // At the episode's start: the overdue alert, quoting a deadline a grace period away.
         let a = debtor(None);
@@ -520,7 +541,7 @@ mod tests {
     fn sa_reminders_on_the_cadence_until_the_deadline_each_once() {
         let (_, sa) = policies();
         let res = vec![(ppu("r"), &sa)];
-        let b = BalanceFacts::default();
+        let b = reachable();
         let s = settings();
         let a = debtor(Some(t0()));
         let mut written: HashSet<Topic> = [Topic::Overdue { episode: 3 }].into();
@@ -551,7 +572,7 @@ mod tests {
     #[test]
     fn release_warnings_belong_to_their_suspension_and_release_instant() {
         let (lcic, _) = policies();
-        let b = BalanceFacts::default();
+        let b = reachable();
         let s = settings();
         let mut a = debtor(Some(t0()));
         a.episode.as_mut().unwrap().suspended_at = Some(t0() + d(1));
@@ -623,6 +644,7 @@ mod tests {
         let none = HashSet::new();
         // 15.00 cash + 10.00 coupon expiring at t0+5d, threshold 20.00.
         let armed = BalanceFacts {
+            reachable: true,
             threshold: Some(2_000),
             armed: true,
             coupons: vec![(1_000, t0() + d(5))],

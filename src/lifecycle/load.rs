@@ -236,6 +236,7 @@ pub async fn load_many(
                 id: a.id,
                 account,
                 balance: BalanceFacts {
+                    reachable: a.has_email || a.has_phone,
                     threshold: a.low_balance_threshold,
                     armed: a.balance_alert_armed,
                     coupons: Vec::new(),

@@ -93,44 +93,73 @@ pub async fn count_due(
         .await)
 }
 
-/// Locks up to `limit` due accounts, oldest due first, skipping those another transaction holds.
+/// Where a run has got to in the due order: (due instant, account id) of the last account it
+/// took. The next batch starts after it, so that each batch is an index range scan from
+/// where the last one ended, not from the start of the index (whose first entries are the
+/// dead versions of the accounts already done).
+type Cursor = Option<(DateTime<Utc>, String)>;
+
+/// Locks up to `limit` due accounts after `after`, oldest due first, skipping those another
+/// transaction holds. Returns them with their due instants.
 async fn claim_due(
     conn: &mut AsyncPgConnection,
     job: DueJob,
     as_of: DateTime<Utc>,
+    after: &Cursor,
     limit: i64,
-) -> QueryResult<Vec<String>> {
-    with_due_column!(job, |col| accounts::table
-        .filter(col.le(as_of))
-        .order((col, accounts::id))
-        .limit(limit)
-        .select(accounts::id)
-        .for_update()
-        .skip_locked()
-        .load(conn)
-        .await)
+) -> QueryResult<Vec<(DateTime<Utc>, String)>> {
+    due_page(conn, job, as_of, after, limit, true).await
 }
 
-/// The next page of due accounts after `after` (due instant, id), without locking: dry runs.
-async fn page_due(
+/// The next page of due accounts after `after` (due instant, id); locked (FOR UPDATE SKIP
+/// LOCKED) or, for dry runs, not.
+async fn due_page(
     conn: &mut AsyncPgConnection,
     job: DueJob,
     as_of: DateTime<Utc>,
-    after: Option<&(DateTime<Utc>, String)>,
+    after: &Cursor,
     limit: i64,
-) -> QueryResult<Vec<(Option<DateTime<Utc>>, String)>> {
-    with_due_column!(job, |col| {
-        let mut q = accounts::table
-            .filter(col.le(as_of))
-            .order((col, accounts::id))
-            .limit(limit)
-            .select((col, accounts::id))
-            .into_boxed();
-        if let Some((t, id)) = after {
-            q = q.filter(col.gt(*t).or(col.eq(*t).and(accounts::id.gt(id.clone()))));
+    lock: bool,
+) -> QueryResult<Vec<(DateTime<Utc>, String)>> {
+    #[derive(QueryableByName)]
+    struct Row {
+        #[diesel(sql_type = diesel::sql_types::Timestamptz)]
+        due: DateTime<Utc>,
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        id: String,
+    }
+    let col = job.column();
+    // Raw SQL: a row comparison `(due, id) > (t, id)` is what lets PostgreSQL start the index
+    // scan at the cursor; the query builder has no row comparison.
+    // Two statements rather than one with `$2 IS NULL OR ...`: a generic plan could not use
+    // the row comparison as the index scan's start.
+    let lock = if lock { " FOR UPDATE SKIP LOCKED" } else { "" };
+    let rows: Vec<Row> = match after {
+        Some((t, id)) => {
+            diesel::sql_query(format!(
+                "SELECT {col} AS due, id FROM accounts
+                 WHERE {col} <= $1 AND ({col}, id) > ($2, $3)
+                 ORDER BY {col}, id LIMIT $4{lock}"
+            ))
+            .bind::<diesel::sql_types::Timestamptz, _>(as_of)
+            .bind::<diesel::sql_types::Timestamptz, _>(*t)
+            .bind::<diesel::sql_types::Text, _>(id)
+            .bind::<diesel::sql_types::BigInt, _>(limit)
+            .load(conn)
+            .await?
         }
-        q.load(conn).await
-    })
+        None => {
+            diesel::sql_query(format!(
+                "SELECT {col} AS due, id FROM accounts WHERE {col} <= $1
+                 ORDER BY {col}, id LIMIT $2{lock}"
+            ))
+            .bind::<diesel::sql_types::Timestamptz, _>(as_of)
+            .bind::<diesel::sql_types::BigInt, _>(limit)
+            .load(conn)
+            .await?
+        }
+    };
+    Ok(rows.into_iter().map(|r| (r.due, r.id)).collect())
 }
 
 /// Runs `work` over every account due for its job at `opts.as_of`. Accounts that could not be
@@ -154,12 +183,12 @@ pub async fn run_due<W: DueWork>(
     let ctx = Ctx::new(config, opts.as_of, cause);
     let batch = opts.batch_size.max(1);
     if opts.dry_run {
-        let mut after = None;
+        let mut after: Cursor = None;
         while stats.accounts_evaluated < opts.max_accounts {
             let limit = batch.min(opts.max_accounts - stats.accounts_evaluated) as i64;
-            let page = page_due(conn, W::JOB, opts.as_of, after.as_ref(), limit).await?;
+            let page = due_page(conn, W::JOB, opts.as_of, &after, limit, false).await?;
             let Some(last) = page.last() else { break };
-            after = Some((last.0.unwrap_or(opts.as_of), last.1.clone()));
+            after = Some(last.clone());
             let ids: Vec<String> = page.into_iter().map(|(_, id)| id).collect();
             let mut tally = W::Tally::default();
             let loaded = load::load_many(conn, &ids).await.map_err(lifecycle_db)?;
@@ -175,6 +204,7 @@ pub async fn run_due<W: DueWork>(
         return Ok(stats);
     }
     let started = std::time::Instant::now();
+    let mut cursor: Cursor = None;
     loop {
         if stats.accounts_evaluated >= opts.max_accounts {
             stats.deferred = count_due(conn, W::JOB, opts.as_of).await?;
@@ -185,8 +215,12 @@ pub async fn run_due<W: DueWork>(
             break;
         }
         let limit = batch.min(opts.max_accounts - stats.accounts_evaluated) as i64;
-        let done = decide_batch(conn, &ctx, opts, limit, work).await;
-        match done {
+        match decide_batch(conn, &ctx, opts, &cursor, limit, work).await {
+            Ok(None) if cursor.is_some() => {
+                // The end of the due range: once more from its start, for what other
+                // transactions held when this run passed.
+                cursor = None;
+            }
             Ok(None) => {
                 // Nothing free: what is still due is held by another transaction.
                 let left = count_due(conn, W::JOB, opts.as_of).await?;
@@ -201,10 +235,11 @@ pub async fn run_due<W: DueWork>(
                 }
                 tokio::time::sleep(LOCKED_POLL).await;
             }
-            Ok(Some((n, notices))) => {
+            Ok(Some((n, notices, last))) => {
                 stats.accounts_evaluated += n;
                 stats.notices_written += notices;
                 stats.batches += 1;
+                cursor = Some(last);
             }
             Err(e) => {
                 if matches!(
@@ -216,9 +251,13 @@ pub async fn run_due<W: DueWork>(
                 // One account's data broke the batch: decide on each alone, so that the bad
                 // one is reported and pushed back and the others go on.
                 tracing::warn!(job = ?W::JOB, error = %e, "a batch failed; deciding its accounts one by one");
-                let n = isolate(conn, &ctx, opts, limit, work, &mut stats, errors).await?;
+                let (n, last) =
+                    isolate(conn, &ctx, opts, &cursor, limit, work, &mut stats, errors).await?;
                 stats.accounts_evaluated += n;
                 stats.batches += 1;
+                if let Some(last) = last {
+                    cursor = Some(last);
+                }
             }
         }
     }
@@ -232,21 +271,24 @@ fn lifecycle_db(e: LifecycleError) -> DbError {
     }
 }
 
-/// Claims, decides and writes one batch in one transaction. `None`: nothing free was due.
+/// Claims, decides and writes one batch in one transaction. `None`: nothing free was due
+/// after `after`; else how many, the new notices, and where the batch ended.
 async fn decide_batch<W: DueWork>(
     conn: &mut AsyncPgConnection,
     ctx: &Ctx<'_>,
     opts: &RunOptions,
+    after: &Cursor,
     limit: i64,
     work: &mut W,
-) -> Result<Option<(usize, usize)>, LifecycleError> {
-    let (n, notices, tally) = conn
+) -> Result<Option<(usize, usize, (DateTime<Utc>, String))>, LifecycleError> {
+    let (claimed, notices, tally) = conn
         .transaction::<_, LifecycleError, _>(async |conn| {
-            let ids = claim_due(conn, W::JOB, opts.as_of, limit).await?;
+            let claimed = claim_due(conn, W::JOB, opts.as_of, after, limit).await?;
             let mut tally = W::Tally::default();
-            if ids.is_empty() {
-                return Ok((0, 0, tally));
+            if claimed.is_empty() {
+                return Ok((claimed, 0, tally));
             }
+            let ids: Vec<String> = claimed.iter().map(|(_, id)| id.clone()).collect();
             let loaded = load::load_many(conn, &ids).await?;
             let mut fx = Effects::default();
             for mut l in loaded {
@@ -254,33 +296,36 @@ async fn decide_batch<W: DueWork>(
                 apply::finish(&l, ctx, Some(W::JOB), changed, &mut fx);
             }
             let notices = fx.write(conn).await?;
-            Ok((ids.len(), notices, tally))
+            Ok((claimed, notices, tally))
         })
         .await?;
-    if n == 0 {
+    let Some(last) = claimed.last().cloned() else {
         return Ok(None);
-    }
+    };
     work.merge(tally);
-    Ok(Some((n, notices)))
+    Ok(Some((claimed.len(), notices, last)))
 }
 
-/// Decides on up to `limit` due accounts one transaction each; an account that fails alone is
-/// reported and its due instant moved an hour on. Returns how many were looked at.
+/// Decides on up to `limit` due accounts after `after`, one transaction each; an account that
+/// fails alone is reported and its due instant moved an hour on. Returns how many were looked
+/// at and where they ended.
+#[allow(clippy::too_many_arguments)]
 async fn isolate<W: DueWork>(
     conn: &mut AsyncPgConnection,
     ctx: &Ctx<'_>,
     opts: &RunOptions,
+    after: &Cursor,
     limit: i64,
     work: &mut W,
     stats: &mut DueStats,
     errors: &mut Vec<String>,
-) -> Result<usize, DbError> {
-    let ids = conn
+) -> Result<(usize, Option<(DateTime<Utc>, String)>), DbError> {
+    let claimed = conn
         .transaction::<_, DbError, _>(async |conn| {
-            Ok(claim_due(conn, W::JOB, opts.as_of, limit).await?)
+            Ok(claim_due(conn, W::JOB, opts.as_of, after, limit).await?)
         })
         .await?;
-    for id in &ids {
+    for (_, id) in &claimed {
         let one = conn
             .transaction::<_, LifecycleError, _>(async |conn| {
                 let Some(mut l) = load::load(conn, id, true).await? else {
@@ -311,7 +356,7 @@ async fn isolate<W: DueWork>(
             }
         }
     }
-    Ok(ids.len())
+    Ok((claimed.len(), claimed.last().cloned()))
 }
 
 /// Adds `n` to the counter `key` (for tallies that count by why).
