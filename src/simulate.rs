@@ -587,13 +587,22 @@ async fn copy_database(
     target_url: &str,
     template_ok: bool,
 ) -> Result<String, SimulateError> {
-    let others: i64 = admin
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            &[&source],
-        )
-        .await?
-        .get(0);
+    // A copy just restored by pg_restore may still show its exiting backend for a moment:
+    // give it up to five seconds to go before settling for a dump.
+    let mut others: i64 = 1;
+    for attempt in 0..50 {
+        others = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&source],
+            )
+            .await?
+            .get(0);
+        if !template_ok || others == 0 || attempt == 49 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     if template_ok && others == 0 {
         let sql = format!(
             "CREATE DATABASE {} TEMPLATE {}",

@@ -16,9 +16,7 @@ async fn in_arrears_since(t: &TestDb, id: &str, state: &str, since: DateTime<Utc
         .client()
         .await
         .execute(
-            "UPDATE accounts SET state = $2::text, arrears_since = $3::timestamptz,
-                    suspended_at = CASE WHEN $2::text = 'suspended' THEN $3::timestamptz END
-             WHERE id = $1",
+            "UPDATE accounts SET state = $2::text, arrears_since = $3::timestamptz WHERE id = $1",
             &[&id, &state, &since],
         )
         .await
