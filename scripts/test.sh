@@ -35,3 +35,5 @@ cargo test --locked -- --test-threads="${TEST_THREADS:-4}"
 
 # The systemd units of deploy/.
 bash scripts/verify-units.sh
+# The Prometheus rules (promtool check + unit tests) and the Grafana dashboard of deploy/.
+bash scripts/verify-deploy.sh

@@ -79,9 +79,7 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
     let admin = db::raw_connect(&format!("{server}/postgres")).await?;
     let url = db::recreate_database(&base.url, BENCH_DB).await?;
     let db = Db::open_url(&url, 2, MigrationMode::Apply).await?;
-    catalog::sync_prices(&mut *db.conn().await?, config)
-        .await
-        .map_err(DbError::Query)?;
+    catalog::apply_to_new(&db, config).await?;
 
     std::fs::create_dir_all(&opts.dir)?;
     let t = Instant::now();
@@ -240,9 +238,7 @@ pub async fn run_instances(
         .expect("literal instant");
     {
         let db = Db::open_url(&format!("{server}/{}", names[0]), 2, MigrationMode::Apply).await?;
-        catalog::sync_prices(&mut *db.conn().await?, config)
-            .await
-            .map_err(DbError::Query)?;
+        catalog::apply_to_new(&db, config).await?;
         std::fs::create_dir_all(&opts.dir)?;
         let files = generate(&opts.dir, opts.accounts, opts.usage)?;
         import::import_accounts(&db, config, &files.accounts, as_of).await?;

@@ -312,6 +312,10 @@ pub struct LifecycleConfig {
     /// Due accounts decided on and written per transaction by the lifecycle jobs.
     #[serde(default = "default_lifecycle_batch")]
     pub batch_size: usize,
+    /// Time travel allowed: `--allow-future`, or a scratch database of the demo, simulate and
+    /// the benchmarks. Never read from the file.
+    #[serde(skip)]
+    pub allow_future: bool,
 }
 
 fn default_release_percent() -> u32 {
@@ -342,6 +346,7 @@ impl Default for LifecycleConfig {
             warning_min_age: default_warning_age(),
             enforce_max_accounts: default_enforce_max(),
             batch_size: default_lifecycle_batch(),
+            allow_future: false,
         }
     }
 }

@@ -31,6 +31,10 @@ struct Cli {
     /// The instant the command acts at (RFC 3339); default: now. How tests and demos travel in time.
     #[arg(long, global = true, value_parser = parse_instant)]
     as_of: Option<DateTime<Utc>>,
+    /// Let a state-changing command act at an --as-of more than lifecycle.max_clock_skew
+    /// ahead of the database clock (tests and scratch databases; never a production one).
+    #[arg(long, global = true)]
+    allow_future: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -40,6 +44,11 @@ enum Command {
     /// Apply pending database migrations, then the configuration's lifecycle policies
     /// (`policies apply`).
     Migrate,
+    /// The versioned price list in the database.
+    Prices {
+        #[command(subcommand)]
+        action: PricesAction,
+    },
     /// The lifecycle policies in the database.
     Policies {
         #[command(subcommand)]
@@ -76,7 +85,8 @@ enum Command {
         #[arg(long)]
         allow_mass_release: bool,
     },
-    /// May ACCOUNT do ACTION (on --resource)? Exit 0 allowed, 1 refused; the reason is printed.
+    /// May ACCOUNT do ACTION (on --resource)? Exit 0 allowed, 1 refused, 2 error (unknown
+    /// account or resource, database unreachable, bad arguments); the reason is printed.
     Gate {
         account: String,
         action: Action,
@@ -232,6 +242,19 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum PricesAction {
+    /// Write the configured price list as new versions where it differs from the database:
+    /// a changed or removed price takes effect from --effective-from (default: --as-of, or
+    /// now); a price seen for the first time is in effect since always. Prints the changes.
+    Apply {
+        #[arg(long, value_parser = parse_instant)]
+        effective_from: Option<DateTime<Utc>>,
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum PoliciesAction {
     /// Recompute what the configuration's lifecycle policies derive (release instants of live
     /// suspensions, the due-work index) for the accounts they affect, when they differ from
@@ -373,6 +396,31 @@ enum EmbeddedAction {
     Stop,
 }
 
+fn print_price_changes(report: &db::catalog::PricesReport) {
+    if report.up_to_date {
+        println!("the price list is up to date");
+        return;
+    }
+    for c in &report.changes {
+        let when = c
+            .effective_from
+            .map(|t| format!("from {t}"))
+            .unwrap_or_else(|| "since always".into());
+        println!(
+            "{:<8} {}/{}: {} -> {} per {} {when}",
+            c.change,
+            c.product,
+            c.meter,
+            c.from.as_deref().unwrap_or("-"),
+            c.to.as_deref().unwrap_or("-"),
+            c.unit
+        );
+    }
+    if report.dry_run {
+        println!("(dry run: nothing written)");
+    }
+}
+
 fn print_episodes(episodes: &[queries::EpisodeView]) {
     for e in episodes {
         println!(
@@ -408,6 +456,21 @@ fn wants_json(json: bool) -> bool {
     json || !std::io::stdout().is_terminal()
 }
 
+/// A job run's report, and its exit status: 75 when another live runner holds the slot (the
+/// run did nothing and the slot is not done; try again once that runner is gone).
+fn print_run<T: serde::Serialize>(report: &T) -> Result<ExitCode> {
+    let v = serde_json::to_value(report)?;
+    print_json(&v)?;
+    if v.get("held_by").is_some_and(|h| !h.is_null()) {
+        eprintln!(
+            "not done: {}",
+            v.get("skipped").and_then(|s| s.as_str()).unwrap_or("the slot is held elsewhere")
+        );
+        return Ok(ExitCode::from(EXIT_SLOT_HELD));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
@@ -415,15 +478,101 @@ fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand)
+            {
+                e.exit();
+            }
+            let _ = e.print();
+            // Bad arguments are bad input (1), except to `gate`, whose 1 means refused.
+            let gate = std::env::args().skip(1).any(|a| a == "gate");
+            return ExitCode::from(if gate { EXIT_ERROR } else { EXIT_BAD_INPUT });
+        }
+    };
     init_logging(&cli);
+    let gate = matches!(cli.command, Command::Gate { .. });
     match run(cli).await {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(if gate { EXIT_ERROR } else { exit_code_of(&e) })
         }
     }
+}
+
+/// Exit statuses (README "Exit codes"): 0 done or allowed; 1 refused by `gate`, or bad input
+/// to any other command; 2 any other error, and every error of `gate`; 75 a job run skipped
+/// because another live runner holds its slot (not done: try again later).
+const EXIT_BAD_INPUT: u8 = 1;
+const EXIT_ERROR: u8 = 2;
+const EXIT_SLOT_HELD: u8 = 75;
+
+/// An error in what the command was given (exit 1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct BadInput(String);
+
+macro_rules! bad_input {
+    ($($t:tt)*) => { return Err(BadInput(format!($($t)*)).into()) };
+}
+
+/// 1 when the error is about the command's input (arguments, files, configuration, unknown
+/// names, a refused reference or day), 2 for everything else (the database, I/O, bugs).
+fn exit_code_of(e: &anyhow::Error) -> u8 {
+    use arrears::config::ConfigError;
+    use arrears::db::{catalog::PricesError, DbError};
+    use arrears::domain::money::DecimalError;
+    use arrears::jobs::JobError;
+    use arrears::ledger::LedgerError;
+    use arrears::lifecycle::LifecycleError;
+    for cause in e.chain() {
+        let input = if cause.is::<BadInput>() || cause.is::<ConfigError>() || cause.is::<DecimalError>()
+            || cause.is::<PricesError>()
+        {
+            Some(true)
+        } else if let Some(l) = cause.downcast_ref::<LedgerError>() {
+            Some(!matches!(l, LedgerError::Db(_)))
+        } else if let Some(i) = cause.downcast_ref::<ImportError>() {
+            Some(!matches!(i, ImportError::Db(_)))
+        } else if let Some(l) = cause.downcast_ref::<LifecycleError>() {
+            Some(!matches!(l, LifecycleError::Db(_)))
+        } else if let Some(j) = cause.downcast_ref::<JobError>() {
+            Some(matches!(j, JobError::Refused(_)))
+        } else if let Some(d) = cause.downcast_ref::<DbError>() {
+            Some(matches!(d, DbError::Prices(PricesError::NotAfterLatest { .. })))
+        } else {
+            None
+        };
+        if let Some(input) = input {
+            return if input { EXIT_BAD_INPUT } else { EXIT_ERROR };
+        }
+    }
+    EXIT_ERROR
+}
+
+/// The time-travel guard of state-changing commands: an explicit --as-of more than
+/// lifecycle.max_clock_skew ahead of the database clock is refused without --allow-future
+/// (bills, suspensions and releases written for the future cannot be taken back).
+async fn guard_time_travel(db: &Db, config: &Config, as_of: Option<DateTime<Utc>>) -> Result<()> {
+    let Some(t) = as_of else { return Ok(()) };
+    if config.lifecycle.allow_future {
+        return Ok(());
+    }
+    let now = db.database_now().await?;
+    let skew = config.lifecycle.max_clock_skew;
+    if t > now + skew.to_chrono() {
+        bad_input!(
+            "--as-of {t} is ahead of the database clock ({now}) by more than \
+             lifecycle.max_clock_skew ({skew}); a state-changing command acts at the present. To \
+             travel in time on purpose (a test or scratch database), add --allow-future; to \
+             preview, use the command's --dry-run where it has one"
+        );
+    }
+    Ok(())
 }
 
 /// CLI commands log warnings to stderr as text; `serve` logs info and up as JSON lines to
@@ -470,19 +619,27 @@ fn init_logging(cli: &Cli) {
     }
 }
 
+/// Opens the database for a command that only reads: no side effects (the price list and
+/// policies are written only by `prices apply`, `policies apply`, `migrate` and `serve`).
 async fn open(config: &Config, mode: MigrationMode) -> Result<Db> {
-    let db = Db::open(config, mode)
+    Db::open(config, mode)
         .await
-        .context("opening the database")?;
-    let mut conn = db.conn().await?;
-    db::catalog::sync_prices(&mut conn, config)
-        .await
-        .context("syncing the price list")?;
+        .context("opening the database")
+}
+
+/// Opens the database for a command that changes state at --as-of: the time-travel guard
+/// first.
+async fn open_to_change(config: &Config, as_of: Option<DateTime<Utc>>) -> Result<Db> {
+    let db = open(config, MigrationMode::Require).await?;
+    guard_time_travel(&db, config, as_of).await?;
     Ok(db)
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
-    let config = Config::load(cli.config.as_deref())?;
+    let mut config = Config::load(cli.config.as_deref())?;
+    config.lifecycle.allow_future = cli.allow_future;
+    let config = config;
+    let explicit_as_of = cli.as_of;
     let as_of = cli.as_of.unwrap_or_else(Utc::now);
     let digits = config.billing.minor_unit_digits;
     match cli.command {
@@ -496,7 +653,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     for e in &errors {
                         eprintln!("  {e}");
                     }
-                    bail!("{} template(s) failed to render", errors.len());
+                    bad_input!("{} template(s) failed to render", errors.len());
                 }
             };
             deliver_notifications::Channels::from_config(&config).map_err(anyhow::Error::msg)?;
@@ -504,12 +661,32 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             println!(
                 "configuration OK ({}): {} product(s); {} scheduled job(s) enabled; {rendered} templates rendered in {} locales; email via {}; sms via {:?}",
                 config.origin,
-                schedule.jobs.iter().filter(|j| j.enabled).count(),
                 config.products.len(),
+                schedule.jobs.iter().filter(|j| j.enabled).count(),
                 arrears::import::LOCALES.len(),
                 if config.email.smtp_url.is_some() { "SMTP" } else { "the file transport" },
                 config.sms.provider
             );
+            // The configured database, when there is one: does it bill what this file says?
+            if config.database.url.is_some() {
+                match open(&config, MigrationMode::Require).await {
+                    Ok(db) => {
+                        let drift =
+                            db::catalog::drift(&mut *db.conn().await?, &config, as_of).await?;
+                        if drift.is_empty() {
+                            println!("price list: the database bills the configured prices");
+                        }
+                        for c in &drift {
+                            println!(
+                                "warning: price list: {} {}/{} (database {}, configuration {}): run `arrears prices apply --dry-run` to preview",
+                                c.change, c.product, c.meter,
+                                c.from.as_deref().unwrap_or("-"), c.to.as_deref().unwrap_or("-")
+                            );
+                        }
+                    }
+                    Err(e) => println!("warning: database not checked: {e:#}"),
+                }
+            }
         }
         Command::Schedule { from, count, json } => {
             let schedule = Schedule::load(config.service.jobs_dir.as_deref())?;
@@ -563,6 +740,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Serve { speed } => {
             let schedule = Schedule::load(config.service.jobs_dir.as_deref())?;
+            if explicit_as_of.is_some() && !config.lifecycle.allow_future {
+                guard_time_travel(&open(&config, MigrationMode::Require).await?, &config, explicit_as_of).await?;
+            }
             let clock = match cli.as_of {
                 Some(start) => Clock::simulated(start, speed),
                 None => Clock::Wall,
@@ -602,16 +782,35 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Migrate => {
             let db = Db::open(&config, MigrationMode::Apply).await?;
             let applied = db.migrate().await?;
+            guard_time_travel(&db, &config, explicit_as_of).await?;
+            let prices = db::catalog::apply(&mut *db.conn().await?, &config, as_of, false).await?;
             let policies = lifecycle::policies::apply(&db, &config, as_of, false).await?;
             print_json(&serde_json::json!({
-                "applied": applied, "status": "up to date", "policies": policies
+                "applied": applied, "status": "up to date", "prices": prices, "policies": policies
             }))?;
         }
         Command::Policies {
             action: PoliciesAction::Apply { dry_run },
         } => {
-            let db = Db::open(&config, MigrationMode::Require).await?;
+            let db = open_to_change(&config, explicit_as_of.filter(|_| !dry_run)).await?;
             print_json(&lifecycle::policies::apply(&db, &config, as_of, dry_run).await?)?;
+        }
+        Command::Prices {
+            action: PricesAction::Apply { effective_from, dry_run },
+        } => {
+            let db = open(&config, MigrationMode::Require).await?;
+            let report = db::catalog::apply(
+                &mut *db.conn().await?,
+                &config,
+                effective_from.unwrap_or(as_of),
+                dry_run,
+            )
+            .await?;
+            if wants_json(false) {
+                print_json(&report)?;
+            } else {
+                print_price_changes(&report);
+            }
         }
         Command::Bench {
             accounts,
@@ -790,7 +989,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
         },
         Command::Import { kind, file } => {
-            let db = open(&config, MigrationMode::Require).await?;
+            let db = open_to_change(&config, explicit_as_of).await?;
             let result = match kind {
                 ImportWhat::Accounts => import::import_accounts(&db, &config, &file, as_of).await,
                 ImportWhat::Resources => import::import_resources(&db, &config, &file, as_of).await,
@@ -822,7 +1021,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let amount = parse_non_negative(&amount, digits)
                 .with_context(|| format!("amount {amount:?}"))?;
-            let db = open(&config, MigrationMode::Require).await?;
+            let db = open_to_change(&config, explicit_as_of).await?;
             let report = ledger::topup(
                 &db,
                 &config,
@@ -850,7 +1049,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 CouponKindArg::Cash => CouponKind::Cash,
                 CouponKindArg::General => CouponKind::General,
             };
-            let db = open(&config, MigrationMode::Require).await?;
+            let db = open_to_change(&config, explicit_as_of).await?;
             let report =
                 ledger::grant_coupon(&db, digits, &account, amount, kind, expires_at, as_of)
                     .await?;
@@ -863,7 +1062,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             day,
             allow_mass_release,
         } => {
-            let db = open(&config, MigrationMode::Require).await?;
+            let db = open_to_change(&config, explicit_as_of.filter(|_| !dry_run)).await?;
             // The slot the schedule gives this instant, so that a one-off run and the service
             // claim the same slot and never both run it (generate_bills names its slot by its
             // billing day).
@@ -885,7 +1084,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         dry_run,
                         force,
                     };
-                    print_json(&generate_bills::run(&db, &config, &opts).await?)?;
+                    return print_run(&generate_bills::run(&db, &config, &opts).await?);
                 }
                 JobName::EnforceSuspensions => {
                     let opts = enforce_suspensions::Options {
@@ -893,9 +1092,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         dry_run,
                         force,
                     };
-                    print_json(
+                    return print_run(
                         &enforce_suspensions::run_in_slot(&db, &config, &opts, slot).await?,
-                    )?;
+                    );
                 }
                 JobName::ReleaseResources => {
                     let opts = release_resources::Options {
@@ -905,7 +1104,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         force,
                         allow_mass_release,
                     };
-                    print_json(&release_resources::run_in_slot(&db, &config, &opts, slot).await?)?;
+                    return print_run(&release_resources::run_in_slot(&db, &config, &opts, slot).await?);
                 }
                 JobName::SendAlerts => {
                     let opts = send_alerts::Options {
@@ -913,7 +1112,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         dry_run,
                         force,
                     };
-                    print_json(&send_alerts::run_in_slot(&db, &config, &opts, slot).await?)?;
+                    return print_run(&send_alerts::run_in_slot(&db, &config, &opts, slot).await?);
                 }
                 JobName::DeliverNotifications => {
                     let channels = deliver_notifications::Channels::from_config(&config)
@@ -962,9 +1161,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Notices {
             action: NoticesAction::Retry { id },
         } => {
-            let db = open(&config, MigrationMode::Require).await?;
+            let db = open_to_change(&config, explicit_as_of).await?;
             if !queries::retry_notice(&db, id, as_of).await? {
-                bail!("no dead or retrying notice {id}");
+                bad_input!("no dead or retrying notice {id}");
             }
             println!("notice {id} queued again for {as_of}");
         }
@@ -1015,7 +1214,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             });
         }
         Command::Resource { action } => {
-            let db = open(&config, MigrationMode::Require).await?;
+            let db = open_to_change(&config, explicit_as_of).await?;
             let (account, op, cause) = match action {
                 ResourceAction::EnablePayg { account, resource } => (
                     account,
@@ -1051,7 +1250,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             )?;
         }
         Command::Facts { action } => {
-            let db = open(&config, MigrationMode::Require).await?;
+            let db = open_to_change(&config, explicit_as_of).await?;
             match action {
                 FactsAction::OverdueAlert { account } => {
                     let at = lifecycle::record_overdue_alert(&db, &account, as_of).await?;
@@ -1145,7 +1344,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 | AccountAction::LegalHold { .. }
                 | AccountAction::LegalHoldClear { .. }),
         } => {
-            let db = open(&config, MigrationMode::Require).await?;
+            let db = open_to_change(&config, explicit_as_of).await?;
             let (id, op, cause) = match action {
                 AccountAction::ComplianceLock { id } => (
                     id,
@@ -1180,7 +1379,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let db = open(&config, MigrationMode::Require).await?;
             let Some(view) = queries::account(&db, digits, &id).await? else {
-                bail!("unknown account {id:?}");
+                bad_input!("unknown account {id:?}");
             };
             if json {
                 print_json(&view)?;

@@ -223,6 +223,7 @@ async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
         for (state, n) in &g.accounts {
             let _ = writeln!(out, "arrears_accounts{{state=\"{state}\"}} {n}");
         }
+        let _ = writeln!(out, "# HELP arrears_price_list_differences Prices where the configuration and the database's price list differ (run arrears prices apply).\n# TYPE arrears_price_list_differences gauge\narrears_price_list_differences {}", g.price_differences);
         let _ = writeln!(out, "# HELP arrears_billing_batches_pending Billing batches waiting for an instance.\n# TYPE arrears_billing_batches_pending gauge\narrears_billing_batches_pending {}", g.open_batches);
     }
     (

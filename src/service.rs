@@ -256,9 +256,12 @@ pub async fn serve(
 
 async fn open_db(config: &Config, now: DateTime<Utc>) -> Result<Db, DbError> {
     let db = Db::open(config, MigrationMode::Require).await?;
-    let mut conn = db.conn().await?;
-    crate::db::catalog::sync_prices(&mut conn, config).await?;
-    drop(conn);
+    // The configured price list takes effect now (a changed price from this start on).
+    let prices = crate::db::catalog::apply(&mut *db.conn().await?, config, now, false).await?;
+    if !prices.up_to_date {
+        tracing::info!(report = %serde_json::to_value(&prices).unwrap_or_default(),
+            "applied the configured price list");
+    }
     // The due-work index follows the configured policies before the first slot runs.
     let policies = crate::lifecycle::policies::apply(&db, config, now, false).await?;
     if !policies.up_to_date {
@@ -476,8 +479,9 @@ async fn run_slot(
                 .get("skipped")
                 .and_then(|s| s.as_str())
                 .map(str::to_string);
+            let held = report.get("held_by").is_some_and(|h| !h.is_null());
             match skipped {
-                Some(why) if why.starts_with(crate::jobs::SKIPPED_BUSY) => {
+                Some(why) if held => {
                     sh.metrics.record(js.job, "busy", secs);
                     tracing::debug!(job, as_of = %as_of, why, "slot held by another runner");
                     SlotOutcome::Busy
@@ -583,11 +587,14 @@ pub struct DbGauges {
     pub accounts: Vec<(String, i64)>,
     pub slots_behind: Vec<(&'static str, i64)>,
     pub open_batches: i64,
+    /// Prices where the configuration and the database's price list differ.
+    pub price_differences: usize,
 }
 
 pub async fn db_gauges(sh: &Shared, db: &Db) -> Result<DbGauges, DbError> {
-    // Its own connection, not a reused one: a scrape that times out drops it mid-query.
-    let c = crate::db::raw_connect(&db.url).await?;
+    // A pooled client: a scrape that times out mid-query drops it back to the idle list,
+    // where the next borrower's reset waits for the query to end.
+    let c = db.raw_client().await?;
     let outbox = c
         .query(
             "SELECT status, count(*) FROM notices GROUP BY status ORDER BY status",
@@ -636,10 +643,17 @@ pub async fn db_gauges(sh: &Shared, db: &Db) -> Result<DbGauges, DbError> {
         )
         .await?
         .get(0);
+    let price_differences =
+        match crate::db::catalog::drift(&mut *db.conn().await?, &sh.config, now).await {
+            Ok(d) => d.len(),
+            Err(crate::db::catalog::PricesError::Query(e)) => return Err(e.into()),
+            Err(_) => 0,
+        };
     Ok(DbGauges {
         outbox,
         accounts,
         slots_behind,
         open_batches,
+        price_differences,
     })
 }

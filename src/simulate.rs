@@ -526,6 +526,8 @@ fn sandbox(config: &Config, dir: &Path) -> Result<Config, SimulateError> {
     std::fs::create_dir_all(dir)
         .map_err(|e| SimulateError::Channels(format!("{}: {e}", dir.display())))?;
     let mut c = config.clone();
+    // The copies travel ahead of the database clock.
+    c.lifecycle.allow_future = true;
     c.email.smtp_url = None;
     c.email.file_dir = Some(dir.join("outbox"));
     c.embedded.state_dir = dir.to_path_buf();
@@ -545,9 +547,11 @@ async fn run_copy(
 ) -> Result<(Vec<Counts>, Totals), SimulateError> {
     let db = Db::open_url(url, config.database.pool_size, MigrationMode::Require).await?;
     // The copy bills with the configured price list (the source is never written to).
-    crate::db::catalog::sync_prices(&mut *db.conn().await?, config)
+    // A price that differs takes effect from the first simulated slot.
+    let from = plan.first().map_or_else(Utc::now, |(at, _)| *at);
+    crate::db::catalog::apply(&mut *db.conn().await?, config, from, false)
         .await
-        .map_err(DbError::Query)?;
+        .map_err(DbError::from)?;
     let channels =
         deliver_notifications::Channels::from_config(config).map_err(SimulateError::Channels)?;
     let client = db.raw_client().await?;

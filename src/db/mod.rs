@@ -31,6 +31,8 @@ pub enum DbError {
     Query(#[from] diesel::result::Error),
     #[error(transparent)]
     Postgres(#[from] tokio_postgres::Error),
+    #[error("price list: {0}")]
+    Prices(#[from] catalog::PricesError),
 }
 
 pub type Conn = Object<AsyncPgConnection>;

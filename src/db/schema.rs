@@ -89,12 +89,15 @@ diesel::table! {
 }
 
 diesel::table! {
-    prices (product, meter) {
+    prices (product, meter, effective_from) {
         product -> Text,
         meter -> Text,
         unit -> Text,
         unit_price_nanos -> Int8,
         is_package_meter -> Bool,
+        effective_from -> Timestamptz,
+        retired -> Bool,
+        applied_at -> Timestamptz,
     }
 }
 
@@ -357,6 +360,9 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
             "unit",
             "unit_price_nanos",
             "is_package_meter",
+            "effective_from",
+            "retired",
+            "applied_at",
         ],
     ),
     (

@@ -36,6 +36,9 @@ pub struct EnforceReport {
     pub as_of: DateTime<Utc>,
     pub dry_run: bool,
     pub skipped: Option<String>,
+    /// The runner holding the slot when this run was skipped for it (not done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
     /// The lifecycle policies were recomputed first (they changed since the last run).
     pub policies: Option<PoliciesReport>,
     #[serde(flatten)]
@@ -54,8 +57,9 @@ pub struct EnforceReport {
 }
 
 impl SlotReport for EnforceReport {
-    fn skipped(&mut self, why: String) {
-        self.skipped = Some(why);
+    fn skipped(&mut self, skip: &crate::jobs::Skip) {
+        self.skipped = Some(skip.why());
+        self.held_by = skip.held_by();
     }
 }
 

@@ -65,6 +65,9 @@ pub struct GenerateBillsReport {
     pub dry_run: bool,
     /// Why nothing was done, when nothing was.
     pub skipped: Option<String>,
+    /// The runner holding the slot when this run was skipped for it (not done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
     pub currency: String,
     /// Unbilled usage records of the billing day or earlier.
     pub unbilled_records: i64,
@@ -97,8 +100,9 @@ pub struct GenerateBillsReport {
 }
 
 impl SlotReport for GenerateBillsReport {
-    fn skipped(&mut self, why: String) {
-        self.skipped = Some(why);
+    fn skipped(&mut self, skip: &crate::jobs::Skip) {
+        self.skipped = Some(skip.why());
+        self.held_by = skip.held_by();
     }
 }
 
@@ -139,6 +143,17 @@ pub async fn run(
     // Zero amounts until a run says otherwise (a skipped run reports them so).
     finish_amounts(&mut report, &BatchResult::default(), config);
     let mut client = db.raw_client().await?;
+    if !opts.dry_run && !config.lifecycle.allow_future {
+        // Bills are append-only and days are billed in order: a bill for a day that has not
+        // ended by the database clock would refuse every real day before it, for ever.
+        let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await?.get(0);
+        if slot > now {
+            return Err(JobError::Refused(format!(
+                "billing day {day} ({tz}) has not ended by the database clock ({now}); it ends at \
+                 {slot}: bill it after that (a scratch database that travels in time: pass --allow-future)"
+            )));
+        }
+    }
     if !opts.dry_run {
         // Checked before the claim, so that a refused run leaves no record behind.
         check_order(&client, day, slot).await?;
@@ -408,9 +423,10 @@ async fn bill_locked(
              UNION
              SELECT DISTINCT $2::timestamptz, c.account_id, 'unpriced' FROM bill_candidates c
              JOIN resources r ON r.account_id = c.account_id AND r.id = c.resource_id
-             LEFT JOIN prices p ON p.product = r.product AND p.meter = c.meter
+             -- the price list in effect at the start of the bill day (versioned prices)
+             LEFT JOIN prices_at($3) p ON p.product = r.product AND p.meter = c.meter
              WHERE c.slot = $2 AND c.usage_day <= $1 AND p.meter IS NULL",
-            &[&day, &slot],
+            &[&day, &slot, &params.day_start],
         )
         .await?;
     report.accounts_already_billed = client
@@ -703,7 +719,7 @@ async fn bill_batch(
                  (r.billing_mode <> 'package' OR r.payg_enabled) AS payg
                FROM g
                LEFT JOIN resources r ON r.account_id = g.account_id AND r.id = g.resource_id
-               LEFT JOIN prices p ON p.product = r.product AND p.meter = g.meter
+               LEFT JOIN prices_at($4) p ON p.product = r.product AND p.meter = g.meter
              )
              SELECT account_id, resource_id, meter, records, late_records, max_seq, quantity, included,
                     CASE WHEN payg THEN quantity - included ELSE 0 END AS billed,

@@ -172,10 +172,6 @@ pub fn instance_id() -> &'static str {
     })
 }
 
-/// How a report's `skipped` begins when another live runner holds the slot (the service
-/// must not treat such a slot as done).
-pub const SKIPPED_BUSY: &str = "slot is being run by";
-
 /// What claiming a slot found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -203,6 +199,17 @@ pub async fn claim_slot(
     lease: std::time::Duration,
 ) -> Result<Claim, JobError> {
     let lease_secs = lease.as_secs_f64();
+    // The run's claim is also a session advisory lock on this connection, which PostgreSQL
+    // releases the moment the holder's connection dies (a SIGKILL, a crash): a `running`
+    // slot whose lock is free has no live runner and is taken over at once. The lease stays
+    // for a holder that is alive but cut off.
+    let locked: bool = client
+        .query_one(
+            "SELECT pg_try_advisory_lock($1)",
+            &[&slot_lock_key(job, slot)],
+        )
+        .await?
+        .get(0);
     let row = client
         .query_opt(
             "INSERT INTO job_runs (job, slot, status, as_of, started_at, owner, lease_until)
@@ -214,7 +221,7 @@ pub async fn claim_slot(
                owner = excluded.owner, lease_until = excluded.lease_until
              WHERE job_runs.status IN ('failed', 'interrupted')
                 OR (job_runs.status = 'running'
-                    AND coalesce(job_runs.lease_until, '-infinity') < clock_timestamp())
+                    AND ($7 OR coalesce(job_runs.lease_until, '-infinity') < clock_timestamp()))
                 OR (job_runs.status = 'succeeded' AND $4)
              RETURNING attempts",
             &[
@@ -224,11 +231,15 @@ pub async fn claim_slot(
                 &force,
                 &instance_id(),
                 &lease_secs,
+                &locked,
             ],
         )
         .await?;
     if let Some(r) = row {
         return Ok(Claim::Run(r.get(0)));
+    }
+    if locked {
+        unlock_slot(client, job, slot).await?;
     }
     let row = client
         .query_one(
@@ -245,6 +256,29 @@ pub async fn claim_slot(
     }
     let done: Option<DateTime<Utc>> = row.get(1);
     Ok(Claim::AlreadyDone(done.unwrap_or(slot)))
+}
+
+/// The advisory-lock key of a slot (64 bits of a hash of its job and instant).
+pub fn slot_lock_key(job: JobName, slot: DateTime<Utc>) -> i64 {
+    // FNV-1a: stable across processes and builds (std's hasher is not).
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("arrears-slot/{}/{}", job.as_str(), slot.timestamp_micros()).bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h as i64
+}
+
+/// Releases the slot's advisory lock taken by `claim_slot` on this connection.
+async fn unlock_slot(
+    client: &tokio_postgres::Client,
+    job: JobName,
+    slot: DateTime<Utc>,
+) -> Result<(), JobError> {
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&slot_lock_key(job, slot)])
+        .await?;
+    Ok(())
 }
 
 /// Records the end of a claimed run with its report or error, while the claim is still ours
@@ -313,9 +347,43 @@ pub struct SlotRun {
     pub dry_run: bool,
 }
 
-/// The report of a slotted job: where a skipped run says why.
+/// Why a slotted run did nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Skip {
+    /// The slot already finished successfully.
+    AlreadyRan { finished: DateTime<Utc> },
+    /// Another live runner holds the slot: the run is someone else's, not done.
+    HeldElsewhere {
+        owner: String,
+        lease_until: DateTime<Utc>,
+    },
+}
+
+impl Skip {
+    pub fn why(&self) -> String {
+        match self {
+            Skip::AlreadyRan { finished } => format!(
+                "slot already ran (finished {finished}); use --force to run it again"
+            ),
+            Skip::HeldElsewhere { owner, lease_until } => format!(
+                "slot is being run by {owner} (lease until {lease_until}); it is not done yet"
+            ),
+        }
+    }
+
+    /// The runner holding the slot, for a report's `held_by`.
+    pub fn held_by(&self) -> Option<String> {
+        match self {
+            Skip::HeldElsewhere { owner, .. } => Some(owner.clone()),
+            Skip::AlreadyRan { .. } => None,
+        }
+    }
+}
+
+/// The report of a slotted job: where a skipped run says why (`skipped`) and, when another
+/// runner holds the slot, who (`held_by`: the CLI exits 75 and the service retries).
 pub trait SlotReport: Serialize {
-    fn skipped(&mut self, why: String);
+    fn skipped(&mut self, skip: &Skip);
 }
 
 /// The one protocol of every slotted job: claims the slot (not on a dry run) and keeps its
@@ -330,8 +398,8 @@ pub async fn in_slot<R: SlotReport>(
     work: impl AsyncFnOnce(&mut tokio_postgres::Client, &SlotLease, &mut R) -> Result<(), JobError>,
 ) -> Result<(), JobError> {
     let lease = match begin_slot(db, config, client, &run).await? {
-        SlotStart::Skip(why) => {
-            report.skipped(why);
+        SlotStart::Skip(skip) => {
+            report.skipped(&skip);
             return Ok(());
         }
         SlotStart::Run(lease) => lease,
@@ -343,7 +411,7 @@ pub async fn in_slot<R: SlotReport>(
 /// What `begin_slot` decided.
 enum SlotStart {
     /// Not run, and why (it already ran, or another runner holds it).
-    Skip(String),
+    Skip(Skip),
     /// Ours to run; pass the lease to `end_slot`.
     Run(SlotLease),
 }
@@ -375,12 +443,10 @@ async fn begin_slot(
     let lease = config.service.lease.std();
     Ok(
         match claim_slot(client, job, slot, as_of, force, lease).await? {
-            Claim::AlreadyDone(at) => SlotStart::Skip(format!(
-                "slot already ran (finished {at}); use --force to run it again"
-            )),
-            Claim::Busy { owner, lease_until } => SlotStart::Skip(format!(
-                "{SKIPPED_BUSY} {owner} (lease until {lease_until})"
-            )),
+            Claim::AlreadyDone(finished) => SlotStart::Skip(Skip::AlreadyRan { finished }),
+            Claim::Busy { owner, lease_until } => {
+                SlotStart::Skip(Skip::HeldElsewhere { owner, lease_until })
+            }
             Claim::Run(attempt) => {
                 if attempt > 1 {
                     tracing::info!(job = job.as_str(), slot = %slot, attempt, "resuming slot");
@@ -478,6 +544,9 @@ async fn end_slot<R: Serialize>(
         }
         Err(e) => finish_slot(client, job, slot, Err(e)).await,
     };
+    // The lock goes once the outcome is recorded (never before: a claimer seeing the slot
+    // still running with its lock free would take it over).
+    let _ = unlock_slot(client, job, slot).await;
     result?;
     recorded
 }

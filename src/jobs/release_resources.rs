@@ -48,6 +48,9 @@ pub struct ReleaseReport {
     pub as_of: DateTime<Utc>,
     pub dry_run: bool,
     pub skipped: Option<String>,
+    /// The runner holding the slot when this run was skipped for it (not done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
     pub policies: Option<PoliciesReport>,
     #[serde(flatten)]
     pub due: DueStats,
@@ -66,8 +69,9 @@ pub struct ReleaseReport {
 }
 
 impl SlotReport for ReleaseReport {
-    fn skipped(&mut self, why: String) {
-        self.skipped = Some(why);
+    fn skipped(&mut self, skip: &crate::jobs::Skip) {
+        self.skipped = Some(skip.why());
+        self.held_by = skip.held_by();
     }
 }
 

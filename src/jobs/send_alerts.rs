@@ -52,6 +52,9 @@ pub struct AlertsReport {
     pub as_of: DateTime<Utc>,
     pub dry_run: bool,
     pub skipped: Option<String>,
+    /// The runner holding the slot when this run was skipped for it (not done).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held_by: Option<String>,
     pub policies: Option<PoliciesReport>,
     #[serde(flatten)]
     pub due: DueStats,
@@ -69,8 +72,9 @@ pub struct AlertsReport {
 }
 
 impl SlotReport for AlertsReport {
-    fn skipped(&mut self, why: String) {
-        self.skipped = Some(why);
+    fn skipped(&mut self, skip: &crate::jobs::Skip) {
+        self.skipped = Some(skip.why());
+        self.held_by = skip.held_by();
     }
 }
 

@@ -128,7 +128,7 @@ impl TestDb {
             .await
             .expect("open test database");
         let mut conn = db.conn().await.unwrap();
-        catalog::sync_prices(&mut conn, &config).await.unwrap();
+        catalog::apply(&mut conn, &config, chrono::Utc::now(), false).await.unwrap();
         drop(conn);
         TestDb {
             db,
@@ -215,8 +215,9 @@ impl Drop for TestDb {
     }
 }
 
+/// The example configuration, for scratch test databases that travel in time.
 pub fn config() -> Config {
-    Config::from_toml(EXAMPLE_CONFIG, "test", &[]).unwrap()
+    config_with(&[])
 }
 
 pub fn config_with(env: &[(&str, &str)]) -> Config {
@@ -224,7 +225,9 @@ pub fn config_with(env: &[(&str, &str)]) -> Config {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    Config::from_toml(EXAMPLE_CONFIG, "test", &env).unwrap()
+    let mut config = Config::from_toml(EXAMPLE_CONFIG, "test", &env).unwrap();
+    config.lifecycle.allow_future = true;
+    config
 }
 
 pub fn at(s: &str) -> DateTime<Utc> {
