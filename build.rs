@@ -21,6 +21,9 @@ fn main() {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets it"))
         .join("templates");
     println!("cargo:rerun-if-changed={}", root.display());
+    // embed_migrations! reads migrations/ at compile time: a new or changed migration must
+    // rebuild the crate (once a build script names what it depends on, cargo watches only that).
+    println!("cargo:rerun-if-changed=migrations");
     let mut files = Vec::new();
     walk(&root, &mut files);
     files.sort();

@@ -75,8 +75,7 @@ const DAY_START: &str = "2026-11-22T00:00:00+08:00";
 pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, BenchError> {
     // A fresh database next to the configured (or embedded) one.
     let base = Db::open(config, MigrationMode::Apply).await?;
-    let (server, _) = db::split_database(&base.url)?;
-    let admin = db::raw_connect(&format!("{server}/postgres")).await?;
+    let admin = db::raw_connect(&db::with_database(&base.url, "postgres")?).await?;
     let url = db::recreate_database(&base.url, BENCH_DB).await?;
     let db = Db::open_url(&url, 2, MigrationMode::Apply).await?;
     catalog::apply_to_new(&db, config).await?;
@@ -223,8 +222,7 @@ pub async fn run_instances(
     opts: &InstancesOptions,
 ) -> Result<InstancesReport, BenchError> {
     let base = Db::open(config, MigrationMode::Apply).await?;
-    let (server, _) = db::split_database(&base.url)?;
-    let server = server.to_string();
+    let server = base.url.clone();
     let names = [
         "arrears_bench_src",
         "arrears_bench_one",
@@ -232,12 +230,12 @@ pub async fn run_instances(
     ];
     db::recreate_database(&base.url, names[0]).await?;
     drop(base);
-    let admin = db::raw_connect(&format!("{server}/postgres")).await?;
+    let admin = db::raw_connect(&db::with_database(&server, "postgres")?).await?;
     let as_of: DateTime<Utc> = "2026-11-23T00:30:00+08:00"
         .parse()
         .expect("literal instant");
     {
-        let db = Db::open_url(&format!("{server}/{}", names[0]), 2, MigrationMode::Apply).await?;
+        let db = Db::open_url(&db::with_database(&server, names[0])?, 2, MigrationMode::Apply).await?;
         catalog::apply_to_new(&db, config).await?;
         std::fs::create_dir_all(&opts.dir)?;
         let files = generate(&opts.dir, opts.accounts, opts.usage)?;
@@ -277,14 +275,14 @@ pub async fn run_instances(
         force: false,
     };
 
-    let one = Db::open_url(&format!("{server}/{}", names[1]), 2, MigrationMode::Require).await?;
+    let one = Db::open_url(&db::with_database(&server, names[1])?, 2, MigrationMode::Require).await?;
     let t = Instant::now();
     let r1 = generate_bills::run(&one, config, &options).await?;
     let one_instance_seconds = t.elapsed().as_secs_f64();
     eprintln!("one instance: {one_instance_seconds:.1}s");
     admin.batch_execute("CHECKPOINT").await?;
 
-    let url = format!("{server}/{}", names[2]);
+    let url = db::with_database(&server, names[2])?;
     let many = Db::open_url(&url, 2, MigrationMode::Require).await?;
     let mut helpers = Vec::new();
     for _ in 0..opts.helpers {
@@ -468,8 +466,7 @@ pub async fn run_email(
 ) -> Result<EmailBenchReport, BenchError> {
     use crate::jobs::deliver_notifications::{self, Channels};
     let base = Db::open(config, MigrationMode::Apply).await?;
-    let (server, _) = db::split_database(&base.url)?;
-    let admin = db::raw_connect(&format!("{server}/postgres")).await?;
+    let admin = db::raw_connect(&db::with_database(&base.url, "postgres")?).await?;
     let url = db::recreate_database(&base.url, "arrears_bench_email").await?;
     let db = Db::open_url(&url, 8, MigrationMode::Apply).await?;
     let client = db.raw_client().await?;

@@ -137,6 +137,12 @@ pub struct NotificationsConfig {
     /// Notices sent at once by one worker.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Whether a notice sent only through a channel that reaches nobody (the `log` SMS
+    /// adapter, the `.eml` file transport) counts as accepted by the customer — R9's "warned"
+    /// and the lcic grace clock. False: such a notice is recorded as sent, never as accepted.
+    /// The demo and the tests that need it set it.
+    #[serde(default)]
+    pub dev_channels_count_as_accepted: bool,
 }
 
 fn default_concurrency() -> usize {
@@ -177,6 +183,7 @@ impl Default for NotificationsConfig {
             lease: default_lease(),
             send_timeout: default_send_timeout(),
             concurrency: default_concurrency(),
+            dev_channels_count_as_accepted: false,
         }
     }
 }

@@ -357,7 +357,7 @@ enum ResourceAction {
 enum NoticesAction {
     /// Notices with their kind, channel, status, attempts, last error and provider id.
     List {
-        /// pending, sending, sent, retrying or dead
+        /// pending, sending, sent, retrying, dead or cancelled
         #[arg(long)]
         status: Option<String>,
         #[arg(long)]
@@ -667,6 +667,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 if config.email.smtp_url.is_some() { "SMTP" } else { "the file transport" },
                 config.sms.provider
             );
+            // R9 needs a customer to have been warned: a channel that reaches nobody is no
+            // warning unless the configuration says so (a demo, a test).
+            let dev: Vec<&str> = [
+                (config.email.smtp_url.is_none(), "email goes to .eml files (no ARREARS_SMTP_URL)"),
+                (matches!(config.sms.provider, arrears::config::SmsProviderKind::Log), "SMS goes to a log file (ARREARS_SMS_PROVIDER=log)"),
+            ]
+            .into_iter()
+            .filter_map(|(on, what)| on.then_some(what))
+            .collect();
+            for what in &dev {
+                if config.notifications.dev_channels_count_as_accepted {
+                    println!("warning: {what}, and notifications.dev_channels_count_as_accepted = true: such a notice counts as the customer warned (R9) though it reached nobody; never in production");
+                } else {
+                    println!("warning: {what}: it reaches no customer, so it never counts as a warning (R9); a notice sent only that way lets no lcic grace start and no release happen");
+                }
+            }
             // The configured database, when there is one: does it bill what this file says?
             if config.database.url.is_some() {
                 match open(&config, MigrationMode::Require).await {

@@ -133,8 +133,8 @@ async fn readyz(State(sh): State<Arc<Shared>>) -> Response {
         Some("stopping")
     } else if let Some(db) = sh.db() {
         let ping = tokio::time::timeout(Duration::from_secs(2), async {
-            // Its own connection: a ping that times out must not leave a busy one behind.
-            let c = crate::db::raw_connect(&db.url).await?;
+            // A pooled client: one that times out mid-ping goes back and is reset on reuse.
+            let c = db.raw_client().await?;
             c.execute("SELECT 1", &[]).await?;
             Ok::<(), crate::db::DbError>(())
         })

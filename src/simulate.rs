@@ -418,8 +418,8 @@ pub async fn run(
     if opts.days == 0 || opts.days > MAX_DAYS {
         return Err(SimulateError::Days(opts.days));
     }
-    let (base_url, source) = split_url(&db.url)?;
-    let admin = raw_connect(&join_url(&base_url, "postgres", &db.url)).await?;
+    let source = crate::db::database_name(&db.url)?;
+    let admin = raw_connect(&crate::db::with_database(&db.url, "postgres")?).await?;
     let tag = format!(
         "arrears_sim_{}_{}",
         std::process::id(),
@@ -427,7 +427,7 @@ pub async fn run(
     );
     let names = [format!("{tag}_current"), format!("{tag}_proposed")];
     let dir = std::env::temp_dir().join(&tag);
-    let result = run_on_copies(db, config, opts, &admin, &base_url, &source, &names, &dir).await;
+    let result = run_on_copies(db, config, opts, &admin, &source, &names, &dir).await;
     // Always drop the copies and the scratch folder, whatever happened.
     for name in &names {
         if let Err(e) = admin
@@ -450,24 +450,26 @@ async fn run_on_copies(
     config: &Config,
     opts: &Options,
     admin: &tokio_postgres::Client,
-    base_url: &str,
     source: &str,
     names: &[String; 2],
     dir: &Path,
 ) -> Result<SimulateReport, SimulateError> {
-    let url_of = |name: &str| join_url(base_url, name, &db.url);
+    let (url_a, url_b) = (
+        crate::db::with_database(&db.url, &names[0])?,
+        crate::db::with_database(&db.url, &names[1])?,
+    );
     let mut copied_with = Vec::new();
     // The source is always dumped: a template copy would lock its users out while it copies.
     copied_with
-        .push(copy_database(admin, source, &db.url, &names[0], &url_of(&names[0]), false).await?);
+        .push(copy_database(admin, source, &db.url, &names[0], &url_a, false).await?);
     // The first copy has no other sessions, so the second is a fast template copy of it.
     copied_with.push(
         copy_database(
             admin,
             &names[0],
-            &url_of(&names[0]),
+            &url_a,
             &names[1],
-            &url_of(&names[1]),
+            &url_b,
             true,
         )
         .await?,
@@ -484,7 +486,6 @@ async fn run_on_copies(
         .collect();
     let current = sandbox(config, &dir.join("current"))?;
     let proposed = sandbox(&opts.proposal.config, &dir.join("proposed"))?;
-    let (url_a, url_b) = (url_of(&names[0]), url_of(&names[1]));
     let (a, b) = tokio::join!(
         run_copy(&url_a, &current, &plan, &windows),
         run_copy(&url_b, &proposed, &plan, &windows),
@@ -528,6 +529,8 @@ fn sandbox(config: &Config, dir: &Path) -> Result<Config, SimulateError> {
     let mut c = config.clone();
     // The copies travel ahead of the database clock.
     c.lifecycle.allow_future = true;
+    // The copies' channels are files: counted as accepted, as the real channels would be.
+    c.notifications.dev_channels_count_as_accepted = true;
     c.email.smtp_url = None;
     c.email.file_dir = Some(dir.join("outbox"));
     c.embedded.state_dir = dir.to_path_buf();
@@ -707,27 +710,6 @@ fn dump_restore(source_url: &str, target_url: &str) -> Result<(), String> {
         ));
     }
     Ok(())
-}
-
-/// `postgres://u@h:5432/db?x=y` -> (`postgres://u@h:5432`, `db`).
-fn split_url(url: &str) -> Result<(String, String), SimulateError> {
-    let no_query = url.split_once('?').map_or(url, |(u, _)| u);
-    let after_scheme = no_query.find("://").map_or(0, |i| i + 3);
-    match no_query[after_scheme..].rfind('/') {
-        Some(i) if after_scheme + i + 1 < no_query.len() => {
-            let (base, name) = no_query.split_at(after_scheme + i);
-            Ok((base.to_string(), name[1..].to_string()))
-        }
-        _ => Err(SimulateError::Url(crate::db::redact_url(url))),
-    }
-}
-
-/// The URL of database `name` on the server of `base`, keeping `original`'s query string.
-fn join_url(base: &str, name: &str, original: &str) -> String {
-    match original.split_once('?') {
-        Some((_, q)) => format!("{base}/{name}?{q}"),
-        None => format!("{base}/{name}"),
-    }
 }
 
 fn ident(name: &str) -> String {
@@ -911,20 +893,5 @@ mod tests {
             Proposal::from_toml(&c, "[products", "p.toml"),
             Err(SimulateError::Syntax { .. })
         ));
-    }
-
-    #[test]
-    fn urls_split_into_server_and_database() {
-        let (base, name) = split_url("postgres://u:p@h:5432/db?sslmode=disable").unwrap();
-        assert_eq!(
-            (base.as_str(), name.as_str()),
-            ("postgres://u:p@h:5432", "db")
-        );
-        assert_eq!(
-            join_url(&base, "copy", "postgres://u:p@h:5432/db?sslmode=disable"),
-            "postgres://u:p@h:5432/copy?sslmode=disable"
-        );
-        assert!(split_url("postgres://h:5432").is_err());
-        assert!(split_url("postgres://h:5432/").is_err());
     }
 }

@@ -788,3 +788,184 @@ async fn each_product_hears_of_an_account_state_change() {
         "one account.state_changed per product"
     );
 }
+
+/// Debtors a1..aN in arrears since T0 (negative opening balances), email only.
+async fn debtors(t: &TestDb, n: usize) {
+    let accounts: Vec<String> = (1..=n)
+        .map(|i| format!("d{i:03},Debtor {i},d{i}@example.com,,en,UTC,-5.00,0,"))
+        .collect();
+    let resources: Vec<String> = (1..=n)
+        .map(|i| format!("d{i:03}-r,d{i:03},sa,pay_per_use,,,,"))
+        .collect();
+    t.import_accounts(&refs(&accounts)).await;
+    t.import_resources(&refs(&resources)).await;
+    let r = enforce_suspensions::run(
+        &t.db,
+        &t.config,
+        &enforce_suspensions::Options {
+            as_of: at(T0),
+            dry_run: false,
+            force: false,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.accounts_changed, n);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_notice_whose_cause_is_gone_is_cancelled_not_sent() {
+    let t = TestDb::with_config(config_with(&[("ARREARS_BILLING__TIME_ZONE", "UTC")])).await;
+    // Two debtors alerted at 04:05; one pays the whole debt at 04:06 and the other half.
+    debtors(&t, 2).await;
+    let queued = alerts(&t, at("2026-11-23T04:05:00Z")).await;
+    assert_eq!(queued.overdue, 2, "{queued:?}");
+    arrears::ledger::topup(&t.db, &t.config, "d001", 500, "pay-1", at("2026-11-23T04:06:00Z"), "test")
+        .await
+        .unwrap();
+    arrears::ledger::topup(&t.db, &t.config, "d002", 200, "pay-2", at("2026-11-23T04:06:00Z"), "test")
+        .await
+        .unwrap();
+    let r = deliver(&t, at("2026-11-23T04:07:00Z")).await;
+    assert_eq!((r.cancelled, r.sent), (1, 1), "{r:?}");
+    let rows = t
+        .client()
+        .await
+        .query(
+            "SELECT account_id, status, cancel_reason, accepted_at IS NOT NULL FROM notices ORDER BY account_id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(String, String, Option<String>, bool)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                "d001".into(),
+                "cancelled".into(),
+                Some("the arrears episode it was about is over".into()),
+                false
+            ),
+            ("d002".into(), "sent".into(), None, true),
+        ]
+    );
+    // A cancelled notice is no evidence of a warning: the paid episode has no accepted alert.
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM arrears_episodes WHERE account_id = 'd001' AND first_overdue_alert_at IS NOT NULL").await,
+        0
+    );
+    // Never sent later either, and listed by status.
+    let again = deliver(&t, at("2026-11-25T00:00:00Z")).await;
+    assert_eq!((again.claimed, again.cancelled), (0, 0), "{again:?}");
+    let listed = arrears::queries::notices(&t.db, Some("cancelled"), None, 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].account_id, "d001");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_channel_that_reaches_nobody_is_sent_but_never_accepted_unless_configured() {
+    // The .eml file transport and the log SMS adapter, with the default configuration.
+    let mut config = config_with(&[("ARREARS_BILLING__TIME_ZONE", "UTC")]);
+    config.notifications.dev_channels_count_as_accepted = false;
+    let t = TestDb::with_config(config).await;
+    debtors(&t, 1).await;
+    alerts(&t, at("2026-11-23T04:05:00Z")).await;
+    let r = deliver(&t, at("2026-11-23T04:07:00Z")).await;
+    assert_eq!((r.sent, r.sent_to_dev_channels), (1, 1), "{r:?}");
+    let (status, accepted, dev): (String, bool, bool) = {
+        let row = t
+            .client()
+            .await
+            .query_one("SELECT status, accepted_at IS NOT NULL, dev_channel FROM notices", &[])
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!((status.as_str(), accepted, dev), ("sent", false, true));
+    // R9: the lcic/sa grace clock has no accepted alert to start from.
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM arrears_episodes WHERE first_overdue_alert_at IS NOT NULL").await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_batch_against_a_slow_server_resends_at_most_the_sends_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(dir.path(), None);
+    smtp.set_mode("slow 150");
+    let env = smtp.env();
+    let t = TestDb::with_config(config_env(&env)).await;
+    let n = 40;
+    debtors(&t, n).await;
+    assert_eq!(alerts(&t, at("2026-11-23T04:05:00Z")).await.overdue, n);
+    // The shipped schedule, with deliver_notifications sending 4 at a time.
+    let concurrency = 4;
+    let jobs = dir.path().join("jobs");
+    std::fs::create_dir_all(&jobs).unwrap();
+    for e in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs")).unwrap() {
+        let p = e.unwrap().path();
+        let text = std::fs::read_to_string(&p).unwrap();
+        let text = if p.file_name().unwrap() == "deliver_notifications.toml" {
+            assert!(text.contains("concurrency = 16"), "{text}");
+            text.replace("concurrency = 16", &format!("concurrency = {concurrency}"))
+        } else {
+            text
+        };
+        std::fs::write(jobs.join(p.file_name().unwrap()), text).unwrap();
+    }
+    let run = |as_of: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_arrears"));
+        cmd.args(["run", "deliver_notifications", "--as-of", as_of])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env_remove("ARREARS_CONFIG")
+            .env("DATABASE_URL", &t.url)
+            .env("ARREARS_SERVICE__JOBS_DIR", &jobs)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in &env {
+            cmd.env(k, v);
+        }
+        cmd
+    };
+    let mut first = run("2026-11-23T04:07:00Z").spawn().unwrap();
+    // Killed with some messages delivered and most not.
+    for _ in 0..400 {
+        if smtp.messages().len() >= 20 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let at_kill = smtp.messages().len();
+    assert!((20..n).contains(&at_kill), "killed mid-batch: {at_kill} of {n}");
+    let recorded_sent = t.scalar_i64("SELECT count(*) FROM notices WHERE status = 'sent'").await as usize;
+    // Each outcome was recorded as it came: only the sends in flight are unrecorded.
+    assert!(at_kill - recorded_sent <= concurrency + 1, "{at_kill} delivered, {recorded_sent} recorded");
+    // Resume once the claims' lease has run out.
+    smtp.set_mode("ok");
+    let out = run("2026-11-23T04:20:00Z").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(t.scalar_i64("SELECT count(*) FROM notices WHERE status = 'sent'").await, n as i64);
+    // Every notice arrived; copies only of the in-flight ones, under the same Message-ID.
+    let mut per_id: std::collections::BTreeMap<String, usize> = Default::default();
+    for m in smtp.messages() {
+        let id = m
+            .lines()
+            .find_map(|l| l.strip_prefix("Message-ID: ").or_else(|| l.strip_prefix("Message-Id: ")))
+            .expect("a Message-ID")
+            .trim()
+            .to_string();
+        *per_id.entry(id).or_default() += 1;
+    }
+    assert_eq!(per_id.len(), n, "{per_id:?}");
+    let copies: usize = per_id.values().map(|c| c - 1).sum();
+    assert!(copies <= concurrency + 1, "{copies} copies: {per_id:?}");
+    let stored = t
+        .scalar_i64("SELECT count(DISTINCT message_id) FROM notices WHERE message_id LIKE '<notice-%@cloud.example>'")
+        .await;
+    assert_eq!(stored, n as i64);
+}

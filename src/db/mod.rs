@@ -4,6 +4,9 @@
 pub mod catalog;
 pub mod embedded;
 pub mod schema;
+pub mod url;
+
+pub use url::{database_name, with_database, DbUrl};
 
 use diesel::prelude::*;
 use diesel_async::pooled_connection::deadpool::{Object, Pool};
@@ -37,55 +40,39 @@ pub enum DbError {
 
 pub type Conn = Object<AsyncPgConnection>;
 
-/// The database of one process: a diesel-async pool and the URL for raw clients.
+/// The database of one process: a diesel-async pool and a pool of raw tokio-postgres clients
+/// (COPY and set-based SQL), both bounded and both over TLS as the URL says.
 #[derive(Clone)]
 pub struct Db {
     pub pool: Pool<AsyncPgConnection>,
     pub url: String,
     /// Set when the service shuts down: long jobs stop between batches.
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Idle raw clients, reused (a connection costs a PostgreSQL backend start).
-    idle: std::sync::Arc<std::sync::Mutex<Vec<tokio_postgres::Client>>>,
+    raw: deadpool_postgres::Pool,
 }
 
-/// Idle raw clients kept per `Db`.
-const IDLE_RAW_CLIENTS: usize = 8;
+/// Raw clients per `Db`: the jobs hold one or two each (a run's client, a lease renewal), so
+/// this bounds connections without ever starving a run of the one it waits for.
+fn raw_pool_size(pool_size: usize) -> usize {
+    (pool_size * 2).max(16)
+}
 
-/// A raw client borrowed from its `Db`: goes back to the idle list when dropped (unless its
-/// connection closed). Its session is reset before it is lent again.
+/// A raw client borrowed from its `Db`'s pool; goes back when dropped. Its session (temporary
+/// tables, advisory locks, settings of the last borrower) is reset before it is lent again.
 pub struct RawClient {
-    client: Option<tokio_postgres::Client>,
-    idle: std::sync::Arc<std::sync::Mutex<Vec<tokio_postgres::Client>>>,
+    client: deadpool_postgres::Object,
 }
 
 impl std::ops::Deref for RawClient {
     type Target = tokio_postgres::Client;
     fn deref(&self) -> &Self::Target {
-        self.client
-            .as_ref()
-            .expect("a RawClient holds its client until dropped")
+        &self.client
     }
 }
 
 impl std::ops::DerefMut for RawClient {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        self.client
-            .as_mut()
-            .expect("a RawClient holds its client until dropped")
-    }
-}
-
-impl Drop for RawClient {
-    fn drop(&mut self) {
-        if let Some(c) = self.client.take() {
-            if !c.is_closed() {
-                if let Ok(mut idle) = self.idle.lock() {
-                    if idle.len() < IDLE_RAW_CLIENTS {
-                        idle.push(c);
-                    }
-                }
-            }
-        }
+        &mut self.client
     }
 }
 
@@ -117,16 +104,51 @@ impl Db {
     }
 
     pub async fn open_url(url: &str, pool_size: usize, mode: MigrationMode) -> Result<Db, DbError> {
-        let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url);
+        let parsed = DbUrl::parse(url)?;
+        // Every diesel connection is made like the raw ones: rustls as the URL says.
+        let mut manager_config = diesel_async::pooled_connection::ManagerConfig::default();
+        manager_config.custom_setup = Box::new(|url: &str| {
+            let url = url.to_string();
+            Box::pin(async move {
+                let parsed = DbUrl::parse(&url)
+                    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+                let tls = parsed
+                    .tls()
+                    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+                let (client, conn) = parsed
+                    .pg
+                    .connect(tls)
+                    .await
+                    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+                AsyncPgConnection::try_from_client_and_connection(client, conn).await
+            })
+        });
+        let manager =
+            AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(url, manager_config);
         let pool = Pool::builder(manager)
             .max_size(pool_size)
+            .build()
+            .map_err(|e| DbError::Pool(e.to_string()))?;
+        let raw_manager = deadpool_postgres::Manager::from_config(
+            parsed.pg.clone(),
+            parsed.tls()?,
+            deadpool_postgres::ManagerConfig {
+                // Not DISCARD ALL: tokio-postgres keeps prepared type lookups on the session.
+                recycling_method: deadpool_postgres::RecyclingMethod::Custom(
+                    "DISCARD TEMP; SELECT pg_advisory_unlock_all(); RESET ALL".into(),
+                ),
+            },
+        );
+        let raw = deadpool_postgres::Pool::builder(raw_manager)
+            .max_size(raw_pool_size(pool_size))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Pool(e.to_string()))?;
         let db = Db {
             pool,
             url: url.to_string(),
             stop: Default::default(),
-            idle: Default::default(),
+            raw,
         };
         match mode {
             MigrationMode::Apply => {
@@ -185,29 +207,13 @@ impl Db {
         .map_err(|e| DbError::Migration(e.to_string()))?
     }
 
-    /// A plain tokio-postgres client on its own connection (COPY, set-based SQL), reused
-    /// from earlier callers when one is idle.
+    /// A raw tokio-postgres client from the bounded pool (COPY, set-based SQL).
     pub async fn raw_client(&self) -> Result<RawClient, DbError> {
-        loop {
-            let cached = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-            let Some(c) = cached else { break };
-            // Advisory locks, temporary tables and settings of the last borrower go (not
-            // DISCARD ALL: tokio-postgres keeps prepared type lookups on the connection).
-            if !c.is_closed()
-                && c.batch_execute("DISCARD TEMP; SELECT pg_advisory_unlock_all(); RESET ALL")
-                    .await
-                    .is_ok()
-            {
-                return Ok(RawClient {
-                    client: Some(c),
-                    idle: self.idle.clone(),
-                });
-            }
-        }
-        Ok(RawClient {
-            client: Some(raw_connect(&self.url).await?),
-            idle: self.idle.clone(),
-        })
+        let client = self.raw.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => DbError::Connect(e.to_string()),
+            e => DbError::Pool(e.to_string()),
+        })?;
+        Ok(RawClient { client })
     }
 
     /// The database's clock, for the clock-agreement guard of destructive jobs.
@@ -222,71 +228,56 @@ impl Db {
 
 /// `url` without its password, for anything printed or logged.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme), Some(at)) if at > scheme => {
-            let userinfo = &url[scheme + 3..at];
-            match userinfo.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
-                None => url.to_string(),
-            }
+    match ::url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
         }
-        _ => url.to_string(),
+        Ok(_) => url.to_string(),
+        // Not a URL: shown only up to its user info, if any.
+        Err(_) => match url.rfind('@') {
+            Some(at) => format!("***{}", &url[at..]),
+            None => url.to_string(),
+        },
     }
 }
 
 /// `url` without its password, and the password (percent-decoded), for tools that take the
 /// password from the environment (PGPASSWORD) rather than a command line anyone can read.
 pub fn split_password(url: &str) -> (String, Option<String>) {
-    if let (Some(scheme), Some(at)) = (url.find("://"), url.rfind('@')) {
-        if at > scheme {
-            if let Some((user, pass)) = url[scheme + 3..at].split_once(':') {
-                return (
-                    format!("{}{user}{}", &url[..scheme + 3], &url[at..]),
-                    Some(crate::notify::email::percent_decode(pass)),
-                );
-            }
+    match ::url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let pass = u.password().map(crate::notify::email::percent_decode);
+            let _ = u.set_password(None);
+            (u.to_string(), pass)
         }
+        _ => (url.to_string(), None),
     }
-    (url.to_string(), None)
 }
 
+/// One connection on its own to `url` (TLS as the URL says).
 pub async fn raw_connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .map_err(|e| DbError::Connect(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "database connection closed with an error");
-        }
-    });
-    Ok(client)
-}
-
-/// `postgres://u@h:5432/db` -> (`postgres://u@h:5432`, `db`).
-pub fn split_database(url: &str) -> Result<(&str, &str), DbError> {
-    url.rsplit_once('/')
-        .ok_or_else(|| DbError::Connect(format!("no database name in {}", redact_url(url))))
+    url::connect(&DbUrl::parse(url)?).await
 }
 
 /// Drops database `name` on the server of `url` (when it exists) and creates it empty: the
 /// scratch databases of the benchmarks and the demo. Returns its URL. `name` is the
 /// program's own, or checked by the caller: it is not quoted.
 pub async fn recreate_database(url: &str, name: &str) -> Result<String, DbError> {
-    let (server, _) = split_database(url)?;
-    let admin = raw_connect(&format!("{server}/postgres")).await?;
+    let admin = raw_connect(&with_database(url, "postgres")?).await?;
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await?;
     admin
         .batch_execute(&format!("CREATE DATABASE {name}"))
         .await?;
-    Ok(format!("{server}/{name}"))
+    with_database(url, name)
 }
 
 /// Creates the database named in `url` when it does not exist, connecting to `postgres`.
 async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
-    let (base, name) = split_database(url)?;
-    let admin = raw_connect(&format!("{base}/postgres")).await?;
+    let name = database_name(url)?;
+    let admin = raw_connect(&with_database(url, "postgres")?).await?;
     let exists = admin
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await?

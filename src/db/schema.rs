@@ -267,6 +267,9 @@ diesel::table! {
         created_at -> Timestamptz,
         episode -> Nullable<Int4>,
         suspension -> Nullable<Int4>,
+        cancel_reason -> Nullable<Text>,
+        message_id -> Nullable<Text>,
+        dev_channel -> Bool,
     }
 }
 
@@ -527,6 +530,9 @@ pub const COLUMNS: &[(&str, &[&str])] = &[
             "created_at",
             "episode",
             "suspension",
+            "cancel_reason",
+            "message_id",
+            "dev_channel",
         ],
     ),
 ];

@@ -44,6 +44,12 @@ pub struct DeliverReport {
     pub sent: usize,
     pub retrying: usize,
     pub dead: usize,
+    /// Due notices whose cause was gone (paid, restored, moved): never sent.
+    pub cancelled: usize,
+    /// The first of them: notice id, kind and why.
+    pub cancelled_reasons: Vec<String>,
+    /// Sent through a channel that reaches nobody (not accepted unless the configuration says).
+    pub sent_to_dev_channels: usize,
     /// The first failures: notice id and error (addresses never appear).
     pub failures: Vec<String>,
 }
@@ -109,8 +115,21 @@ pub async fn run(
         return Ok(report);
     }
     let lease_until = opts.as_of + config.notifications.lease.to_chrono();
+    let limit = config.notifications.batch_size as i64;
     for _ in 0..opts.max_batches.max(1) {
-        let rows = client
+        // One transaction: the due notices whose cause is gone are cancelled, and the rest of
+        // the batch is claimed, so that nothing claimed here was untrue at the claim.
+        let tx = client.transaction().await?;
+        let cancelled = tx.query(CANCEL_STALE, &[&opts.as_of, &limit]).await?;
+        for r in &cancelled {
+            let (id, kind, reason): (i64, String, String) = (r.get(1), r.get(2), r.get(3));
+            tracing::info!(job = "deliver_notifications", notice = id, kind, reason, "notice cancelled: its cause is gone");
+            if report.cancelled_reasons.len() < 100 {
+                report.cancelled_reasons.push(format!("{id} {kind}: {reason}"));
+            }
+        }
+        report.cancelled += cancelled.len();
+        let rows = tx
             .query(
                 "UPDATE notices n SET status = 'sending', lease_until = $2, attempts = n.attempts + 1
                  FROM (SELECT account_id, id FROM notices
@@ -120,11 +139,15 @@ pub async fn run(
                        FOR UPDATE SKIP LOCKED) due
                  WHERE n.account_id = due.account_id AND n.id = due.id
                  RETURNING n.account_id, n.id, n.kind, n.channel, n.payload, n.attempts",
-                &[&opts.as_of, &lease_until, &(config.notifications.batch_size as i64)],
+                &[&opts.as_of, &lease_until, &limit],
             )
             .await?;
+        tx.commit().await?;
         if rows.is_empty() {
-            break;
+            if cancelled.is_empty() {
+                break;
+            }
+            continue;
         }
         report.claimed += rows.len();
         let claimed: Vec<Claimed> = rows
@@ -139,7 +162,7 @@ pub async fn run(
             })
             .collect();
         // Contacts for the whole batch up front: a send in flight holds no database
-        // connection (recording outcomes needs them while other sends wait).
+        // connection.
         let ids: Vec<&str> = claimed.iter().map(|n| n.account_id.as_str()).collect();
         let contacts: HashMap<String, Contact> = client
             .query(
@@ -159,28 +182,38 @@ pub async fn run(
                 )
             })
             .collect();
-        // Send concurrently (the SMTP pool and the HTTP client are shared); record each
-        // outcome as soon as it is known.
+        // Send concurrently (the SMTP pool and the HTTP client are shared), and record each
+        // outcome as soon as it is known: the recorder takes whatever has finished while its
+        // last write was in flight, so a crash re-sends at most the sends then in flight.
         let contacts = &contacts;
-        let mut sends = futures_util::stream::iter(claimed)
-            .map(|n| async move {
-                let outcome = deliver_one(
-                    config,
-                    channels,
-                    &n,
-                    contacts.get(&n.account_id),
-                    opts.as_of,
-                )
-                .await;
-                (n, outcome)
-            })
-            .buffer_unordered(config.notifications.concurrency.max(1));
-        let mut outcomes = Vec::with_capacity(config.notifications.batch_size);
-        while let Some(done) = sends.next().await {
-            outcomes.push(done);
-        }
-        drop(sends);
-        record_batch(&mut client, config, outcomes, opts.as_of, &mut report).await?;
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let sending = async move {
+            let mut sends = futures_util::stream::iter(claimed)
+                .map(|n| async move {
+                    let outcome =
+                        deliver_one(config, channels, &n, contacts.get(&n.account_id), opts.as_of)
+                            .await;
+                    (n, outcome)
+                })
+                .buffer_unordered(config.notifications.concurrency.max(1));
+            while let Some(done) = sends.next().await {
+                if done_tx.send(done).is_err() {
+                    break;
+                }
+            }
+        };
+        let recording = async {
+            while let Some(first) = done_rx.recv().await {
+                let mut outcomes = vec![first];
+                while let Ok(more) = done_rx.try_recv() {
+                    outcomes.push(more);
+                }
+                record_outcomes(&mut client, config, outcomes, opts.as_of, &mut report).await?;
+            }
+            Ok::<(), JobError>(())
+        };
+        let ((), recorded) = tokio::join!(sending, recording);
+        recorded?;
     }
     tracing::info!(
         job = report.job,
@@ -198,13 +231,24 @@ struct Contact {
     locale: String,
 }
 
+/// What a channel said when it took a notice.
+struct Sent {
+    provider_id: String,
+    /// The email's Message-ID: one per notice, the same on every attempt, so that a receiving
+    /// system can drop a copy sent again after a crash.
+    message_id: Option<String>,
+    /// Taken by a channel that reaches nobody (the `.eml` file transport, the `log` SMS
+    /// adapter).
+    dev_channel: bool,
+}
+
 async fn deliver_one(
     config: &Config,
     ch: &Channels,
     n: &Claimed,
     contact: Option<&Contact>,
     now: DateTime<Utc>,
-) -> Result<String, SendError> {
+) -> Result<Sent, SendError> {
     let kind = NoticeKind::parse(&n.kind)
         .ok_or_else(|| SendError::Permanent(format!("unknown notice kind {:?}", n.kind)))?;
     let timeout = Duration::from_secs(config.notifications.send_timeout.seconds() as u64);
@@ -225,7 +269,7 @@ async fn deliver_one(
         let body =
             serde_json::to_vec(&n.payload).map_err(|e| SendError::Permanent(e.to_string()))?;
         let event_id = n.payload["event_id"].as_str().unwrap_or_default();
-        return webhook::post(
+        let provider_id = webhook::post(
             &ch.http,
             &endpoint.url,
             secret,
@@ -234,7 +278,12 @@ async fn deliver_one(
             now.timestamp(),
             timeout,
         )
-        .await;
+        .await?;
+        return Ok(Sent {
+            provider_id,
+            message_id: None,
+            dev_channel: false,
+        });
     }
     let contact = contact
         .ok_or_else(|| SendError::Permanent(format!("account {} not found", n.account_id)))?;
@@ -261,10 +310,15 @@ async fn deliver_one(
                 .next()
                 .unwrap_or("localhost")
                 .trim_end_matches('>');
-            let message_id = format!("<notice-{}-{}@{domain}>", n.id, n.attempts);
+            let message_id = format!("<notice-{}@{domain}>", n.id);
             let msg = build_message(from, &to, &mail, &message_id)?;
             tracing::debug!(notice = n.id, to = %mask_contact(&to), "sending email");
-            ch.mailer.send(msg, &message_id, timeout).await
+            let provider_id = ch.mailer.send(msg, &message_id, timeout).await?;
+            Ok(Sent {
+                provider_id,
+                message_id: Some(message_id),
+                dev_channel: ch.mailer.reaches_nobody(),
+            })
         }
         "sms" => {
             let to = phone
@@ -274,16 +328,23 @@ async fn deliver_one(
                 .sms(kind, &locale, &n.payload)
                 .map_err(|e| SendError::Permanent(e.to_string()))?;
             tracing::debug!(notice = n.id, to = %mask_contact(&to), "sending sms");
-            ch.sms
+            let provider_id = ch
+                .sms
                 .send(
                     &to,
                     kind,
                     &text,
                     &template_params(kind, &n.payload),
+                    &format!("notice-{}", n.id),
                     now,
                     timeout,
                 )
-                .await
+                .await?;
+            Ok(Sent {
+                provider_id,
+                message_id: None,
+                dev_channel: ch.sms.reaches_nobody(),
+            })
         }
         other => Err(SendError::Permanent(format!("unknown channel {other:?}"))),
     }
@@ -303,28 +364,85 @@ pub fn backoff(config: &Config, attempts: i32, seed: i64) -> chrono::Duration {
     chrono::Duration::seconds((exp + exp * h / 100).max(1))
 }
 
-/// Records a batch of outcomes in one transaction: the sent ones with one statement, with
-/// the facts they establish (R2, R9); failures with their backoff or as dead. A crash before
-/// this commit leaves the notices claimed: they are sent again when the lease runs out (at
+/// Due notices whose cause no longer holds, cancelled with the reason (at most `$2`, the
+/// oldest first, locked so that no other worker claims them meanwhile): an overdue alert,
+/// reminder or suspension-imminent whose arrears episode is over; a release warning whose
+/// suspension ended (restored, released, changed reason) or whose release instant moved; a
+/// balance-low alert whose funds are back at or above the threshold. Suspended, restored and
+/// released notices, and webhooks, always go.
+const CANCEL_STALE: &str = "
+WITH due AS (
+  SELECT account_id, id FROM notices
+  WHERE ((status IN ('pending', 'retrying') AND next_attempt_at <= $1) OR (status = 'sending' AND lease_until <= $1))
+    AND kind IN ('overdue', 'overdue_reminder', 'suspension_imminent', 'release_warning', 'balance_low')
+  ORDER BY next_attempt_at, id LIMIT $2
+  FOR UPDATE SKIP LOCKED
+), why AS (
+  SELECT n.account_id, n.id, n.kind,
+    CASE
+      WHEN n.kind IN ('overdue', 'overdue_reminder', 'suspension_imminent') THEN
+        CASE WHEN e.no IS NULL THEN 'the arrears episode it was about is over' END
+      WHEN n.kind = 'release_warning' THEN
+        CASE WHEN s.no IS NULL
+               THEN 'the resource is no longer suspended for the reason the warning was about'
+             WHEN s.release_at IS DISTINCT FROM (
+                    SELECT (t->>'release_at')::timestamptz FROM jsonb_array_elements(n.payload->'_about') t
+                    WHERE t->>'topic' = 'warning' LIMIT 1)
+               THEN 'the release instant it announced has moved' END
+      WHEN n.kind = 'balance_low' THEN
+        CASE WHEN a.low_balance_threshold IS NULL
+               OR a.cash_balance + a.credit_quota + coalesce((
+                    SELECT sum(c.remaining) FROM coupons c
+                    WHERE c.account_id = n.account_id AND c.remaining > 0 AND c.expires_at > $1), 0)
+                  >= a.low_balance_threshold
+             THEN 'funds are no longer below the threshold' END
+    END AS reason
+  FROM due
+  JOIN notices n ON n.account_id = due.account_id AND n.id = due.id
+  JOIN accounts a ON a.id = n.account_id
+  LEFT JOIN arrears_episodes e
+    ON e.account_id = n.account_id AND e.no = n.episode AND e.closed_at IS NULL
+  LEFT JOIN resource_suspensions s
+    ON s.account_id = n.account_id AND s.no = n.suspension AND s.ended_at IS NULL
+)
+UPDATE notices n SET status = 'cancelled', cancel_reason = why.reason, lease_until = NULL
+FROM why
+WHERE n.account_id = why.account_id AND n.id = why.id AND why.reason IS NOT NULL
+RETURNING n.account_id, n.id, n.kind, n.cancel_reason";
+
+/// Records outcomes in one transaction: the sent ones with one statement, with the facts an
+/// accepted one establishes (R2, R9); failures with their backoff or as dead. A crash before
+/// this commit leaves these notices claimed: they are sent again when the lease runs out (at
 /// least once).
-async fn record_batch(
+async fn record_outcomes(
     client: &mut tokio_postgres::Client,
     config: &Config,
-    outcomes: Vec<(Claimed, Result<String, SendError>)>,
+    outcomes: Vec<(Claimed, Result<Sent, SendError>)>,
     now: DateTime<Utc>,
     report: &mut DeliverReport,
 ) -> Result<(), JobError> {
     let tx = client.transaction().await?;
     let (mut accounts, mut ids, mut provider_ids, mut attempts) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut message_ids, mut devs, mut accepted) = (Vec::new(), Vec::new(), Vec::new());
     for (n, outcome) in &outcomes {
         match outcome {
-            Ok(provider_id) => {
+            Ok(sent) => {
+                // R9: a channel that reaches nobody warned nobody, unless configured so.
+                let counts = !sent.dev_channel || config.notifications.dev_channels_count_as_accepted;
                 accounts.push(n.account_id.as_str());
                 ids.push(n.id);
-                provider_ids.push(provider_id.as_str());
+                provider_ids.push(sent.provider_id.as_str());
                 attempts.push(n.attempts);
-                accepted_facts(&tx, n, now).await?;
+                message_ids.push(sent.message_id.as_deref());
+                devs.push(sent.dev_channel);
+                accepted.push(counts);
+                if counts {
+                    accepted_facts(&tx, n, now).await?;
+                }
+                if sent.dev_channel {
+                    report.sent_to_dev_channels += 1;
+                }
                 report.sent += 1;
             }
             Err(e) => {
@@ -354,15 +472,18 @@ async fn record_batch(
     }
     if !ids.is_empty() {
         tx.execute(
-            "UPDATE notices n SET status = 'sent', provider_message_id = u.pid, accepted_at = $4,
+            "UPDATE notices n SET status = 'sent', provider_message_id = u.pid, message_id = u.mid,
+                    dev_channel = u.dev, accepted_at = CASE WHEN u.accepted THEN $4::timestamptz END,
                     lease_until = NULL, last_error = NULL
-             FROM unnest($1::text[], $2::bigint[], $3::text[], $5::int[]) AS u(account_id, id, pid, attempts)
+             FROM unnest($1::text[], $2::bigint[], $3::text[], $5::int[], $6::text[], $7::bool[], $8::bool[])
+                  AS u(account_id, id, pid, attempts, mid, dev, accepted)
              WHERE n.account_id = u.account_id AND n.id = u.id AND n.status = 'sending' AND n.attempts = u.attempts",
-            &[&accounts, &ids, &provider_ids, &now, &attempts],
+            &[&accounts, &ids, &provider_ids, &now, &attempts, &message_ids, &devs, &accepted],
         )
         .await?;
     }
     tx.commit().await?;
+    tracing::debug!(job = "deliver_notifications", outcomes = outcomes.len(), "outcomes recorded");
     Ok(())
 }
 

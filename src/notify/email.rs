@@ -35,21 +35,9 @@ pub struct SmtpSettings {
 
 /// `%XX` escapes decoded (URL user info); anything else kept as it is.
 pub(crate) fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                out.push(v);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 impl SmtpSettings {
@@ -105,6 +93,11 @@ pub enum Mailer {
 }
 
 impl Mailer {
+    /// True for the file transport: an `.eml` file reaches no customer.
+    pub fn reaches_nobody(&self) -> bool {
+        matches!(self, Mailer::File(..))
+    }
+
     pub fn from_config(config: &Config) -> Result<Mailer, String> {
         let Some(url) = &config.email.smtp_url else {
             let dir = config

@@ -41,14 +41,24 @@ impl SmsSender {
         }
     }
 
+    /// True for the `log` adapter: a line in a file reaches no customer.
+    pub fn reaches_nobody(&self) -> bool {
+        matches!(self, SmsSender::Log(_))
+    }
+
     /// Sends `text` (or, for Tencent, the kind's template with `params`) to `to`; returns the
-    /// provider's message id.
+    /// provider's message id. `key` is the notice's own id, the same on every attempt: Tencent
+    /// gets it as `SessionContext` (echoed in its delivery receipts, so a copy sent again after
+    /// a crash can be told apart); Twilio's Messages API has no idempotency key to give it; the
+    /// log adapter writes it on the line.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         to: &str,
         kind: NoticeKind,
         text: &str,
         params: &[String],
+        key: &str,
         now: DateTime<Utc>,
         timeout: Duration,
     ) -> Result<String, SendError> {
@@ -69,7 +79,7 @@ impl SmsSender {
                         SendError::Temporary(format!("sms log {}: {e}", path.display()))
                     })?;
                 let line = format!(
-                    "{} to={} kind={} text={}\n",
+                    "{} to={} kind={} key={key} text={}\n",
                     now.to_rfc3339(),
                     mask_contact(to),
                     kind.as_str(),
@@ -115,6 +125,7 @@ impl SmsSender {
                     "SignName": cfg.sign_name,
                     "TemplateId": template,
                     "TemplateParamSet": params,
+                    "SessionContext": key,
                 })
                 .to_string();
                 let host = reqwest::Url::parse(&cfg.endpoint)

@@ -17,10 +17,7 @@ pub fn admin_url() -> String {
 }
 
 fn with_db(url: &str, name: &str) -> String {
-    let (base, _) = url
-        .rsplit_once('/')
-        .expect("a database URL ends with /name");
-    format!("{base}/{name}")
+    arrears::db::with_database(url, name).expect("a database URL")
 }
 
 /// A digest of the migrations, so that a changed migration gets a fresh template.
@@ -227,6 +224,8 @@ pub fn config_with(env: &[(&str, &str)]) -> Config {
         .collect();
     let mut config = Config::from_toml(EXAMPLE_CONFIG, "test", &env).unwrap();
     config.lifecycle.allow_future = true;
+    // The tests' channels are files and logs unless a test brings a real server.
+    config.notifications.dev_channels_count_as_accepted = true;
     config
 }
 

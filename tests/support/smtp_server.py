@@ -4,7 +4,8 @@ Usage: smtp_server.py CERT KEY MAILDIR MODEFILE USER PASSWORD [PORT]
 (CERT "-" serves plain SMTP without TLS or AUTH, for the email benchmark.)
 Prints the port it listens on (127.0.0.1) and serves until killed. Each accepted message is
 written to MAILDIR as <n>.eml. The first line of MODEFILE, read on every command, picks the
-behaviour: "ok" accepts, "421" answers 421 (try later) to every RCPT. Recipients whose local
+behaviour: "ok" accepts, "421" answers 421 (try later) to every RCPT, "slow MS" accepts after
+MS milliseconds per message (a deliberately slow server). Recipients whose local
 part starts with "bounce" get 550 (no such user).
 """
 
@@ -41,6 +42,9 @@ def main():
             return "250 OK"
 
         async def handle_DATA(self, server, session, envelope):
+            m = mode()
+            if m.startswith("slow "):
+                await asyncio.sleep(int(m.split()[1]) / 1000)
             Handler.count += 1
             name = os.path.join(maildir, f"{Handler.count:04d}.eml")
             with open(name + ".tmp", "wb") as f:
