@@ -114,7 +114,7 @@ const USAGE_COLUMNS: &[&str] = &[
     "ended_at",
 ];
 
-pub const LOCALES: &[&str] = &["en", "zh-CN"];
+pub use crate::contact::{mask_contact, LOCALES};
 
 /// One CSV record with its columns looked up by name; empty cells are absent.
 struct Row<'a> {
@@ -986,25 +986,6 @@ fn is_plausible_email(s: &str) -> bool {
 fn is_e164(s: &str) -> bool {
     s.strip_prefix('+')
         .is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// Masks an email address or phone number for logs: keeps the first character and the domain
-/// of an address, the last two digits of a number.
-pub fn mask_contact(s: &str) -> String {
-    if let Some((local, domain)) = s.split_once('@') {
-        let first = local.chars().next().unwrap_or('*');
-        format!("{first}***@{domain}")
-    } else {
-        let tail: String = s
-            .chars()
-            .rev()
-            .take(2)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect();
-        format!("***{tail}")
-    }
 }
 
 #[cfg(test)]

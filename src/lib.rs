@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod bench_lifecycle;
 pub mod config;
+pub mod contact;
 pub mod db;
 pub mod demo;
 pub mod domain;

@@ -663,7 +663,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 config.origin,
                 config.products.len(),
                 schedule.jobs.iter().filter(|j| j.enabled).count(),
-                arrears::import::LOCALES.len(),
+                arrears::contact::LOCALES.len(),
                 if config.email.smtp_url.is_some() { "SMTP" } else { "the file transport" },
                 config.sms.provider
             );

@@ -11,7 +11,7 @@ use crate::db::schema::{
 };
 use crate::db::{Db, DbError};
 use crate::domain::money::{format_quantity, format_scaled, PRICE_DIGITS};
-use crate::import::mask_contact;
+use crate::contact::mask_contact;
 
 #[derive(Debug, Clone, Serialize, Queryable, Selectable)]
 #[diesel(table_name = resources)]

@@ -443,12 +443,15 @@ async fn job_step(
     }
     if let Some(newest) = newest_done.filter(|_| !every) {
         // A level-triggered job's open slots behind a newer run have nothing left to do:
-        // closed, so that no claim of a dead runner stays open for ever.
+        // closed, so that no claim of a dead runner stays open for ever. A running claim is
+        // closed only when a takeover could claim it (claim_slot's rule: four leases past its
+        // lease): a live runner whose renewal is merely late keeps its slot and records it.
         c.execute(
             "UPDATE job_runs SET status = 'failed', error = $3, finished_at = clock_timestamp(), lease_until = NULL
              WHERE job = $1 AND slot < $2 AND (status = 'interrupted'
-                OR (status = 'running' AND coalesce(lease_until, '-infinity') < clock_timestamp()))",
-            &[&job, &newest, &format!("superseded by the slot at {newest}")],
+                OR (status = 'running' AND coalesce(lease_until, '-infinity')
+                      < clock_timestamp() - make_interval(secs => 4 * $4)))",
+            &[&job, &newest, &format!("superseded by the slot at {newest}"), &lease],
         )
         .await?;
     }

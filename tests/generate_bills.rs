@@ -700,3 +700,86 @@ async fn after_a_run_that_failed_part_way_an_earlier_day_is_refused() {
     .unwrap_err();
     assert!(err.to_string().contains("billed up to 2026-11-22"), "{err}");
 }
+
+/// Three days of usage for a1 (100 minutes a day: 1.50), a cash coupon of 2.00 that expires at
+/// the end of the first day (midnight in the billing zone) and a general one of 1.00 granted
+/// during the second day and expiring at its end.
+async fn three_days_with_coupons() -> TestDb {
+    let t = basic().await;
+    let grant = |kind, amount: i64, expires: &str, granted: &str| {
+        let (db, expires, granted) = (&t.db, at(expires), at(granted));
+        async move {
+            arrears::ledger::grant_coupon(db, 2, "a1", amount, kind, expires, granted)
+                .await
+                .unwrap()
+        }
+    };
+    // Midnight of 2026-11-22 -> 23 in Shanghai.
+    grant(CouponKind::Cash, 200, "2026-11-22T16:00:00Z", "2026-11-01T00:00:00Z").await;
+    grant(CouponKind::General, 100, "2026-11-23T16:00:00Z", "2026-11-23T05:00:00Z").await;
+    t.import_usage(
+        &[
+            "e1,a1,r1,classroom_minutes,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+            "e2,a1,r1,classroom_minutes,100,2026-11-23T01:00:00Z,2026-11-23T02:00:00Z",
+            "e3,a1,r1,classroom_minutes,100,2026-11-24T01:00:00Z,2026-11-24T02:00:00Z",
+        ],
+        "2026-11-24T12:00:00Z",
+    )
+    .await;
+    t
+}
+
+async fn bills_of(t: &TestDb) -> Vec<(String, i64, i64, i64, i64)> {
+    t.client()
+        .await
+        .query(
+            "SELECT bill_day::text, total, paid_cash_coupons, paid_general_coupons, paid_cash FROM bills ORDER BY bill_day",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn settlement_follows_the_bill_day_so_a_catch_up_run_bills_as_the_on_time_ones() {
+    // On time: each day at 00:30 of the next (Shanghai).
+    let on_time = three_days_with_coupons().await;
+    for run_at in ["2026-11-22T16:30:00Z", "2026-11-23T16:30:00Z", "2026-11-24T16:30:00Z"] {
+        on_time.bill(run_at).await;
+    }
+    let expected = vec![
+        // the coupon expiring at midnight still settles the day it was valid for (1.50 of 2.00)
+        ("2026-11-22".to_string(), 150, 150, 0, 0),
+        // its 0.50 left expired with it; the general coupon granted during the 23rd pays 1.00
+        ("2026-11-23".to_string(), 150, 0, 100, 50),
+        ("2026-11-24".to_string(), 150, 0, 0, 150),
+    ];
+    assert_eq!(bills_of(&on_time).await, expected);
+    // Catch-up: the service was down; one run days later bills the three days in order, and
+    // settles each by its own day.
+    let late = three_days_with_coupons().await;
+    let opts = Options {
+        as_of: at("2026-11-27T09:00:00Z"),
+        bill_day: None,
+        dry_run: false,
+        force: false,
+    };
+    for day in ["2026-11-22", "2026-11-23", "2026-11-24"] {
+        run(
+            &late.db,
+            &late.config,
+            &Options {
+                bill_day: Some(day.parse().unwrap()),
+                ..opts.clone()
+            },
+        )
+        .await
+        .unwrap();
+    }
+    assert_eq!(bills_of(&late).await, expected);
+    late.assert_balances_match_ledger().await;
+    assert_eq!(late.balance("a1").await, on_time.balance("a1").await);
+}

@@ -943,8 +943,10 @@ async fn sigkill_mid_batch_against_a_slow_server_resends_at_most_the_sends_in_fl
     let at_kill = smtp.messages().len();
     assert!((20..n).contains(&at_kill), "killed mid-batch: {at_kill} of {n}");
     let recorded_sent = t.scalar_i64("SELECT count(*) FROM notices WHERE status = 'sent'").await as usize;
-    // Each outcome was recorded as it came: only the sends in flight are unrecorded.
-    assert!(at_kill - recorded_sent <= concurrency + 1, "{at_kill} delivered, {recorded_sent} recorded");
+    // Each outcome was recorded as it came: unrecorded are only the sends in flight and those
+    // that finished while the recorder's last write was in flight (recording the batch at its
+    // end, as before, left all of them unrecorded).
+    assert!(at_kill - recorded_sent <= 2 * concurrency, "{at_kill} delivered, {recorded_sent} recorded");
     // Resume once the claims' lease has run out.
     smtp.set_mode("ok");
     let out = run("2026-11-23T04:20:00Z").output().unwrap();
@@ -963,7 +965,7 @@ async fn sigkill_mid_batch_against_a_slow_server_resends_at_most_the_sends_in_fl
     }
     assert_eq!(per_id.len(), n, "{per_id:?}");
     let copies: usize = per_id.values().map(|c| c - 1).sum();
-    assert!(copies <= concurrency + 1, "{copies} copies: {per_id:?}");
+    assert!(copies <= 2 * concurrency, "{copies} copies: {per_id:?}");
     let stored = t
         .scalar_i64("SELECT count(DISTINCT message_id) FROM notices WHERE message_id LIKE '<notice-%@cloud.example>'")
         .await;

@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::db::Db;
 use crate::domain::alerts::Topic;
-use crate::import::mask_contact;
+use crate::contact::mask_contact;
 use crate::jobs::{JobError, JobName};
 use crate::notify::email::{build_message, Mailer};
 use crate::notify::sms::{template_params, SmsSender};

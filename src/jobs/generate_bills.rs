@@ -759,11 +759,13 @@ async fn bill_batch(
                              ORDER BY (c.kind = 'general'), c.expires_at, c.id
                              ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
            FROM coupons c JOIN totals t ON t.account_id = c.account_id
-           WHERE t.total > 0 AND c.remaining > 0 AND c.expires_at > $1
+           -- settlement by the bill's own day: the coupons valid at the end of the bill day
+           -- (granted before it ended, expiring at or after it), whenever the run happens
+           WHERE t.total > 0 AND c.remaining > 0 AND c.granted_at < $1 AND c.expires_at >= $1
          )
          SELECT account_id, id AS coupon_id, kind, least(remaining, total - before)::bigint AS draw
          FROM usable WHERE before < total",
-        &[&as_of],
+        &[&slot],
     )
     .await?;
     lap_mark(&mut report.timings, "coupon_draws", &mut lap);

@@ -201,8 +201,11 @@ pub async fn claim_slot(
     let lease_secs = lease.as_secs_f64();
     // The run's claim is also a session advisory lock on this connection, which PostgreSQL
     // releases the moment the holder's connection dies (a SIGKILL, a crash): a `running`
-    // slot whose lock is free has no live runner and is taken over at once. The lease stays
-    // for a holder that is alive but cut off.
+    // slot whose lock is free has no live runner and is taken over at once. While the lock is
+    // held the runner is alive and connected, and a late lease renewal (a loaded machine) is
+    // no reason to run the slot twice; the lease stays for a holder that is alive but cut off
+    // behind a connection PostgreSQL has not yet seen die: that runner stops itself once it
+    // could not renew for a whole lease, and its slot is taken over four leases later.
     let locked: bool = client
         .query_one(
             "SELECT pg_try_advisory_lock($1)",
@@ -210,43 +213,64 @@ pub async fn claim_slot(
         )
         .await?
         .get(0);
-    let row = client
-        .query_opt(
-            "INSERT INTO job_runs (job, slot, status, as_of, started_at, owner, lease_until)
-             VALUES ($1, $2, 'running', $3, clock_timestamp(), $5,
-                     clock_timestamp() + make_interval(secs => $6))
-             ON CONFLICT (job, slot) DO UPDATE SET
-               status = 'running', attempts = job_runs.attempts + 1, as_of = excluded.as_of,
-               started_at = excluded.started_at, finished_at = NULL, error = NULL,
-               owner = excluded.owner, lease_until = excluded.lease_until
-             WHERE job_runs.status IN ('failed', 'interrupted')
-                OR (job_runs.status = 'running'
-                    AND ($7 OR coalesce(job_runs.lease_until, '-infinity') < clock_timestamp()))
-                OR (job_runs.status = 'succeeded' AND $4)
-             RETURNING attempts",
-            &[
-                &job.as_str(),
-                &slot,
-                &as_of,
-                &force,
-                &instance_id(),
-                &lease_secs,
-                &locked,
-            ],
-        )
-        .await?;
+    // Only the lock's holder claims (the lock first, then the row: two claimers can never
+    // both win), except a claim stuck behind a connection that is not yet seen dead.
+    let row = if locked {
+        client
+            .query_opt(
+                "INSERT INTO job_runs (job, slot, status, as_of, started_at, owner, lease_until)
+                 VALUES ($1, $2, 'running', $3, clock_timestamp(), $5,
+                         clock_timestamp() + make_interval(secs => $6))
+                 ON CONFLICT (job, slot) DO UPDATE SET
+                   status = 'running', attempts = job_runs.attempts + 1, as_of = excluded.as_of,
+                   started_at = excluded.started_at, finished_at = NULL, error = NULL,
+                   owner = excluded.owner, lease_until = excluded.lease_until
+                 WHERE job_runs.status IN ('failed', 'interrupted', 'running')
+                    OR (job_runs.status = 'succeeded' AND $4)
+                 RETURNING attempts",
+                &[
+                    &job.as_str(),
+                    &slot,
+                    &as_of,
+                    &force,
+                    &instance_id(),
+                    &lease_secs,
+                ],
+            )
+            .await?
+    } else {
+        client
+            .query_opt(
+                "UPDATE job_runs SET
+                   status = 'running', attempts = attempts + 1, as_of = $3,
+                   started_at = clock_timestamp(), finished_at = NULL, error = NULL, owner = $4,
+                   lease_until = clock_timestamp() + make_interval(secs => $5)
+                 WHERE job = $1 AND slot = $2 AND status = 'running'
+                   AND coalesce(lease_until, '-infinity') < clock_timestamp() - make_interval(secs => 4 * $5)
+                 RETURNING attempts",
+                &[&job.as_str(), &slot, &as_of, &instance_id(), &lease_secs],
+            )
+            .await?
+    };
     if let Some(r) = row {
         return Ok(Claim::Run(r.get(0)));
     }
     if locked {
         unlock_slot(client, job, slot).await?;
     }
-    let row = client
-        .query_one(
+    let Some(row) = client
+        .query_opt(
             "SELECT status, finished_at, owner, lease_until FROM job_runs WHERE job = $1 AND slot = $2",
             &[&job.as_str(), &slot],
         )
-        .await?;
+        .await?
+    else {
+        // The lock's holder is claiming it this very moment.
+        return Ok(Claim::Busy {
+            owner: "another runner (claiming it now)".into(),
+            lease_until: slot,
+        });
+    };
     let status: String = row.get(0);
     if status == "running" {
         return Ok(Claim::Busy {

@@ -10,7 +10,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, SmsProviderKind, TencentConfig, TwilioConfig};
-use crate::import::mask_contact;
+use crate::contact::mask_contact;
 use crate::notify::webhook::classify_http;
 use crate::notify::{NoticeKind, SendError};
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
 use serde::Serialize;
 
-use crate::import::LOCALES;
+use crate::contact::LOCALES;
 use crate::notify::NoticeKind;
 
 include!(concat!(env!("OUT_DIR"), "/templates.rs"));
