@@ -97,7 +97,21 @@ impl Db {
                     .await
                     .map_err(|e| DbError::Connect(e.to_string()))??;
                 create_database_if_missing(&emb.url).await?;
-                (emb.url, MigrationMode::Apply)
+                // Created and migrated on first use, and priced then too (what `migrate`
+                // does), so that a new user's first commands bill; after that, only `prices
+                // apply` changes its price list, as for any database.
+                let db = Self::open_url(&emb.url, config.database.pool_size, MigrationMode::Apply)
+                    .await?;
+                let mut conn = db.conn().await?;
+                let priced: i64 = schema::prices::table
+                    .count()
+                    .get_result(&mut conn)
+                    .await?;
+                if priced == 0 {
+                    catalog::apply(&mut conn, config, chrono::Utc::now(), false).await?;
+                }
+                drop(conn);
+                return Ok(db);
             }
         };
         Self::open_url(&url, config.database.pool_size, mode).await
