@@ -450,7 +450,7 @@ async fn job_step(
             "UPDATE job_runs SET status = 'failed', error = $3, finished_at = clock_timestamp(), lease_until = NULL
              WHERE job = $1 AND slot < $2 AND (status = 'interrupted'
                 OR (status = 'running' AND coalesce(lease_until, '-infinity')
-                      < clock_timestamp() - make_interval(secs => 4 * $4)))",
+                      < clock_timestamp() - make_interval(secs => 4 * $4::float8)))",
             &[&job, &newest, &format!("superseded by the slot at {newest}"), &lease],
         )
         .await?;

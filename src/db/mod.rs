@@ -155,6 +155,8 @@ impl Db {
         );
         let raw = deadpool_postgres::Pool::builder(raw_manager)
             .max_size(raw_pool_size(pool_size))
+            // A pool exhausted for this long is an error to report, not a hang.
+            .wait_timeout(Some(std::time::Duration::from_secs(120)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Pool(e.to_string()))?;

@@ -244,9 +244,9 @@ pub async fn claim_slot(
                 "UPDATE job_runs SET
                    status = 'running', attempts = attempts + 1, as_of = $3,
                    started_at = clock_timestamp(), finished_at = NULL, error = NULL, owner = $4,
-                   lease_until = clock_timestamp() + make_interval(secs => $5)
+                   lease_until = clock_timestamp() + make_interval(secs => $5::float8)
                  WHERE job = $1 AND slot = $2 AND status = 'running'
-                   AND coalesce(lease_until, '-infinity') < clock_timestamp() - make_interval(secs => 4 * $5)
+                   AND coalesce(lease_until, '-infinity') < clock_timestamp() - make_interval(secs => 4 * $5::float8)
                  RETURNING attempts",
                 &[&job.as_str(), &slot, &as_of, &instance_id(), &lease_secs],
             )
