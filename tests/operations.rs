@@ -48,13 +48,7 @@ fn ok_json(out: Output) -> serde_json::Value {
 
 /// Every row of every table, sequences included, as pg_dump prints them.
 fn dump(url: &str) -> String {
-    let bin = std::fs::read_dir("/usr/lib/postgresql")
-        .ok()
-        .and_then(|d| d.flatten().map(|e| e.path()).max())
-        .map(|p| p.join("bin/pg_dump"))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| "pg_dump".into());
-    let out = Command::new(bin)
+    let out = Command::new(pg_bin("pg_dump"))
         .args(["--data-only", "--no-owner", "--inserts", "--dbname", url])
         .output()
         .expect("pg_dump");
@@ -307,31 +301,20 @@ async fn concurrent_commands_never_fail_because_of_each_other() {
     let t = TestDb::with_config(config_with(&[UTC])).await;
     world(&t).await;
     let url = t.url.as_str();
+    let spawn = |args: &[&str]| {
+        command(url, &[], args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
     let mut children = Vec::new();
     for i in 0..24 {
         let reference = format!("c-{i}");
-        children.push(
-            command(url, &[], &["gate", "A", "create_resource"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        children.push(
-            command(url, &[], &["topup", "A", "1.00", "--reference", &reference, "--as-of", "2026-11-23T03:00:00Z"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
+        children.push(spawn(&["gate", "A", "create_resource"]));
+        children.push(spawn(&["topup", "A", "1.00", "--reference", &reference, "--as-of", "2026-11-23T03:00:00Z"]));
         if i % 8 == 0 {
-            children.push(
-                command(url, &[], &["run", "enforce_suspensions", "--force", "--as-of", "2026-11-23T03:00:00Z"])
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::piped())
-                    .spawn()
-                    .unwrap(),
-            );
+            children.push(spawn(&["run", "enforce_suspensions", "--force", "--as-of", "2026-11-23T03:00:00Z"]));
         }
     }
     for c in children {

@@ -18,14 +18,6 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_arrears")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One `arrears serve` process, killed when dropped.
 struct Service {
     child: Child,

@@ -3,11 +3,14 @@
 //! pg_hba.conf. Every sslmode is tried, through the library and through the binary (whose
 //! diesel pool and raw clients must both speak TLS to get anything done).
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use arrears::db::{Db, MigrationMode};
+use common::{free_port, pg_bin};
 
 struct Cluster {
     _dir: tempfile::TempDir,
@@ -15,16 +18,6 @@ struct Cluster {
     port: u16,
     ca: PathBuf,
     other_ca: PathBuf,
-}
-
-fn pg_bin(name: &str) -> PathBuf {
-    std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL server binaries in /usr/lib/postgresql")
-        .flatten()
-        .map(|e| e.path().join("bin").join(name))
-        .filter(|p| p.exists())
-        .max()
-        .expect("a PostgreSQL bin directory")
 }
 
 fn is_root() -> bool {
@@ -41,14 +34,6 @@ fn as_owner(bin: &Path) -> Command {
     } else {
         Command::new(bin)
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn ca(name: &str) -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {

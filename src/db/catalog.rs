@@ -62,21 +62,10 @@ pub enum PricesError {
     Query(#[from] diesel::result::Error),
 }
 
-#[derive(Queryable, Selectable)]
+/// One version of a price, as read and as written.
+#[derive(Queryable, Selectable, Insertable)]
 #[diesel(table_name = prices)]
 struct Version {
-    product: String,
-    meter: String,
-    unit: String,
-    unit_price_nanos: i64,
-    is_package_meter: bool,
-    effective_from: DateTime<Utc>,
-    retired: bool,
-}
-
-#[derive(Insertable)]
-#[diesel(table_name = prices)]
-struct NewVersion {
     product: String,
     meter: String,
     unit: String,
@@ -105,7 +94,7 @@ fn plan(
     config: &Config,
     latest: &[Version],
     effective_from: DateTime<Utc>,
-) -> Result<Vec<NewVersion>, PricesError> {
+) -> Result<Vec<Version>, PricesError> {
     let mut out = Vec::new();
     let find = |product: &str, meter: &str| {
         latest
@@ -126,7 +115,7 @@ fn plan(
     for p in config.products.values() {
         for pr in &p.prices {
             let package = p.package_meter.as_deref() == Some(pr.meter.as_str());
-            let new = |from| NewVersion {
+            let new = |from| Version {
                 product: p.id.clone(),
                 meter: pr.meter.clone(),
                 unit: pr.unit.clone(),
@@ -157,7 +146,7 @@ fn plan(
             .is_some_and(|p| p.prices.iter().any(|pr| pr.meter == v.meter));
         if !configured {
             not_after(v)?;
-            out.push(NewVersion {
+            out.push(Version {
                 product: v.product.clone(),
                 meter: v.meter.clone(),
                 unit: v.unit.clone(),
@@ -171,7 +160,7 @@ fn plan(
     Ok(out)
 }
 
-fn describe(latest: &[Version], writes: &[NewVersion]) -> Vec<PriceChange> {
+fn describe(latest: &[Version], writes: &[Version]) -> Vec<PriceChange> {
     // A unit price in nano-units of the currency, as the configuration writes it (trailing
     // zeros trimmed).
     let price = |nanos: i64| {

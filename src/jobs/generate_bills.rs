@@ -146,7 +146,7 @@ pub async fn run(
     if !opts.dry_run && !config.lifecycle.allow_future {
         // Bills are append-only and days are billed in order: a bill for a day that has not
         // ended by the database clock would refuse every real day before it, for ever.
-        let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await?.get(0);
+        let now = db.database_now().await?;
         if slot > now {
             return Err(JobError::Refused(format!(
                 "billing day {day} ({tz}) has not ended by the database clock ({now}); it ends at \

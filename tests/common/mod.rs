@@ -229,6 +229,29 @@ pub fn config_with(env: &[(&str, &str)]) -> Config {
     config
 }
 
+/// A TCP port free on 127.0.0.1 at the moment of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A program of the machine's newest PostgreSQL (`/usr/lib/postgresql/*/bin`), or its bare
+/// name (found on PATH) when there is none there.
+pub fn pg_bin(name: &str) -> PathBuf {
+    std::fs::read_dir("/usr/lib/postgresql")
+        .ok()
+        .and_then(|d| {
+            d.flatten()
+                .map(|e| e.path().join("bin").join(name))
+                .filter(|p| p.exists())
+                .max()
+        })
+        .unwrap_or_else(|| name.into())
+}
+
 pub fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
 }
