@@ -235,7 +235,12 @@ pub async fn run_instances(
         .parse()
         .expect("literal instant");
     {
-        let db = Db::open_url(&db::with_database(&server, names[0])?, 2, MigrationMode::Apply).await?;
+        let db = Db::open_url(
+            &db::with_database(&server, names[0])?,
+            2,
+            MigrationMode::Apply,
+        )
+        .await?;
         catalog::apply_to_new(&db, config).await?;
         std::fs::create_dir_all(&opts.dir)?;
         let files = generate(&opts.dir, opts.accounts, opts.usage)?;
@@ -275,7 +280,12 @@ pub async fn run_instances(
         force: false,
     };
 
-    let one = Db::open_url(&db::with_database(&server, names[1])?, 2, MigrationMode::Require).await?;
+    let one = Db::open_url(
+        &db::with_database(&server, names[1])?,
+        2,
+        MigrationMode::Require,
+    )
+    .await?;
     let t = Instant::now();
     let r1 = generate_bills::run(&one, config, &options).await?;
     let one_instance_seconds = t.elapsed().as_secs_f64();

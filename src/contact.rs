@@ -24,4 +24,3 @@ pub fn mask_contact(s: &str) -> String {
         format!("***{tail}")
     }
 }
-

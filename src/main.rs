@@ -464,7 +464,9 @@ fn print_run<T: serde::Serialize>(report: &T) -> Result<ExitCode> {
     if v.get("held_by").is_some_and(|h| !h.is_null()) {
         eprintln!(
             "not done: {}",
-            v.get("skipped").and_then(|s| s.as_str()).unwrap_or("the slot is held elsewhere")
+            v.get("skipped")
+                .and_then(|s| s.as_str())
+                .unwrap_or("the slot is held elsewhere")
         );
         return Ok(ExitCode::from(EXIT_SLOT_HELD));
     }
@@ -482,9 +484,12 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
-                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand)
-            {
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
                 e.exit();
             }
             let _ = e.print();
@@ -530,7 +535,9 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
     use arrears::ledger::LedgerError;
     use arrears::lifecycle::LifecycleError;
     for cause in e.chain() {
-        let input = if cause.is::<BadInput>() || cause.is::<ConfigError>() || cause.is::<DecimalError>()
+        let input = if cause.is::<BadInput>()
+            || cause.is::<ConfigError>()
+            || cause.is::<DecimalError>()
             || cause.is::<PricesError>()
         {
             Some(true)
@@ -543,7 +550,10 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
         } else if let Some(j) = cause.downcast_ref::<JobError>() {
             Some(matches!(j, JobError::Refused(_)))
         } else if let Some(d) = cause.downcast_ref::<DbError>() {
-            Some(matches!(d, DbError::Prices(PricesError::NotAfterLatest { .. })))
+            Some(matches!(
+                d,
+                DbError::Prices(PricesError::NotAfterLatest { .. })
+            ))
         } else {
             None
         };
@@ -622,9 +632,7 @@ fn init_logging(cli: &Cli) {
 /// Opens the database for a command that only reads: no side effects (the price list and
 /// policies are written only by `prices apply`, `policies apply`, `migrate` and `serve`).
 async fn open(config: &Config, mode: MigrationMode) -> Result<Db> {
-    Db::open(config, mode)
-        .await
-        .context("opening the database")
+    Db::open(config, mode).await.context("opening the database")
 }
 
 /// Opens the database for a command that changes state at --as-of: the time-travel guard
@@ -670,8 +678,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             // R9 needs a customer to have been warned: a channel that reaches nobody is no
             // warning unless the configuration says so (a demo, a test).
             let dev: Vec<&str> = [
-                (config.email.smtp_url.is_none(), "email goes to .eml files (no ARREARS_SMTP_URL)"),
-                (matches!(config.sms.provider, arrears::config::SmsProviderKind::Log), "SMS goes to a log file (ARREARS_SMS_PROVIDER=log)"),
+                (
+                    config.email.smtp_url.is_none(),
+                    "email goes to .eml files (no ARREARS_SMTP_URL)",
+                ),
+                (
+                    matches!(config.sms.provider, arrears::config::SmsProviderKind::Log),
+                    "SMS goes to a log file (ARREARS_SMS_PROVIDER=log)",
+                ),
             ]
             .into_iter()
             .filter_map(|(on, what)| on.then_some(what))
@@ -757,7 +771,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve { speed } => {
             let schedule = Schedule::load(config.service.jobs_dir.as_deref())?;
             if explicit_as_of.is_some() && !config.lifecycle.allow_future {
-                guard_time_travel(&open(&config, MigrationMode::Require).await?, &config, explicit_as_of).await?;
+                guard_time_travel(
+                    &open(&config, MigrationMode::Require).await?,
+                    &config,
+                    explicit_as_of,
+                )
+                .await?;
             }
             let clock = match cli.as_of {
                 Some(start) => Clock::simulated(start, speed),
@@ -812,7 +831,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             print_json(&lifecycle::policies::apply(&db, &config, as_of, dry_run).await?)?;
         }
         Command::Prices {
-            action: PricesAction::Apply { effective_from, dry_run },
+            action:
+                PricesAction::Apply {
+                    effective_from,
+                    dry_run,
+                },
         } => {
             let db = open(&config, MigrationMode::Require).await?;
             let report = db::catalog::apply(
@@ -1120,7 +1143,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         force,
                         allow_mass_release,
                     };
-                    return print_run(&release_resources::run_in_slot(&db, &config, &opts, slot).await?);
+                    return print_run(
+                        &release_resources::run_in_slot(&db, &config, &opts, slot).await?,
+                    );
                 }
                 JobName::SendAlerts => {
                     let opts = send_alerts::Options {

@@ -5,13 +5,13 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
+use crate::contact::mask_contact;
 use crate::db::schema::{
     accounts, arrears_episodes, bill_lines, bills, coupons, ledger_entries, resource_suspensions,
     resources,
 };
 use crate::db::{Db, DbError};
 use crate::domain::money::{format_quantity, format_scaled, PRICE_DIGITS};
-use crate::contact::mask_contact;
 
 #[derive(Debug, Clone, Serialize, Queryable, Selectable)]
 #[diesel(table_name = resources)]

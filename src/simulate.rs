@@ -460,20 +460,9 @@ async fn run_on_copies(
     );
     let mut copied_with = Vec::new();
     // The source is always dumped: a template copy would lock its users out while it copies.
-    copied_with
-        .push(copy_database(admin, source, &db.url, &names[0], &url_a, false).await?);
+    copied_with.push(copy_database(admin, source, &db.url, &names[0], &url_a, false).await?);
     // The first copy has no other sessions, so the second is a fast template copy of it.
-    copied_with.push(
-        copy_database(
-            admin,
-            &names[0],
-            &url_a,
-            &names[1],
-            &url_b,
-            true,
-        )
-        .await?,
-    );
+    copied_with.push(copy_database(admin, &names[0], &url_a, &names[1], &url_b, true).await?);
     let to = opts.from + Duration::days(i64::from(opts.days));
     let plan = slots(opts.from, to, config);
     let windows: Vec<(DateTime<Utc>, DateTime<Utc>)> = (0..i64::from(opts.days))

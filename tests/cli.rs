@@ -13,7 +13,10 @@ fn arrears(db_url: Option<&str>, args: &[&str]) -> Output {
     cmd.args(args)
         .arg("--allow-future")
         // The timelines' notices go to files: they count as warnings here.
-        .env("ARREARS_NOTIFICATIONS__DEV_CHANNELS_COUNT_AS_ACCEPTED", "true")
+        .env(
+            "ARREARS_NOTIFICATIONS__DEV_CHANNELS_COUNT_AS_ACCEPTED",
+            "true",
+        )
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env_remove("ARREARS_CONFIG");
     match db_url {

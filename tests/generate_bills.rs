@@ -715,8 +715,20 @@ async fn three_days_with_coupons() -> TestDb {
         }
     };
     // Midnight of 2026-11-22 -> 23 in Shanghai.
-    grant(CouponKind::Cash, 200, "2026-11-22T16:00:00Z", "2026-11-01T00:00:00Z").await;
-    grant(CouponKind::General, 100, "2026-11-23T16:00:00Z", "2026-11-23T05:00:00Z").await;
+    grant(
+        CouponKind::Cash,
+        200,
+        "2026-11-22T16:00:00Z",
+        "2026-11-01T00:00:00Z",
+    )
+    .await;
+    grant(
+        CouponKind::General,
+        100,
+        "2026-11-23T16:00:00Z",
+        "2026-11-23T05:00:00Z",
+    )
+    .await;
     t.import_usage(
         &[
             "e1,a1,r1,classroom_minutes,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
@@ -747,7 +759,11 @@ async fn bills_of(t: &TestDb) -> Vec<(String, i64, i64, i64, i64)> {
 async fn settlement_follows_the_bill_day_so_a_catch_up_run_bills_as_the_on_time_ones() {
     // On time: each day at 00:30 of the next (Shanghai).
     let on_time = three_days_with_coupons().await;
-    for run_at in ["2026-11-22T16:30:00Z", "2026-11-23T16:30:00Z", "2026-11-24T16:30:00Z"] {
+    for run_at in [
+        "2026-11-22T16:30:00Z",
+        "2026-11-23T16:30:00Z",
+        "2026-11-24T16:30:00Z",
+    ] {
         on_time.bill(run_at).await;
     }
     let expected = vec![

@@ -820,12 +820,28 @@ async fn a_notice_whose_cause_is_gone_is_cancelled_not_sent() {
     debtors(&t, 2).await;
     let queued = alerts(&t, at("2026-11-23T04:05:00Z")).await;
     assert_eq!(queued.overdue, 2, "{queued:?}");
-    arrears::ledger::topup(&t.db, &t.config, "d001", 500, "pay-1", at("2026-11-23T04:06:00Z"), "test")
-        .await
-        .unwrap();
-    arrears::ledger::topup(&t.db, &t.config, "d002", 200, "pay-2", at("2026-11-23T04:06:00Z"), "test")
-        .await
-        .unwrap();
+    arrears::ledger::topup(
+        &t.db,
+        &t.config,
+        "d001",
+        500,
+        "pay-1",
+        at("2026-11-23T04:06:00Z"),
+        "test",
+    )
+    .await
+    .unwrap();
+    arrears::ledger::topup(
+        &t.db,
+        &t.config,
+        "d002",
+        200,
+        "pay-2",
+        at("2026-11-23T04:06:00Z"),
+        "test",
+    )
+    .await
+    .unwrap();
     let r = deliver(&t, at("2026-11-23T04:07:00Z")).await;
     assert_eq!((r.cancelled, r.sent), (1, 1), "{r:?}");
     let rows = t
@@ -837,8 +853,10 @@ async fn a_notice_whose_cause_is_gone_is_cancelled_not_sent() {
         )
         .await
         .unwrap();
-    let got: Vec<(String, String, Option<String>, bool)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+    let got: Vec<(String, String, Option<String>, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
     assert_eq!(
         got,
         vec![
@@ -859,7 +877,9 @@ async fn a_notice_whose_cause_is_gone_is_cancelled_not_sent() {
     // Never sent later either, and listed by status.
     let again = deliver(&t, at("2026-11-25T00:00:00Z")).await;
     assert_eq!((again.claimed, again.cancelled), (0, 0), "{again:?}");
-    let listed = arrears::queries::notices(&t.db, Some("cancelled"), None, 10).await.unwrap();
+    let listed = arrears::queries::notices(&t.db, Some("cancelled"), None, 10)
+        .await
+        .unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].account_id, "d001");
 }
@@ -878,7 +898,10 @@ async fn a_channel_that_reaches_nobody_is_sent_but_never_accepted_unless_configu
         let row = t
             .client()
             .await
-            .query_one("SELECT status, accepted_at IS NOT NULL, dev_channel FROM notices", &[])
+            .query_one(
+                "SELECT status, accepted_at IS NOT NULL, dev_channel FROM notices",
+                &[],
+            )
             .await
             .unwrap();
         (row.get(0), row.get(1), row.get(2))
@@ -886,7 +909,10 @@ async fn a_channel_that_reaches_nobody_is_sent_but_never_accepted_unless_configu
     assert_eq!((status.as_str(), accepted, dev), ("sent", false, true));
     // R9: the lcic/sa grace clock has no accepted alert to start from.
     assert_eq!(
-        t.scalar_i64("SELECT count(*) FROM arrears_episodes WHERE first_overdue_alert_at IS NOT NULL").await,
+        t.scalar_i64(
+            "SELECT count(*) FROM arrears_episodes WHERE first_overdue_alert_at IS NOT NULL"
+        )
+        .await,
         0
     );
 }
@@ -941,23 +967,42 @@ async fn sigkill_mid_batch_against_a_slow_server_resends_at_most_the_sends_in_fl
     first.kill().unwrap(); // SIGKILL
     first.wait().unwrap();
     let at_kill = smtp.messages().len();
-    assert!((20..n).contains(&at_kill), "killed mid-batch: {at_kill} of {n}");
-    let recorded_sent = t.scalar_i64("SELECT count(*) FROM notices WHERE status = 'sent'").await as usize;
+    assert!(
+        (20..n).contains(&at_kill),
+        "killed mid-batch: {at_kill} of {n}"
+    );
+    let recorded_sent = t
+        .scalar_i64("SELECT count(*) FROM notices WHERE status = 'sent'")
+        .await as usize;
     // Each outcome was recorded as it came: unrecorded are only the sends in flight and those
     // that finished while the recorder's last write was in flight (recording the batch at its
     // end, as before, left all of them unrecorded).
-    assert!(at_kill - recorded_sent <= 2 * concurrency, "{at_kill} delivered, {recorded_sent} recorded");
+    assert!(
+        at_kill - recorded_sent <= 2 * concurrency,
+        "{at_kill} delivered, {recorded_sent} recorded"
+    );
     // Resume once the claims' lease has run out.
     smtp.set_mode("ok");
     let out = run("2026-11-23T04:20:00Z").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(t.scalar_i64("SELECT count(*) FROM notices WHERE status = 'sent'").await, n as i64);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM notices WHERE status = 'sent'")
+            .await,
+        n as i64
+    );
     // Every notice arrived; copies only of the in-flight ones, under the same Message-ID.
     let mut per_id: std::collections::BTreeMap<String, usize> = Default::default();
     for m in smtp.messages() {
         let id = m
             .lines()
-            .find_map(|l| l.strip_prefix("Message-ID: ").or_else(|| l.strip_prefix("Message-Id: ")))
+            .find_map(|l| {
+                l.strip_prefix("Message-ID: ")
+                    .or_else(|| l.strip_prefix("Message-Id: "))
+            })
             .expect("a Message-ID")
             .trim()
             .to_string();

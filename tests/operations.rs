@@ -80,8 +80,14 @@ async fn world(t: &TestDb) {
     )
     .await;
     let url = t.url.as_str();
-    ok_json(arrears(url, &["run", "generate_bills", "--as-of", "2026-11-23T00:30:00Z"]));
-    ok_json(arrears(url, &["run", "send_alerts", "--as-of", "2026-11-23T01:05:00Z"]));
+    ok_json(arrears(
+        url,
+        &["run", "generate_bills", "--as-of", "2026-11-23T00:30:00Z"],
+    ));
+    ok_json(arrears(
+        url,
+        &["run", "send_alerts", "--as-of", "2026-11-23T01:05:00Z"],
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -116,7 +122,13 @@ async fn read_only_commands_change_nothing_under_another_configuration() {
         vec!["check"],
         vec!["prices", "apply", "--dry-run"],
         vec!["policies", "apply", "--dry-run"],
-        vec!["run", "generate_bills", "--dry-run", "--as-of", "2026-11-24T00:30:00Z"],
+        vec![
+            "run",
+            "generate_bills",
+            "--dry-run",
+            "--as-of",
+            "2026-11-24T00:30:00Z",
+        ],
         vec!["run", "send_alerts", "--dry-run", "--as-of", at],
         vec!["run", "enforce_suspensions", "--dry-run", "--as-of", at],
         vec!["run", "release_resources", "--dry-run", "--as-of", at],
@@ -136,7 +148,10 @@ async fn read_only_commands_change_nothing_under_another_configuration() {
         assert!(before == after, "{args:?} changed the database");
     }
     // The other configuration's prices were seen as a difference, and left alone.
-    let plan = ok_json(arrears(url, &["--config", cfg, "prices", "apply", "--dry-run"]));
+    let plan = ok_json(arrears(
+        url,
+        &["--config", cfg, "prices", "apply", "--dry-run"],
+    ));
     assert_eq!(plan["up_to_date"], false, "{plan}");
     assert_eq!(plan["changes"].as_array().unwrap().len(), 2, "{plan}");
     let check = arrears(url, &["--config", cfg, "check"]);
@@ -151,7 +166,8 @@ async fn read_only_commands_change_nothing_under_another_configuration() {
 async fn a_price_change_takes_effect_from_its_instant_and_only_by_prices_apply() {
     let t = TestDb::with_config(config_with(&[UTC])).await;
     let url = t.url.as_str();
-    t.import_accounts(&["A,Alpha,a@example.com,,en,UTC,100.00,0,"]).await;
+    t.import_accounts(&["A,Alpha,a@example.com,,en,UTC,100.00,0,"])
+        .await;
     t.import_resources(&["A-1,A,lcic,pay_per_use,,,,"]).await;
     t.import_usage(
         &[
@@ -180,7 +196,15 @@ async fn a_price_change_takes_effect_from_its_instant_and_only_by_prices_apply()
     // The preview names the change and writes nothing; then it is applied from the 22nd.
     let plan = ok_json(arrears(
         url,
-        &["--config", cfg, "prices", "apply", "--effective-from", "2026-11-22T00:00:00Z", "--dry-run"],
+        &[
+            "--config",
+            cfg,
+            "prices",
+            "apply",
+            "--effective-from",
+            "2026-11-22T00:00:00Z",
+            "--dry-run",
+        ],
     ));
     let changes = plan["changes"].as_array().unwrap();
     assert!(
@@ -191,13 +215,26 @@ async fn a_price_change_takes_effect_from_its_instant_and_only_by_prices_apply()
         "{plan}"
     );
     assert!(
-        changes.iter().any(|c| c["meter"] == "recording_minutes" && c["change"] == "retired"),
+        changes
+            .iter()
+            .any(|c| c["meter"] == "recording_minutes" && c["change"] == "retired"),
         "{plan}"
     );
-    assert_eq!(t.scalar_i64("SELECT count(*) FROM prices WHERE effective_from > '2000-01-01'").await, 0);
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM prices WHERE effective_from > '2000-01-01'")
+            .await,
+        0
+    );
     let applied = ok_json(arrears(
         url,
-        &["--config", cfg, "prices", "apply", "--effective-from", "2026-11-22T00:00:00Z"],
+        &[
+            "--config",
+            cfg,
+            "prices",
+            "apply",
+            "--effective-from",
+            "2026-11-22T00:00:00Z",
+        ],
     ));
     assert_eq!(applied["changes"].as_array().unwrap().len(), 2, "{applied}");
     let again = ok_json(arrears(url, &["--config", cfg, "prices", "apply"]));
@@ -206,21 +243,60 @@ async fn a_price_change_takes_effect_from_its_instant_and_only_by_prices_apply()
     let early = arrears(
         url,
         // the example configuration's prices again, but before the version just written
-        &["prices", "apply", "--effective-from", "2026-11-21T00:00:00Z"],
+        &[
+            "prices",
+            "apply",
+            "--effective-from",
+            "2026-11-21T00:00:00Z",
+        ],
     );
     assert_eq!(code(&early), 1, "{}", stderr(&early));
-    assert!(stderr(&early).contains("--effective-from later than"), "{}", stderr(&early));
+    assert!(
+        stderr(&early).contains("--effective-from later than"),
+        "{}",
+        stderr(&early)
+    );
     // Day 21 is rated at the old price, day 22 at the new one (100 minutes each).
-    ok_json(arrears(url, &["run", "generate_bills", "--day", "2026-11-21", "--as-of", "2026-11-22T00:30:00Z"]));
-    ok_json(arrears(url, &["run", "generate_bills", "--day", "2026-11-22", "--as-of", "2026-11-23T00:30:00Z"]));
+    ok_json(arrears(
+        url,
+        &[
+            "run",
+            "generate_bills",
+            "--day",
+            "2026-11-21",
+            "--as-of",
+            "2026-11-22T00:30:00Z",
+        ],
+    ));
+    ok_json(arrears(
+        url,
+        &[
+            "run",
+            "generate_bills",
+            "--day",
+            "2026-11-22",
+            "--as-of",
+            "2026-11-23T00:30:00Z",
+        ],
+    ));
     let bills = ok_json(arrears(url, &["bills", "A", "--json"]));
     let totals: Vec<String> = bills
         .as_array()
         .unwrap()
         .iter()
-        .map(|b| format!("{}={}", b["bill_day"].as_str().unwrap(), b["total"].as_str().unwrap()))
+        .map(|b| {
+            format!(
+                "{}={}",
+                b["bill_day"].as_str().unwrap(),
+                b["total"].as_str().unwrap()
+            )
+        })
         .collect();
-    assert_eq!(totals, vec!["2026-11-21=1.50", "2026-11-22=3.00"], "{bills}");
+    assert_eq!(
+        totals,
+        vec!["2026-11-21=1.50", "2026-11-22=3.00"],
+        "{bills}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -235,25 +311,91 @@ async fn exit_statuses_tell_refusals_from_errors() {
     assert_eq!(code(&refused), 1, "{}", stderr(&refused));
     let unknown = arrears(url, &["gate", "nobody", "create_resource"]);
     assert_eq!(code(&unknown), 2);
-    assert!(stderr(&unknown).contains("unknown account \"nobody\""), "{}", stderr(&unknown));
+    assert!(
+        stderr(&unknown).contains("unknown account \"nobody\""),
+        "{}",
+        stderr(&unknown)
+    );
     assert_eq!(code(&arrears(dead, &["gate", "A", "create_resource"])), 2);
     assert_eq!(code(&arrears(url, &["gate", "A", "fly"])), 2);
-    assert_eq!(code(&arrears(url, &["gate", "A", "access_data", "--resource", "nope"])), 2);
+    assert_eq!(
+        code(&arrears(
+            url,
+            &["gate", "A", "access_data", "--resource", "nope"]
+        )),
+        2
+    );
     // Other commands: 1 bad input, 2 any other error.
-    assert_eq!(code(&arrears(url, &["topup", "nobody", "1.00", "--reference", "r"])), 1);
-    assert_eq!(code(&arrears(url, &["topup", "A", "1.0.0", "--reference", "r"])), 1);
-    assert_eq!(code(&arrears(url, &["topup", "A", "1.00"])), 1, "a missing argument");
+    assert_eq!(
+        code(&arrears(
+            url,
+            &["topup", "nobody", "1.00", "--reference", "r"]
+        )),
+        1
+    );
+    assert_eq!(
+        code(&arrears(url, &["topup", "A", "1.0.0", "--reference", "r"])),
+        1
+    );
+    assert_eq!(
+        code(&arrears(url, &["topup", "A", "1.00"])),
+        1,
+        "a missing argument"
+    );
     assert_eq!(code(&arrears(url, &["account", "show", "nobody"])), 1);
     assert_eq!(code(&arrears(dead, &["account", "show", "A"])), 2);
     assert_eq!(code(&arrears(dead, &["run", "send_alerts"])), 2);
     let bad = csv(ACCOUNTS_HEADER, &["X,Ex,not-an-email,,en,UTC,abc,0,"]);
-    assert_eq!(code(&arrears(url, &["import", "accounts", bad.path.to_str().unwrap()])), 1);
+    assert_eq!(
+        code(&arrears(
+            url,
+            &["import", "accounts", bad.path.to_str().unwrap()]
+        )),
+        1
+    );
     // A reference is one payment of one account.
-    ok_json(arrears(url, &["topup", "A", "10.00", "--reference", "gw-777", "--as-of", "2026-11-23T02:00:00Z"]));
-    let other = arrears(url, &["topup", "B", "10.00", "--reference", "gw-777", "--as-of", "2026-11-23T02:00:00Z"]);
+    ok_json(arrears(
+        url,
+        &[
+            "topup",
+            "A",
+            "10.00",
+            "--reference",
+            "gw-777",
+            "--as-of",
+            "2026-11-23T02:00:00Z",
+        ],
+    ));
+    let other = arrears(
+        url,
+        &[
+            "topup",
+            "B",
+            "10.00",
+            "--reference",
+            "gw-777",
+            "--as-of",
+            "2026-11-23T02:00:00Z",
+        ],
+    );
     assert_eq!(code(&other), 1);
-    assert!(stderr(&other).contains("already credited account A"), "{}", stderr(&other));
-    let replay = ok_json(arrears(url, &["topup", "A", "10.00", "--reference", "gw-777", "--as-of", "2026-11-23T02:00:00Z"]));
+    assert!(
+        stderr(&other).contains("already credited account A"),
+        "{}",
+        stderr(&other)
+    );
+    let replay = ok_json(arrears(
+        url,
+        &[
+            "topup",
+            "A",
+            "10.00",
+            "--reference",
+            "gw-777",
+            "--as-of",
+            "2026-11-23T02:00:00Z",
+        ],
+    ));
     assert_eq!(replay["replayed"], true, "{replay}");
     t.assert_balances_match_ledger().await;
 }
@@ -266,7 +408,15 @@ async fn time_travel_is_refused_without_allow_future() {
     let future = (chrono::Utc::now() + chrono::Duration::days(365)).to_rfc3339();
     let before = dump(url);
     for args in [
-        vec!["topup", "A", "5.00", "--reference", "future-1", "--as-of", &future],
+        vec![
+            "topup",
+            "A",
+            "5.00",
+            "--reference",
+            "future-1",
+            "--as-of",
+            &future,
+        ],
         vec!["run", "generate_bills", "--as-of", &future],
         vec!["run", "send_alerts", "--as-of", &future],
         vec!["run", "enforce_suspensions", "--as-of", &future],
@@ -276,22 +426,69 @@ async fn time_travel_is_refused_without_allow_future() {
     ] {
         let out = arrears(url, &args);
         assert_eq!(code(&out), 1, "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).contains("--allow-future"), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("--allow-future"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
     }
-    assert!(before == dump(url), "a refused command changed the database");
+    assert!(
+        before == dump(url),
+        "a refused command changed the database"
+    );
     // A preview may look ahead; a command within the allowed skew acts.
-    ok_json(arrears(url, &["run", "send_alerts", "--dry-run", "--as-of", &future]));
+    ok_json(arrears(
+        url,
+        &["run", "send_alerts", "--dry-run", "--as-of", &future],
+    ));
     let soon = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
-    ok_json(arrears(url, &["topup", "A", "5.00", "--reference", "soon", "--as-of", &soon]));
+    ok_json(arrears(
+        url,
+        &[
+            "topup",
+            "A",
+            "5.00",
+            "--reference",
+            "soon",
+            "--as-of",
+            &soon,
+        ],
+    ));
     // Billing a day that has not ended by the database clock is refused even when --as-of
     // says it has (a clock ahead): it would block every real day before it.
     let today = chrono::Utc::now().date_naive().to_string();
-    let out = arrears(url, &["run", "generate_bills", "--day", &today, "--as-of", &future]);
+    let out = arrears(
+        url,
+        &["run", "generate_bills", "--day", &today, "--as-of", &future],
+    );
     assert_eq!(code(&out), 1, "{}", stderr(&out));
     // On purpose (a scratch database), it travels.
-    let out = arrears(url, &["--allow-future", "topup", "A", "5.00", "--reference", "future-1", "--as-of", &future]);
+    let out = arrears(
+        url,
+        &[
+            "--allow-future",
+            "topup",
+            "A",
+            "5.00",
+            "--reference",
+            "future-1",
+            "--as-of",
+            &future,
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = arrears(url, &["--allow-future", "run", "generate_bills", "--day", &today, "--as-of", &future]);
+    let out = arrears(
+        url,
+        &[
+            "--allow-future",
+            "run",
+            "generate_bills",
+            "--day",
+            &today,
+            "--as-of",
+            &future,
+        ],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     t.assert_balances_match_ledger().await;
 }
@@ -312,9 +509,23 @@ async fn concurrent_commands_never_fail_because_of_each_other() {
     for i in 0..24 {
         let reference = format!("c-{i}");
         children.push(spawn(&["gate", "A", "create_resource"]));
-        children.push(spawn(&["topup", "A", "1.00", "--reference", &reference, "--as-of", "2026-11-23T03:00:00Z"]));
+        children.push(spawn(&[
+            "topup",
+            "A",
+            "1.00",
+            "--reference",
+            &reference,
+            "--as-of",
+            "2026-11-23T03:00:00Z",
+        ]));
         if i % 8 == 0 {
-            children.push(spawn(&["run", "enforce_suspensions", "--force", "--as-of", "2026-11-23T03:00:00Z"]));
+            children.push(spawn(&[
+                "run",
+                "enforce_suspensions",
+                "--force",
+                "--as-of",
+                "2026-11-23T03:00:00Z",
+            ]));
         }
     }
     for c in children {
@@ -328,7 +539,8 @@ async fn concurrent_commands_never_fail_because_of_each_other() {
         );
     }
     assert_eq!(
-        t.scalar_i64("SELECT count(*) FROM ledger_entries WHERE reference LIKE 'c-%'").await,
+        t.scalar_i64("SELECT count(*) FROM ledger_entries WHERE reference LIKE 'c-%'")
+            .await,
         24
     );
     t.assert_balances_match_ledger().await;
@@ -353,11 +565,22 @@ async fn a_slot_held_by_a_live_runner_exits_75_and_a_dead_ones_is_taken_over_at_
     holder
         .execute(
             "SELECT pg_advisory_lock($1)",
-            &[&arrears::jobs::slot_lock_key(arrears::jobs::JobName::EnforceSuspensions, slot)],
+            &[&arrears::jobs::slot_lock_key(
+                arrears::jobs::JobName::EnforceSuspensions,
+                slot,
+            )],
         )
         .await
         .unwrap();
-    let out = arrears(url, &["run", "enforce_suspensions", "--as-of", "2026-11-23T04:00:00Z"]);
+    let out = arrears(
+        url,
+        &[
+            "run",
+            "enforce_suspensions",
+            "--as-of",
+            "2026-11-23T04:00:00Z",
+        ],
+    );
     assert_eq!(code(&out), 75, "{}", stderr(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["held_by"], "other-host:1:1", "{report}");
@@ -366,7 +589,15 @@ async fn a_slot_held_by_a_live_runner_exits_75_and_a_dead_ones_is_taken_over_at_
     // although the lease has most of an hour left.
     drop(holder);
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let report = ok_json(arrears(url, &["run", "enforce_suspensions", "--as-of", "2026-11-23T04:00:00Z"]));
+    let report = ok_json(arrears(
+        url,
+        &[
+            "run",
+            "enforce_suspensions",
+            "--as-of",
+            "2026-11-23T04:00:00Z",
+        ],
+    ));
     assert!(report["skipped"].is_null(), "{report}");
     assert_eq!(
         t.scalar_i64("SELECT count(*) FROM job_runs WHERE job = 'enforce_suspensions' AND status = 'succeeded' AND attempts = 2").await,
@@ -398,13 +629,18 @@ async fn sigkill_mid_billing_then_an_immediate_second_run_bills_every_account_on
         .collect();
     t.import_accounts(&common::refs(&accounts)).await;
     t.import_resources(&common::refs(&resources)).await;
-    t.import_usage(&common::refs(&usage), "2026-11-22T23:00:00Z").await;
+    t.import_usage(&common::refs(&usage), "2026-11-22T23:00:00Z")
+        .await;
     let env = [("ARREARS_BILLING__BATCH_SIZE", "200")];
-    let mut first = command(url, &env, &["run", "generate_bills", "--as-of", "2026-11-23T00:30:00Z"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = command(
+        url,
+        &env,
+        &["run", "generate_bills", "--as-of", "2026-11-23T00:30:00Z"],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .unwrap();
     // Killed once some batches are committed and before the last one.
     let mut billed = 0;
     for _ in 0..2000 {
@@ -417,10 +653,17 @@ async fn sigkill_mid_billing_then_an_immediate_second_run_bills_every_account_on
     first.kill().unwrap(); // SIGKILL
     first.wait().unwrap();
     let at_kill = t.scalar_i64("SELECT count(*) FROM bills").await;
-    assert!(billed > 0 && at_kill < n, "the kill came mid-run: {at_kill} bills of {n}");
+    assert!(
+        billed > 0 && at_kill < n,
+        "the kill came mid-run: {at_kill} bills of {n}"
+    );
     // At once: no waiting for the lease.
     let started = std::time::Instant::now();
-    let report = ok_json(arrears_env(url, &env, &["run", "generate_bills", "--as-of", "2026-11-23T00:30:00Z"]));
+    let report = ok_json(arrears_env(
+        url,
+        &env,
+        &["run", "generate_bills", "--as-of", "2026-11-23T00:30:00Z"],
+    ));
     assert!(report["skipped"].is_null(), "{report}");
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
     assert_eq!(t.scalar_i64("SELECT count(*) FROM bills").await, n);
@@ -428,6 +671,10 @@ async fn sigkill_mid_billing_then_an_immediate_second_run_bills_every_account_on
         t.scalar_i64("SELECT count(*) FROM (SELECT account_id FROM bills GROUP BY account_id HAVING count(*) > 1) d").await,
         0
     );
-    assert_eq!(t.scalar_i64("SELECT sum(records)::bigint FROM bill_lines").await, n * 5);
+    assert_eq!(
+        t.scalar_i64("SELECT sum(records)::bigint FROM bill_lines")
+            .await,
+        n * 5
+    );
     t.assert_balances_match_ledger().await;
 }

@@ -35,7 +35,10 @@ impl Service {
         let mut cmd = Command::new(bin());
         cmd.args(["serve", "--as-of", as_of, "--speed", &speed.to_string()])
             .env("DATABASE_URL", db_url)
-            .env("ARREARS_NOTIFICATIONS__DEV_CHANNELS_COUNT_AS_ACCEPTED", "true")
+            .env(
+                "ARREARS_NOTIFICATIONS__DEV_CHANNELS_COUNT_AS_ACCEPTED",
+                "true",
+            )
             .env("ARREARS_HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("ARREARS_API_TOKENS", TOKEN)
             .env("ARREARS_SERVICE__LEASE", "2s")
@@ -161,9 +164,10 @@ async fn wait_until(t: &TestDb, sql: &str, want: i64, services: &[&Service]) {
 
 fn cli(db_url: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
     let mut cmd = Command::new(bin());
-    cmd.args(args)
-        .env("DATABASE_URL", db_url)
-        .env("ARREARS_NOTIFICATIONS__DEV_CHANNELS_COUNT_AS_ACCEPTED", "true");
+    cmd.args(args).env("DATABASE_URL", db_url).env(
+        "ARREARS_NOTIFICATIONS__DEV_CHANNELS_COUNT_AS_ACCEPTED",
+        "true",
+    );
     for (k, v) in env {
         cmd.env(k, v);
     }

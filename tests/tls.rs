@@ -48,7 +48,10 @@ fn ca(name: &str) -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>
 
 impl Cluster {
     fn start() -> Cluster {
-        let dir = tempfile::Builder::new().prefix("arrears-tls").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("arrears-tls")
+            .tempdir()
+            .unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let data = dir.path().join("data");
         let (ca_cert, issuer) = ca("arrears test CA");
@@ -64,7 +67,11 @@ impl Cluster {
             .arg(&data)
             .output()
             .unwrap();
-        assert!(init.status.success(), "initdb: {}", String::from_utf8_lossy(&init.stderr));
+        assert!(
+            init.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
         let port = free_port();
         std::fs::write(data.join("server.crt"), leaf.pem()).unwrap();
         std::fs::write(data.join("server.key"), key.serialize_pem()).unwrap();
@@ -87,8 +94,11 @@ impl Cluster {
                 .unwrap();
             assert!(chown.success());
         }
-        std::fs::set_permissions(data.join("server.key"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(
+            data.join("server.key"),
+            std::fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
         let ca = dir.path().join("ca.pem");
         let other_ca = dir.path().join("other-ca.pem");
         std::fs::write(&ca, ca_cert.pem()).unwrap();
@@ -132,9 +142,14 @@ impl Drop for Cluster {
 }
 
 async fn uses_tls(url: &str) -> Result<bool, String> {
-    let c = arrears::db::raw_connect(url).await.map_err(|e| e.to_string())?;
+    let c = arrears::db::raw_connect(url)
+        .await
+        .map_err(|e| e.to_string())?;
     let row = c
-        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await
         .map_err(|e| e.to_string())?;
     Ok(row.get(0))
@@ -169,17 +184,34 @@ async fn every_connection_speaks_tls_as_the_url_says() {
         let r = uses_tls(&c.url("localhost", &q)).await;
         assert!(r.is_err(), "{q}: {r:?}");
     }
-    let missing = uses_tls(&c.url("localhost", "sslmode=verify-ca&sslrootcert=/nonexistent.pem")).await;
-    assert!(missing.unwrap_err().contains("sslrootcert /nonexistent.pem"));
+    let missing = uses_tls(&c.url(
+        "localhost",
+        "sslmode=verify-ca&sslrootcert=/nonexistent.pem",
+    ))
+    .await;
+    assert!(missing
+        .unwrap_err()
+        .contains("sslrootcert /nonexistent.pem"));
 
     // The library's pools: diesel (migrations) and raw clients, over verify-full.
-    let admin = arrears::db::raw_connect(&c.url("localhost", &full)).await.unwrap();
-    admin.batch_execute("CREATE DATABASE arrears_tls").await.unwrap();
-    let url = format!("postgres://postgres@localhost:{}/arrears_tls?{full}", c.port);
+    let admin = arrears::db::raw_connect(&c.url("localhost", &full))
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE arrears_tls")
+        .await
+        .unwrap();
+    let url = format!(
+        "postgres://postgres@localhost:{}/arrears_tls?{full}",
+        c.port
+    );
     let db = Db::open_url(&url, 2, MigrationMode::Apply).await.unwrap();
     let raw = db.raw_client().await.unwrap();
     let ssl: bool = raw
-        .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -207,9 +239,27 @@ async fn every_connection_speaks_tls_as_the_url_says() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     run(&["migrate"]);
-    run(&["import", "accounts", "samples/accounts.csv", "--as-of", "2026-11-22T00:00:00Z"]);
-    run(&["import", "resources", "samples/resources.csv", "--as-of", "2026-11-22T00:00:00Z"]);
-    run(&["import", "usage", "samples/usage.csv", "--as-of", "2026-11-22T23:00:00Z"]);
+    run(&[
+        "import",
+        "accounts",
+        "samples/accounts.csv",
+        "--as-of",
+        "2026-11-22T00:00:00Z",
+    ]);
+    run(&[
+        "import",
+        "resources",
+        "samples/resources.csv",
+        "--as-of",
+        "2026-11-22T00:00:00Z",
+    ]);
+    run(&[
+        "import",
+        "usage",
+        "samples/usage.csv",
+        "--as-of",
+        "2026-11-22T23:00:00Z",
+    ]);
     let bill = run(&["run", "generate_bills", "--as-of", "2026-11-23T00:30:00Z"]);
     assert!(bill.contains("\"accounts_with_usage\": 4"), "{bill}");
     let show = run(&["account", "show", "acme", "--json"]);

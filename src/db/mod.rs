@@ -103,10 +103,7 @@ impl Db {
                 let db = Self::open_url(&emb.url, config.database.pool_size, MigrationMode::Apply)
                     .await?;
                 let mut conn = db.conn().await?;
-                let priced: i64 = schema::prices::table
-                    .count()
-                    .get_result(&mut conn)
-                    .await?;
+                let priced: i64 = schema::prices::table.count().get_result(&mut conn).await?;
                 if priced == 0 {
                     catalog::apply(&mut conn, config, chrono::Utc::now(), false).await?;
                 }

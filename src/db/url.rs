@@ -274,11 +274,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(u.sslmode, SslMode::VerifyFull);
-        assert_eq!(u.sslrootcert.as_deref(), Some(std::path::Path::new("/etc/ca.pem")));
+        assert_eq!(
+            u.sslrootcert.as_deref(),
+            Some(std::path::Path::new("/etc/ca.pem"))
+        );
         assert_eq!(u.pg.get_dbname(), Some("billing"));
         assert_eq!(u.pg.get_password(), Some(&b"p@ss"[..]));
         assert_eq!(u.pg.get_application_name(), Some("arrears"));
-        assert_eq!(DbUrl::parse("postgres://h/d").unwrap().sslmode, SslMode::Prefer);
+        assert_eq!(
+            DbUrl::parse("postgres://h/d").unwrap().sslmode,
+            SslMode::Prefer
+        );
         assert!(DbUrl::parse("postgres://h/d?sslmode=sometimes").is_err());
         assert!(DbUrl::parse("mysql://h/d").is_err());
     }

@@ -17,9 +17,9 @@ use futures_util::StreamExt;
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::contact::mask_contact;
 use crate::db::Db;
 use crate::domain::alerts::Topic;
-use crate::contact::mask_contact;
 use crate::jobs::{JobError, JobName};
 use crate::notify::email::{build_message, Mailer};
 use crate::notify::sms::{template_params, SmsSender};
@@ -123,9 +123,17 @@ pub async fn run(
         let cancelled = tx.query(CANCEL_STALE, &[&opts.as_of, &limit]).await?;
         for r in &cancelled {
             let (id, kind, reason): (i64, String, String) = (r.get(1), r.get(2), r.get(3));
-            tracing::info!(job = "deliver_notifications", notice = id, kind, reason, "notice cancelled: its cause is gone");
+            tracing::info!(
+                job = "deliver_notifications",
+                notice = id,
+                kind,
+                reason,
+                "notice cancelled: its cause is gone"
+            );
             if report.cancelled_reasons.len() < 100 {
-                report.cancelled_reasons.push(format!("{id} {kind}: {reason}"));
+                report
+                    .cancelled_reasons
+                    .push(format!("{id} {kind}: {reason}"));
             }
         }
         report.cancelled += cancelled.len();
@@ -190,9 +198,14 @@ pub async fn run(
         let sending = async move {
             let mut sends = futures_util::stream::iter(claimed)
                 .map(|n| async move {
-                    let outcome =
-                        deliver_one(config, channels, &n, contacts.get(&n.account_id), opts.as_of)
-                            .await;
+                    let outcome = deliver_one(
+                        config,
+                        channels,
+                        &n,
+                        contacts.get(&n.account_id),
+                        opts.as_of,
+                    )
+                    .await;
                     (n, outcome)
                 })
                 .buffer_unordered(config.notifications.concurrency.max(1));
@@ -429,7 +442,8 @@ async fn record_outcomes(
         match outcome {
             Ok(sent) => {
                 // R9: a channel that reaches nobody warned nobody, unless configured so.
-                let counts = !sent.dev_channel || config.notifications.dev_channels_count_as_accepted;
+                let counts =
+                    !sent.dev_channel || config.notifications.dev_channels_count_as_accepted;
                 accounts.push(n.account_id.as_str());
                 ids.push(n.id);
                 provider_ids.push(sent.provider_id.as_str());
@@ -483,7 +497,11 @@ async fn record_outcomes(
         .await?;
     }
     tx.commit().await?;
-    tracing::debug!(job = "deliver_notifications", outcomes = outcomes.len(), "outcomes recorded");
+    tracing::debug!(
+        job = "deliver_notifications",
+        outcomes = outcomes.len(),
+        "outcomes recorded"
+    );
     Ok(())
 }
 

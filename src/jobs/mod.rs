@@ -300,7 +300,10 @@ async fn unlock_slot(
     slot: DateTime<Utc>,
 ) -> Result<(), JobError> {
     client
-        .execute("SELECT pg_advisory_unlock($1)", &[&slot_lock_key(job, slot)])
+        .execute(
+            "SELECT pg_advisory_unlock($1)",
+            &[&slot_lock_key(job, slot)],
+        )
         .await?;
     Ok(())
 }
@@ -386,9 +389,9 @@ pub enum Skip {
 impl Skip {
     pub fn why(&self) -> String {
         match self {
-            Skip::AlreadyRan { finished } => format!(
-                "slot already ran (finished {finished}); use --force to run it again"
-            ),
+            Skip::AlreadyRan { finished } => {
+                format!("slot already ran (finished {finished}); use --force to run it again")
+            }
             Skip::HeldElsewhere { owner, lease_until } => format!(
                 "slot is being run by {owner} (lease until {lease_until}); it is not done yet"
             ),

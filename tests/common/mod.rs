@@ -125,7 +125,9 @@ impl TestDb {
             .await
             .expect("open test database");
         let mut conn = db.conn().await.unwrap();
-        catalog::apply(&mut conn, &config, chrono::Utc::now(), false).await.unwrap();
+        catalog::apply(&mut conn, &config, chrono::Utc::now(), false)
+            .await
+            .unwrap();
         drop(conn);
         TestDb {
             db,
