@@ -3,6 +3,7 @@
 //! `arrears serve` (service.rs) or one slot at a time from the CLI.
 
 pub mod bench;
+pub mod bench_email;
 pub mod bench_lifecycle;
 pub mod config;
 pub mod contact;

@@ -128,6 +128,9 @@ async fn bad_accounts_file_imports_nothing() {
             "a3,Gamma,,12345,fr,Mars/Base,1.005,-5,",
             "a1,Again,,,en,UTC,0,0,",
             ",NoId,,,en,UTC,0,0,",
+            // Looks like an address but the mailer (lettre) refuses it: refused here, at
+            // its line, not at delivery.
+            "a7,Delta,first..last@example.com,,en,UTC,0,0,",
         ],
     );
     let errors = bad_lines(
@@ -146,6 +149,7 @@ async fn bad_accounts_file_imports_nothing() {
     assert!(has(&errors, 4, "credit_quota", "negative"), "{errors:#?}");
     assert!(has(&errors, 6, "id", "required"), "{errors:#?}");
     assert!(has(&errors, 5, "id", "line 2"), "{errors:#?}");
+    assert!(has(&errors, 7, "email", "not an email"), "{errors:#?}");
     assert_eq!(t.scalar_i64("SELECT count(*) FROM accounts").await, 0);
     assert_eq!(t.scalar_i64("SELECT count(*) FROM ledger_entries").await, 0);
 }

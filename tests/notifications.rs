@@ -47,6 +47,11 @@ fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 
 impl Smtp {
     fn start(dir: &Path, port: Option<u16>) -> Smtp {
+        Smtp::start_with(dir, port, false)
+    }
+
+    /// `implicit_tls`: smtps (TLS from the first byte) instead of STARTTLS.
+    fn start_with(dir: &Path, port: Option<u16>, implicit_tls: bool) -> Smtp {
         if !dir.join("ca.pem").exists() {
             test_ca(dir);
         }
@@ -60,6 +65,9 @@ impl Smtp {
             .args(["arrears", "s3cret"]);
         if let Some(p) = port {
             cmd.arg(p.to_string());
+        }
+        if implicit_tls {
+            cmd.env("SMTP_IMPLICIT_TLS", "1");
         }
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -202,6 +210,45 @@ async fn statuses(t: &TestDb, channel: &str) -> Vec<(String, String, i32)> {
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn email_over_implicit_tls_with_auth_arrives() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start_with(dir.path(), None, true);
+    let mut env = smtp.env();
+    for (k, v) in env.iter_mut() {
+        if k == "ARREARS_SMTP_URL" {
+            *v = format!("smtps://arrears:s3cret@127.0.0.1:{}", smtp.port);
+        }
+    }
+    let t = TestDb::with_config(config_env(&env)).await;
+    debtor(&t, "ops@acme.example", "en").await;
+    alerts(&t, at(T0)).await;
+    let d = deliver(&t, at(T0)).await;
+    assert_eq!((d.sent, d.retrying, d.dead), (2, 0, 0), "{:?}", d.failures);
+    let mails = smtp.messages();
+    assert_eq!(mails.len(), 1);
+    assert!(mails[0].contains("To: ops@acme.example"), "{}", mails[0]);
+    // A wrong password is refused by the server over the same TLS session: a permanent
+    // failure named as SMTP's, never a silent success.
+    let mut bad = smtp.env();
+    for (k, v) in bad.iter_mut() {
+        if k == "ARREARS_SMTP_URL" {
+            *v = format!("smtps://arrears:wrong@127.0.0.1:{}", smtp.port);
+        }
+    }
+    let t2 = TestDb::with_config(config_env(&bad)).await;
+    debtor(&t2, "ops@acme.example", "en").await;
+    alerts(&t2, at(T0)).await;
+    let d2 = deliver(&t2, at(T0)).await;
+    assert_eq!(d2.sent, 1, "only the sms: {:?}", d2.failures);
+    assert!(
+        d2.failures.iter().any(|f| f.contains("SMTP")),
+        "{:?}",
+        d2.failures
+    );
+    assert_eq!(smtp.messages().len(), 1, "nothing more arrived");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::contact::mask_contact;
-use crate::db::Db;
+use crate::db::{Db, DbError};
 use crate::domain::alerts::Topic;
 use crate::jobs::{JobError, JobName};
 use crate::notify::email::{build_message, Mailer};
@@ -106,7 +106,8 @@ pub async fn run(
     report.due = client
         .query_one(
             "SELECT count(*) FROM notices
-             WHERE (status IN ('pending', 'retrying') AND next_attempt_at <= $1) OR (status = 'sending' AND lease_until <= $1)",
+             WHERE status IN ('pending', 'retrying', 'sending') AND next_attempt_at <= $1
+               AND (status <> 'sending' OR lease_until <= $1)",
             &[&opts.as_of],
         )
         .await?
@@ -114,8 +115,109 @@ pub async fn run(
     if opts.dry_run {
         return Ok(report);
     }
+    // Three stages at once, so that neither the database nor the mail server waits for the
+    // other: the claimer takes a batch (cancelling what is no longer true, claiming the rest,
+    // reading their contacts) while the previous batch is being sent, at most one batch
+    // ahead; the senders run `concurrency` sends at once; the recorder writes each outcome as
+    // soon as it is known, taking whatever finished while its last write was in flight, so a
+    // crash re-sends at most the sends then in flight. The claimer and the recorder are tasks
+    // of their own, each with its connection, so that neither waits for the senders' task
+    // to be polled.
+    let limit = config.notifications.batch_size.max(1);
+    let (claimed_tx, mut claimed_rx) =
+        tokio::sync::mpsc::channel::<(Claimed, Option<Contact>)>(limit);
+    let (done_tx, mut done_rx) =
+        tokio::sync::mpsc::unbounded_channel::<(Claimed, Result<Sent, SendError>)>();
+    let shared = std::sync::Arc::new(config.clone());
+    let claimer = {
+        let (config, opts) = (shared.clone(), opts.clone());
+        tokio::spawn(async move {
+            let mut stats = ClaimStats::default();
+            claim_batches(&mut client, &config, &opts, claimed_tx, &mut stats).await?;
+            Ok::<ClaimStats, JobError>(stats)
+        })
+    };
+    let mut recorder = db.raw_client().await?;
+    let recorder = {
+        let (config, as_of) = (shared, opts.as_of);
+        tokio::spawn(async move {
+            let mut recorded = DeliverReport::default();
+            // At most a batch per statement: a write's cost stays that of a batch, so a
+            // slow write never snowballs into ever larger ones.
+            let most = config.notifications.batch_size.max(1);
+            while let Some(first) = done_rx.recv().await {
+                let mut outcomes = vec![first];
+                while outcomes.len() < most {
+                    match done_rx.try_recv() {
+                        Ok(more) => outcomes.push(more),
+                        Err(_) => break,
+                    }
+                }
+                record_outcomes(&mut recorder, &config, outcomes, as_of, &mut recorded).await?;
+            }
+            Ok::<DeliverReport, JobError>(recorded)
+        })
+    };
+    let incoming = futures_util::stream::poll_fn(|cx| claimed_rx.poll_recv(cx));
+    let mut sends = incoming
+        .map(|(n, contact)| async move {
+            let outcome = deliver_one(config, channels, &n, contact.as_ref(), opts.as_of).await;
+            (n, outcome)
+        })
+        .buffer_unordered(config.notifications.concurrency.max(1));
+    while let Some(done) = sends.next().await {
+        if done_tx.send(done).is_err() {
+            // The recorder stopped on an error; dropping the stream stops the claimer.
+            break;
+        }
+    }
+    drop(sends);
+    drop(done_tx);
+    let joined = |e: tokio::task::JoinError| {
+        JobError::Db(DbError::Pool(format!("a delivery task failed: {e}")))
+    };
+    // The recorder's error is the first cause (it stops the senders, whose end stops the
+    // claimer); then the claimer's.
+    let recorded = recorder.await.map_err(joined)??;
+    let claims = claimer.await.map_err(joined)??;
+    report.sent = recorded.sent;
+    report.retrying = recorded.retrying;
+    report.dead = recorded.dead;
+    report.sent_to_dev_channels = recorded.sent_to_dev_channels;
+    report.failures = recorded.failures;
+    report.claimed = claims.claimed;
+    report.cancelled = claims.cancelled;
+    report.cancelled_reasons = claims.cancelled_reasons;
+    tracing::info!(
+        job = report.job,
+        sent = report.sent,
+        retrying = report.retrying,
+        dead = report.dead,
+        "deliver_notifications finished"
+    );
+    Ok(report)
+}
+
+#[derive(Default)]
+struct ClaimStats {
+    claimed: usize,
+    cancelled: usize,
+    cancelled_reasons: Vec<String>,
+}
+
+/// The claimer: batch after batch (at most `max_batches`), in one transaction each, cancels
+/// the due notices whose cause is gone and claims the rest with a lease, then reads their
+/// contacts (a send in flight holds no database connection) and hands them to the senders.
+/// Stops when nothing is due or when the senders stop.
+async fn claim_batches(
+    client: &mut tokio_postgres::Client,
+    config: &Config,
+    opts: &Options,
+    out: tokio::sync::mpsc::Sender<(Claimed, Option<Contact>)>,
+    stats: &mut ClaimStats,
+) -> Result<(), JobError> {
     let lease_until = opts.as_of + config.notifications.lease.to_chrono();
-    let limit = config.notifications.batch_size as i64;
+    let limit = config.notifications.batch_size.max(1) as i64;
     for _ in 0..opts.max_batches.max(1) {
         // One transaction: the due notices whose cause is gone are cancelled, and the rest of
         // the batch is claimed, so that nothing claimed here was untrue at the claim.
@@ -130,19 +232,22 @@ pub async fn run(
                 reason,
                 "notice cancelled: its cause is gone"
             );
-            if report.cancelled_reasons.len() < 100 {
-                report
+            if stats.cancelled_reasons.len() < 100 {
+                stats
                     .cancelled_reasons
                     .push(format!("{id} {kind}: {reason}"));
             }
         }
-        report.cancelled += cancelled.len();
+        stats.cancelled += cancelled.len();
+        // Oldest due first, in the order of the notices_due index; a claimed notice is due
+        // again when its lease runs out (next_attempt_at = the lease's end), for a takeover.
         let rows = tx
             .query(
-                "UPDATE notices n SET status = 'sending', lease_until = $2, attempts = n.attempts + 1
+                "UPDATE notices n SET status = 'sending', lease_until = $2, next_attempt_at = $2,
+                        attempts = n.attempts + 1
                  FROM (SELECT account_id, id FROM notices
-                       WHERE (status IN ('pending', 'retrying') AND next_attempt_at <= $1)
-                          OR (status = 'sending' AND lease_until <= $1)
+                       WHERE status IN ('pending', 'retrying', 'sending') AND next_attempt_at <= $1
+                         AND (status <> 'sending' OR lease_until <= $1)
                        ORDER BY next_attempt_at, id LIMIT $3
                        FOR UPDATE SKIP LOCKED) due
                  WHERE n.account_id = due.account_id AND n.id = due.id
@@ -157,7 +262,7 @@ pub async fn run(
             }
             continue;
         }
-        report.claimed += rows.len();
+        stats.claimed += rows.len();
         let claimed: Vec<Claimed> = rows
             .into_iter()
             .map(|r| Claimed {
@@ -169,8 +274,6 @@ pub async fn run(
                 attempts: r.get(5),
             })
             .collect();
-        // Contacts for the whole batch up front: a send in flight holds no database
-        // connection.
         let ids: Vec<&str> = claimed.iter().map(|n| n.account_id.as_str()).collect();
         let contacts: HashMap<String, Contact> = client
             .query(
@@ -190,54 +293,18 @@ pub async fn run(
                 )
             })
             .collect();
-        // Send concurrently (the SMTP pool and the HTTP client are shared), and record each
-        // outcome as soon as it is known: the recorder takes whatever has finished while its
-        // last write was in flight, so a crash re-sends at most the sends then in flight.
-        let contacts = &contacts;
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
-        let sending = async move {
-            let mut sends = futures_util::stream::iter(claimed)
-                .map(|n| async move {
-                    let outcome = deliver_one(
-                        config,
-                        channels,
-                        &n,
-                        contacts.get(&n.account_id),
-                        opts.as_of,
-                    )
-                    .await;
-                    (n, outcome)
-                })
-                .buffer_unordered(config.notifications.concurrency.max(1));
-            while let Some(done) = sends.next().await {
-                if done_tx.send(done).is_err() {
-                    break;
-                }
+        for n in claimed {
+            let contact = contacts.get(&n.account_id).cloned();
+            if out.send((n, contact)).await.is_err() {
+                // The senders stopped (the recorder failed): its error is the one reported.
+                return Ok(());
             }
-        };
-        let recording = async {
-            while let Some(first) = done_rx.recv().await {
-                let mut outcomes = vec![first];
-                while let Ok(more) = done_rx.try_recv() {
-                    outcomes.push(more);
-                }
-                record_outcomes(&mut client, config, outcomes, opts.as_of, &mut report).await?;
-            }
-            Ok::<(), JobError>(())
-        };
-        let ((), recorded) = tokio::join!(sending, recording);
-        recorded?;
+        }
     }
-    tracing::info!(
-        job = report.job,
-        sent = report.sent,
-        retrying = report.retrying,
-        dead = report.dead,
-        "deliver_notifications finished"
-    );
-    Ok(report)
+    Ok(())
 }
 
+#[derive(Clone)]
 struct Contact {
     email: Option<String>,
     phone: Option<String>,
@@ -386,7 +453,8 @@ pub fn backoff(config: &Config, attempts: i32, seed: i64) -> chrono::Duration {
 const CANCEL_STALE: &str = "
 WITH due AS (
   SELECT account_id, id FROM notices
-  WHERE ((status IN ('pending', 'retrying') AND next_attempt_at <= $1) OR (status = 'sending' AND lease_until <= $1))
+  WHERE status IN ('pending', 'retrying', 'sending') AND next_attempt_at <= $1
+    AND (status <> 'sending' OR lease_until <= $1)
     AND kind IN ('overdue', 'overdue_reminder', 'suspension_imminent', 'release_warning', 'balance_low')
   ORDER BY next_attempt_at, id LIMIT $2
   FOR UPDATE SKIP LOCKED
@@ -423,10 +491,10 @@ FROM why
 WHERE n.account_id = why.account_id AND n.id = why.id AND why.reason IS NOT NULL
 RETURNING n.account_id, n.id, n.kind, n.cancel_reason";
 
-/// Records outcomes in one transaction: the sent ones with one statement, with the facts an
-/// accepted one establishes (R2, R9); failures with their backoff or as dead. A crash before
-/// this commit leaves these notices claimed: they are sent again when the lease runs out (at
-/// least once).
+/// Records outcomes: the sent ones with one statement (the notices, and the facts their
+/// acceptance establishes, R2 and R9, for the whole set, atomically); each failure with its
+/// backoff or as dead. A crash before a statement commits leaves its notices claimed: they are
+/// sent again when the lease runs out (at least once).
 async fn record_outcomes(
     client: &mut tokio_postgres::Client,
     config: &Config,
@@ -434,27 +502,15 @@ async fn record_outcomes(
     now: DateTime<Utc>,
     report: &mut DeliverReport,
 ) -> Result<(), JobError> {
-    let tx = client.transaction().await?;
-    let (mut accounts, mut ids, mut provider_ids, mut attempts) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut message_ids, mut devs, mut accepted) = (Vec::new(), Vec::new(), Vec::new());
+    let t0 = std::time::Instant::now();
+    let mut sent = SentSet::default();
     for (n, outcome) in &outcomes {
         match outcome {
-            Ok(sent) => {
+            Ok(s) => {
                 // R9: a channel that reaches nobody warned nobody, unless configured so.
-                let counts =
-                    !sent.dev_channel || config.notifications.dev_channels_count_as_accepted;
-                accounts.push(n.account_id.as_str());
-                ids.push(n.id);
-                provider_ids.push(sent.provider_id.as_str());
-                attempts.push(n.attempts);
-                message_ids.push(sent.message_id.as_deref());
-                devs.push(sent.dev_channel);
-                accepted.push(counts);
-                if counts {
-                    accepted_facts(&tx, n, now).await?;
-                }
-                if sent.dev_channel {
+                let counts = !s.dev_channel || config.notifications.dev_channels_count_as_accepted;
+                sent.add(n, s, counts);
+                if s.dev_channel {
                     report.sent_to_dev_channels += 1;
                 }
                 report.sent += 1;
@@ -466,12 +522,13 @@ async fn record_outcomes(
                 let next = now + backoff(config, n.attempts, n.id);
                 // Only while this claim is still ours: a worker whose lease ran out must not
                 // overwrite what the worker that took the notice over recorded.
-                tx.execute(
-                    "UPDATE notices SET status = $3, last_error = $4, lease_until = NULL, next_attempt_at = $5
-                     WHERE account_id = $1 AND id = $2 AND status = 'sending' AND attempts = $6",
-                    &[&n.account_id, &n.id, &status, &e.to_string(), &next, &n.attempts],
-                )
-                .await?;
+                client
+                    .execute(
+                        "UPDATE notices SET status = $3, last_error = $4, lease_until = NULL, next_attempt_at = $5
+                         WHERE account_id = $1 AND id = $2 AND status = 'sending' AND attempts = $6",
+                        &[&n.account_id, &n.id, &status, &e.to_string(), &next, &n.attempts],
+                    )
+                    .await?;
                 tracing::warn!(job = "deliver_notifications", notice = n.id, account_id = %n.account_id, error = %e, status, "delivery failed");
                 if dead {
                     report.dead += 1;
@@ -484,88 +541,159 @@ async fn record_outcomes(
             }
         }
     }
-    if !ids.is_empty() {
-        tx.execute(
-            "UPDATE notices n SET status = 'sent', provider_message_id = u.pid, message_id = u.mid,
-                    dev_channel = u.dev, accepted_at = CASE WHEN u.accepted THEN $4::timestamptz END,
-                    lease_until = NULL, last_error = NULL
-             FROM unnest($1::text[], $2::bigint[], $3::text[], $5::int[], $6::text[], $7::bool[], $8::bool[])
-                  AS u(account_id, id, pid, attempts, mid, dev, accepted)
-             WHERE n.account_id = u.account_id AND n.id = u.id AND n.status = 'sending' AND n.attempts = u.attempts",
-            &[&accounts, &ids, &provider_ids, &now, &attempts, &message_ids, &devs, &accepted],
-        )
-        .await?;
-    }
-    tx.commit().await?;
+    sent.write(client, now).await?;
     tracing::debug!(
         job = "deliver_notifications",
         outcomes = outcomes.len(),
+        took = ?t0.elapsed(),
         "outcomes recorded"
     );
     Ok(())
 }
 
-/// R2 and R9: the facts that an accepted notice establishes, for the episode and suspension
-/// it was about (its `_about` topics): the episode's first accepted overdue alert (only while
-/// that episode is open, and only the first acceptance counts), and a release warning for a
-/// suspension with the release instant it announced. The account is marked due for the jobs
-/// whose decisions the fact moves.
-async fn accepted_facts(
-    tx: &tokio_postgres::Transaction<'_>,
-    n: &Claimed,
-    now: DateTime<Utc>,
-) -> Result<(), JobError> {
-    let topics: Vec<Topic> =
-        serde_json::from_value(n.payload["_about"].clone()).unwrap_or_default();
-    let (mut grace, mut release) = (false, false);
-    for t in topics {
-        match t {
-            Topic::Overdue { episode } => {
-                let set = tx
-                    .execute(
-                        "UPDATE arrears_episodes e SET first_overdue_alert_at = $3
-                         FROM accounts a
-                         WHERE e.account_id = $1 AND e.no = $2 AND e.first_overdue_alert_at IS NULL
-                           AND e.closed_at IS NULL AND a.id = e.account_id AND a.episode = e.no",
-                        &[&n.account_id, &episode, &now],
-                    )
-                    .await?;
-                grace |= set > 0;
+/// Sent notices, as the columns of one statement, with the facts the accepted ones establish
+/// (their `_about` topics): an episode's first accepted overdue alert, and release warnings.
+#[derive(Default)]
+struct SentSet {
+    accounts: Vec<String>,
+    ids: Vec<i64>,
+    provider_ids: Vec<String>,
+    attempts: Vec<i32>,
+    message_ids: Vec<Option<String>>,
+    devs: Vec<bool>,
+    accepted: Vec<bool>,
+    /// (account, episode) of accepted overdue alerts.
+    overdue: (Vec<String>, Vec<i32>),
+    /// (account, suspension, lead, release instant) of accepted release warnings.
+    warnings: (Vec<String>, Vec<i32>, Vec<i32>, Vec<DateTime<Utc>>),
+}
+
+impl SentSet {
+    fn add(&mut self, n: &Claimed, sent: &Sent, accepted: bool) {
+        self.accounts.push(n.account_id.clone());
+        self.ids.push(n.id);
+        self.provider_ids.push(sent.provider_id.clone());
+        self.attempts.push(n.attempts);
+        self.message_ids.push(sent.message_id.clone());
+        self.devs.push(sent.dev_channel);
+        self.accepted.push(accepted);
+        if !accepted {
+            return;
+        }
+        let topics: Vec<Topic> =
+            serde_json::from_value(n.payload["_about"].clone()).unwrap_or_default();
+        for t in topics {
+            match t {
+                Topic::Overdue { episode } => {
+                    self.overdue.0.push(n.account_id.clone());
+                    self.overdue.1.push(episode);
+                }
+                Topic::Warning {
+                    suspension,
+                    lead_seconds,
+                    release_at,
+                } => {
+                    let Ok(lead) = i32::try_from(lead_seconds) else {
+                        continue;
+                    };
+                    let w = &mut self.warnings;
+                    w.0.push(n.account_id.clone());
+                    w.1.push(suspension);
+                    w.2.push(lead);
+                    w.3.push(release_at);
+                }
+                Topic::Reminder { .. } | Topic::Imminent { .. } => {}
             }
-            Topic::Warning {
-                suspension,
-                lead_seconds,
-                release_at,
-            } => {
-                let Ok(lead) = i32::try_from(lead_seconds) else {
-                    continue;
-                };
-                tx.execute(
-                    "INSERT INTO release_warnings (account_id, suspension, lead_seconds, release_at, accepted_at)
-                     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
-                    &[&n.account_id, &suspension, &lead, &release_at, &now],
-                )
-                .await?;
-                release = true;
-            }
-            Topic::Reminder { .. } | Topic::Imminent { .. } => {}
         }
     }
-    if grace || release {
-        // The lcic grace clock started (enforcement and reminders move), or a release can now
-        // be due.
-        tx.execute(
-            "UPDATE accounts SET
-               enforce_due_at = CASE WHEN $3 THEN least(coalesce(enforce_due_at, 'infinity'), $2) ELSE enforce_due_at END,
-               alerts_due_at = CASE WHEN $3 THEN least(coalesce(alerts_due_at, 'infinity'), $2) ELSE alerts_due_at END,
-               release_due_at = CASE WHEN $4 THEN least(coalesce(release_due_at, 'infinity'), $2) ELSE release_due_at END
-             WHERE id = $1",
-            &[&n.account_id, &now, &grace, &release],
-        )
-        .await?;
+
+    async fn write(
+        self,
+        client: &tokio_postgres::Client,
+        now: DateTime<Utc>,
+    ) -> Result<(), JobError> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        let (w_accounts, w_suspensions, w_leads, w_release_at) = &self.warnings;
+        client
+            .execute(
+                RECORD_SENT,
+                &[
+                    &self.accounts,
+                    &self.ids,
+                    &self.provider_ids,
+                    &now,
+                    &self.attempts,
+                    &self.message_ids,
+                    &self.devs,
+                    &self.accepted,
+                    &self.overdue.0,
+                    &self.overdue.1,
+                    w_accounts,
+                    w_suspensions,
+                    w_leads,
+                    w_release_at,
+                ],
+            )
+            .await?;
+        Ok(())
     }
-    Ok(())
 }
+
+/// One statement (so one round trip, and atomic): the sent notices (only while the claim is
+/// still ours), then for the accepted ones
+/// - R2: the episode's first accepted overdue alert, only while that episode is open and is
+///   the account's current one, and only the first acceptance counts ($9, $10);
+/// - R9: the release warnings accepted for a suspension with the release instant they
+///   announced ($11 to $14);
+/// - the accounts marked due for the jobs whose decisions the facts move (the grace clock
+///   started: enforcement and reminders; a release can now be due), locked in id order, the
+///   one order of every writer of these rows.
+///
+/// Every table is reached through its key with `= ANY(array)`, so that the plan stays an
+/// index lookup per row whatever the statistics say: with the notices' statistics saying that
+/// none is `sending` (as they do after a quiet night), the planner otherwise scanned all the
+/// claimed notices once per outcome (9.7 s for 3,900 outcomes), and the accounts table whole.
+///
+/// Raw SQL: data-modifying CTEs over unnest'ed arrays, which the query builder cannot say.
+const RECORD_SENT: &str = "
+WITH sent AS (
+  UPDATE notices n SET status = 'sent', provider_message_id = u.pid, message_id = u.mid,
+         dev_channel = u.dev, accepted_at = CASE WHEN u.accepted THEN $4::timestamptz END,
+         lease_until = NULL, last_error = NULL
+  FROM unnest($1::text[], $2::bigint[], $3::text[], $5::int[], $6::text[], $7::bool[], $8::bool[])
+       AS u(account_id, id, pid, attempts, mid, dev, accepted)
+  WHERE n.account_id = ANY($1) AND n.id = ANY($2)
+    AND n.account_id = u.account_id AND n.id = u.id AND n.status = 'sending' AND n.attempts = u.attempts
+  RETURNING n.id
+), grace AS (
+  UPDATE arrears_episodes e SET first_overdue_alert_at = $4
+  FROM unnest($9::text[], $10::int[]) AS o(account_id, no), accounts a
+  WHERE e.account_id = ANY($9) AND a.id = ANY($9)
+    AND e.account_id = o.account_id AND e.no = o.no AND e.first_overdue_alert_at IS NULL
+    AND e.closed_at IS NULL AND a.id = e.account_id AND a.episode = e.no
+  RETURNING e.account_id
+), warned AS (
+  INSERT INTO release_warnings (account_id, suspension, lead_seconds, release_at, accepted_at)
+  SELECT w.account_id, w.suspension, w.lead, w.release_at, $4
+  FROM unnest($11::text[], $12::int[], $13::int[], $14::timestamptz[])
+       AS w(account_id, suspension, lead, release_at)
+  ON CONFLICT DO NOTHING
+  RETURNING account_id
+), due AS (
+  SELECT id, id = ANY(ARRAY(SELECT account_id FROM grace)) AS grace, id = ANY($11::text[]) AS release
+  FROM accounts
+  WHERE id = ANY(ARRAY(SELECT account_id FROM grace) || $11::text[])
+  ORDER BY id
+  FOR UPDATE
+)
+UPDATE accounts a SET
+  enforce_due_at = CASE WHEN due.grace THEN least(coalesce(a.enforce_due_at, 'infinity'), $4) ELSE a.enforce_due_at END,
+  alerts_due_at = CASE WHEN due.grace THEN least(coalesce(a.alerts_due_at, 'infinity'), $4) ELSE a.alerts_due_at END,
+  release_due_at = CASE WHEN due.release THEN least(coalesce(a.release_due_at, 'infinity'), $4) ELSE a.release_due_at END
+FROM due
+WHERE a.id = due.id";
 
 #[cfg(test)]
 mod tests {

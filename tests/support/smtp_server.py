@@ -1,7 +1,8 @@
 """A real SMTP server for the tests: aiosmtpd with STARTTLS required and AUTH.
 
 Usage: smtp_server.py CERT KEY MAILDIR MODEFILE USER PASSWORD [PORT]
-(CERT "-" serves plain SMTP without TLS or AUTH, for the email benchmark.)
+(CERT "-" serves plain SMTP without TLS or AUTH, for the email benchmark. With the
+environment variable SMTP_IMPLICIT_TLS=1 it serves TLS from the first byte, smtps, with AUTH.)
 Prints the port it listens on (127.0.0.1) and serves until killed. Each accepted message is
 written to MAILDIR as <n>.eml. The first line of MODEFILE, read on every command, picks the
 behaviour: "ok" accepts, "421" answers 421 (try later) to every RCPT, "slow MS" accepts after
@@ -75,6 +76,23 @@ def main():
         return
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(cert, key)
+    if os.environ.get("SMTP_IMPLICIT_TLS") == "1":
+        # smtps: the whole session is TLS (aiosmtpd's AUTH-needs-TLS check knows only
+        # STARTTLS, so it is off here; the connection is encrypted all the same).
+        controller = Controller(
+            Handler(),
+            hostname="127.0.0.1",
+            port=port,
+            ssl_context=ctx,
+            authenticator=authenticator,
+            auth_required=True,
+            auth_require_tls=False,
+        )
+        controller.start()
+        print(controller.port, flush=True)
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        controller.stop()
+        return
     controller = Controller(
         Handler(),
         hostname="127.0.0.1",
