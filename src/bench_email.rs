@@ -267,7 +267,7 @@ async fn deliver(
     // at delivery and its acceptance writes the episode's first accepted alert (R2).
     client
         .batch_execute(
-            "UPDATE arrears_episodes SET closed_at = now(), close_reason = 'bench' WHERE closed_at IS NULL",
+            "UPDATE arrears_episodes SET closed_at = now(), close_reason = 'paid', closed_by = 'bench' WHERE closed_at IS NULL",
         )
         .await?;
     client

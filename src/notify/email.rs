@@ -161,14 +161,24 @@ impl Mailer {
         timeout: Duration,
     ) -> Result<String, SendError> {
         match self {
-            Mailer::Smtp(pool) => match tokio::time::timeout(timeout, pool.send(&message)).await {
-                Err(_) => Err(SendError::Temporary(format!(
-                    "SMTP send timed out after {}s",
-                    timeout.as_secs()
-                ))),
-                Ok(Ok(())) => Ok(message_id.to_string()),
-                Ok(Err(e)) => Err(e),
-            },
+            Mailer::Smtp(pool) => {
+                // Waiting for a free session is not part of the send's timeout: with more
+                // sends in flight than sessions, the queued ones would otherwise time out
+                // behind a slow server without ever having been tried.
+                let _session = pool
+                    .sessions
+                    .acquire()
+                    .await
+                    .expect("the pool's semaphore is never closed");
+                match tokio::time::timeout(timeout, pool.send(&message)).await {
+                    Err(_) => Err(SendError::Temporary(format!(
+                        "SMTP send timed out after {}s",
+                        timeout.as_secs()
+                    ))),
+                    Ok(Ok(())) => Ok(message_id.to_string()),
+                    Ok(Err(e)) => Err(e),
+                }
+            }
             Mailer::File(t, dir) => match tokio::time::timeout(timeout, t.send(message)).await {
                 Err(_) => Err(SendError::Temporary(
                     "writing the .eml file timed out".into(),
@@ -198,14 +208,10 @@ pub struct SmtpPool {
 }
 
 impl SmtpPool {
-    /// One message on a pooled session. A session that failed is closed, never reused.
-    /// Cancelling this future (the send timeout) drops the session it was using.
+    /// One message on a pooled session, by a caller holding one of `sessions`' permits. A
+    /// session that failed is closed, never reused. Cancelling this future (the send timeout)
+    /// drops the session it was using.
     async fn send(&self, message: &Message) -> Result<(), SendError> {
-        let _permit = self
-            .sessions
-            .acquire()
-            .await
-            .expect("the pool's semaphore is never closed");
         let mut conn = self.checkout().await?;
         let result = conn
             .send(message.envelope(), &message.formatted())
