@@ -126,9 +126,14 @@ pub async fn run(
     let limit = config.notifications.batch_size.max(1);
     let (claimed_tx, mut claimed_rx) =
         tokio::sync::mpsc::channel::<(Claimed, Option<Contact>)>(limit);
-    let (done_tx, mut done_rx) =
-        tokio::sync::mpsc::unbounded_channel::<(Claimed, Result<Sent, SendError>)>();
+    // Bounded: when recording is slower than sending, the senders wait, so that what has been
+    // sent but not yet recorded (what a crash would send again) stays about `concurrency`.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<(Claimed, Result<Sent, SendError>)>(
+        config.notifications.concurrency.max(1),
+    );
     let shared = std::sync::Arc::new(config.clone());
+    // The recorder's connection first: once the claimer runs, every claim must be sent.
+    let mut recorder = db.raw_client().await?;
     let claimer = {
         let (config, opts) = (shared.clone(), opts.clone());
         tokio::spawn(async move {
@@ -137,7 +142,6 @@ pub async fn run(
             Ok::<ClaimStats, JobError>(stats)
         })
     };
-    let mut recorder = db.raw_client().await?;
     let recorder = {
         let (config, as_of) = (shared, opts.as_of);
         tokio::spawn(async move {
@@ -166,20 +170,25 @@ pub async fn run(
         })
         .buffer_unordered(config.notifications.concurrency.max(1));
     while let Some(done) = sends.next().await {
-        if done_tx.send(done).is_err() {
-            // The recorder stopped on an error; dropping the stream stops the claimer.
+        if done_tx.send(done).await.is_err() {
+            // The recorder stopped on an error: stop here, and stop the claimer below.
             break;
         }
     }
     drop(sends);
     drop(done_tx);
+    // Whatever the claimer still hands over is refused: it stops at its next hand-over
+    // (notices it claimed and nobody sent are sent by a later run when their lease ends).
+    claimed_rx.close();
     let joined = |e: tokio::task::JoinError| {
         JobError::Db(DbError::Pool(format!("a delivery task failed: {e}")))
     };
     // The recorder's error is the first cause (it stops the senders, whose end stops the
     // claimer); then the claimer's.
-    let recorded = recorder.await.map_err(joined)??;
-    let claims = claimer.await.map_err(joined)??;
+    let recorded = recorder.await.map_err(joined);
+    let claims = claimer.await.map_err(joined);
+    let recorded = recorded??;
+    let claims = claims??;
     report.sent = recorded.sent;
     report.retrying = recorded.retrying;
     report.dead = recorded.dead;
@@ -216,9 +225,14 @@ async fn claim_batches(
     out: tokio::sync::mpsc::Sender<(Claimed, Option<Contact>)>,
     stats: &mut ClaimStats,
 ) -> Result<(), JobError> {
-    let lease_until = opts.as_of + config.notifications.lease.to_chrono();
+    let started = std::time::Instant::now();
     let limit = config.notifications.batch_size.max(1) as i64;
     for _ in 0..opts.max_batches.max(1) {
+        // The lease runs from this claim (the run's instant plus the time the run has taken
+        // so far), not from the run's start: a long run's later batches keep a whole lease.
+        let lease_until = opts.as_of
+            + chrono::Duration::from_std(started.elapsed()).unwrap_or_default()
+            + config.notifications.lease.to_chrono();
         // One transaction: the due notices whose cause is gone are cancelled, and the rest of
         // the batch is claimed, so that nothing claimed here was untrue at the claim.
         let tx = client.transaction().await?;
@@ -239,6 +253,10 @@ async fn claim_batches(
             }
         }
         stats.cancelled += cancelled.len();
+        // The claim looks no further than the cancellation looked: among the first `limit`
+        // due notices, every one of a cancellable kind was checked above, and the claim takes
+        // `limit` minus the cancelled ones, so it takes no stale notice left unchecked.
+        let claim_limit = limit - cancelled.len() as i64;
         // Oldest due first, in the order of the notices_due index; a claimed notice is due
         // again when its lease runs out (next_attempt_at = the lease's end), for a takeover.
         let rows = tx
@@ -252,7 +270,7 @@ async fn claim_batches(
                        FOR UPDATE SKIP LOCKED) due
                  WHERE n.account_id = due.account_id AND n.id = due.id
                  RETURNING n.account_id, n.id, n.kind, n.channel, n.payload, n.attempts",
-                &[&opts.as_of, &lease_until, &limit],
+                &[&opts.as_of, &lease_until, &claim_limit],
             )
             .await?;
         tx.commit().await?;
