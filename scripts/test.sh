@@ -31,6 +31,23 @@ if ! python3 -c 'import aiosmtpd' 2>/dev/null; then
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages aiosmtpd
 fi
 
+# postfix's smtp-sink and smtp-source, the references of `arrears bench-email` (no test needs
+# them; installed for the benchmark on a new machine, without starting postfix's daemon:
+# Debian's invoke-rc.d honours a policy-rc.d that exits 101). Skipped when not root.
+if ! command -v smtp-sink >/dev/null 2>&1 && [ ! -x /usr/sbin/smtp-sink ] && [ "$(id -u)" -eq 0 ] \
+    && command -v apt-get >/dev/null 2>&1; then
+  echo "installing postfix's smtp-sink and smtp-source"
+  placed_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d
+    placed_policy=1
+  fi
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null || true
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix >/dev/null; } \
+    || echo "could not install postfix (bench-email needs it; the tests do not)" >&2
+  if [ -n "$placed_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
+fi
+
 cargo test --locked -- --test-threads="${TEST_THREADS:-4}"
 
 # The systemd units of deploy/.

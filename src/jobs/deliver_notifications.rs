@@ -627,47 +627,58 @@ impl SentSet {
 
     async fn write(
         self,
-        client: &tokio_postgres::Client,
+        client: &mut tokio_postgres::Client,
         now: DateTime<Utc>,
     ) -> Result<(), JobError> {
         if self.ids.is_empty() {
             return Ok(());
         }
         let (w_accounts, w_suspensions, w_leads, w_release_at) = &self.warnings;
-        client
-            .execute(
-                RECORD_SENT,
-                &[
-                    &self.accounts,
-                    &self.ids,
-                    &self.provider_ids,
-                    &now,
-                    &self.attempts,
-                    &self.message_ids,
-                    &self.devs,
-                    &self.accepted,
-                    &self.overdue.0,
-                    &self.overdue.1,
-                    w_accounts,
-                    w_suspensions,
-                    w_leads,
-                    w_release_at,
-                ],
+        let tx = client.transaction().await?;
+        if !self.overdue.0.is_empty() || !w_accounts.is_empty() {
+            // The accounts the facts touch are locked first, in id order, before their
+            // episodes: the order of the lifecycle jobs (account, then episode), so that a
+            // recorder and a job (or two recorders) never wait for each other in a circle.
+            tx.execute(
+                "SELECT 1 FROM accounts WHERE id = ANY($1::text[] || $2::text[]) ORDER BY id FOR UPDATE",
+                &[&self.overdue.0, w_accounts],
             )
             .await?;
+        }
+        tx.execute(
+            RECORD_SENT,
+            &[
+                &self.accounts,
+                &self.ids,
+                &self.provider_ids,
+                &now,
+                &self.attempts,
+                &self.message_ids,
+                &self.devs,
+                &self.accepted,
+                &self.overdue.0,
+                &self.overdue.1,
+                w_accounts,
+                w_suspensions,
+                w_leads,
+                w_release_at,
+            ],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 }
 
-/// One statement (so one round trip, and atomic): the sent notices (only while the claim is
+/// One statement (after the accounts' locks, in the same transaction): the sent notices (only while the claim is
 /// still ours), then for the accepted ones
 /// - R2: the episode's first accepted overdue alert, only while that episode is open and is
 ///   the account's current one, and only the first acceptance counts ($9, $10);
 /// - R9: the release warnings accepted for a suspension with the release instant they
 ///   announced ($11 to $14);
 /// - the accounts marked due for the jobs whose decisions the facts move (the grace clock
-///   started: enforcement and reminders; a release can now be due), locked in id order, the
-///   one order of every writer of these rows.
+///   started: enforcement and reminders; a release can now be due), already locked in id
+///   order by the statement before this one.
 ///
 /// Every table is reached through its key with `= ANY(array)`, so that the plan stays an
 /// index lookup per row whatever the statistics say: with the notices' statistics saying that
