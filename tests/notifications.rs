@@ -216,13 +216,17 @@ async fn statuses(t: &TestDb, channel: &str) -> Vec<(String, String, i32)> {
 async fn email_over_implicit_tls_with_auth_arrives() {
     let dir = tempfile::tempdir().unwrap();
     let smtp = Smtp::start_with(dir.path(), None, true);
-    let mut env = smtp.env();
-    for (k, v) in env.iter_mut() {
-        if k == "ARREARS_SMTP_URL" {
-            *v = format!("smtps://arrears:s3cret@127.0.0.1:{}", smtp.port);
+    // The server's environment with an smtps:// URL and the given password.
+    let smtps = |password: &str| -> Vec<(String, String)> {
+        let mut env = smtp.env();
+        for (k, v) in env.iter_mut() {
+            if k == "ARREARS_SMTP_URL" {
+                *v = format!("smtps://arrears:{password}@127.0.0.1:{}", smtp.port);
+            }
         }
-    }
-    let t = TestDb::with_config(config_env(&env)).await;
+        env
+    };
+    let t = TestDb::with_config(config_env(&smtps("s3cret"))).await;
     debtor(&t, "ops@acme.example", "en").await;
     alerts(&t, at(T0)).await;
     let d = deliver(&t, at(T0)).await;
@@ -232,13 +236,7 @@ async fn email_over_implicit_tls_with_auth_arrives() {
     assert!(mails[0].contains("To: ops@acme.example"), "{}", mails[0]);
     // A wrong password is refused by the server over the same TLS session: a permanent
     // failure named as SMTP's, never a silent success.
-    let mut bad = smtp.env();
-    for (k, v) in bad.iter_mut() {
-        if k == "ARREARS_SMTP_URL" {
-            *v = format!("smtps://arrears:wrong@127.0.0.1:{}", smtp.port);
-        }
-    }
-    let t2 = TestDb::with_config(config_env(&bad)).await;
+    let t2 = TestDb::with_config(config_env(&smtps("wrong"))).await;
     debtor(&t2, "ops@acme.example", "en").await;
     alerts(&t2, at(T0)).await;
     let d2 = deliver(&t2, at(T0)).await;

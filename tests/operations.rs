@@ -354,48 +354,29 @@ async fn exit_statuses_tell_refusals_from_errors() {
         1
     );
     // A reference is one payment of one account.
-    ok_json(arrears(
-        url,
-        &[
-            "topup",
-            "A",
-            "10.00",
-            "--reference",
-            "gw-777",
-            "--as-of",
-            "2026-11-23T02:00:00Z",
-        ],
-    ));
-    let other = arrears(
-        url,
-        &[
-            "topup",
-            "B",
-            "10.00",
-            "--reference",
-            "gw-777",
-            "--as-of",
-            "2026-11-23T02:00:00Z",
-        ],
-    );
+    let topup = |account: &str| {
+        arrears(
+            url,
+            &[
+                "topup",
+                account,
+                "10.00",
+                "--reference",
+                "gw-777",
+                "--as-of",
+                "2026-11-23T02:00:00Z",
+            ],
+        )
+    };
+    ok_json(topup("A"));
+    let other = topup("B");
     assert_eq!(code(&other), 1);
     assert!(
         stderr(&other).contains("already credited account A"),
         "{}",
         stderr(&other)
     );
-    let replay = ok_json(arrears(
-        url,
-        &[
-            "topup",
-            "A",
-            "10.00",
-            "--reference",
-            "gw-777",
-            "--as-of",
-            "2026-11-23T02:00:00Z",
-        ],
-    ));
+    let replay = ok_json(topup("A"));
     assert_eq!(replay["replayed"], true, "{replay}");
     t.assert_balances_match_ledger().await;
 }

@@ -79,29 +79,16 @@ def main():
     if os.environ.get("SMTP_IMPLICIT_TLS") == "1":
         # smtps: the whole session is TLS (aiosmtpd's AUTH-needs-TLS check knows only
         # STARTTLS, so it is off here; the connection is encrypted all the same).
-        controller = Controller(
-            Handler(),
-            hostname="127.0.0.1",
-            port=port,
-            ssl_context=ctx,
-            authenticator=authenticator,
-            auth_required=True,
-            auth_require_tls=False,
-        )
-        controller.start()
-        print(controller.port, flush=True)
-        signal.sigwait({signal.SIGTERM, signal.SIGINT})
-        controller.stop()
-        return
+        tls = dict(ssl_context=ctx, auth_require_tls=False)
+    else:
+        tls = dict(tls_context=ctx, require_starttls=True, auth_require_tls=True)
     controller = Controller(
         Handler(),
         hostname="127.0.0.1",
         port=port,
-        tls_context=ctx,
-        require_starttls=True,
         authenticator=authenticator,
         auth_required=True,
-        auth_require_tls=True,
+        **tls,
     )
     controller.start()
     print(controller.port, flush=True)
