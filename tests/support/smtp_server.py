@@ -68,28 +68,18 @@ def main():
         probe.close()
     if cert == "-":
         # Plain mode, for the email benchmark: no TLS, no AUTH.
-        controller = Controller(Handler(), hostname="127.0.0.1", port=port)
-        controller.start()
-        print(controller.port, flush=True)
-        signal.sigwait({signal.SIGTERM, signal.SIGINT})
-        controller.stop()
-        return
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.load_cert_chain(cert, key)
-    if os.environ.get("SMTP_IMPLICIT_TLS") == "1":
-        # smtps: the whole session is TLS (aiosmtpd's AUTH-needs-TLS check knows only
-        # STARTTLS, so it is off here; the connection is encrypted all the same).
-        tls = dict(ssl_context=ctx, auth_require_tls=False)
+        options = {}
     else:
-        tls = dict(tls_context=ctx, require_starttls=True, auth_require_tls=True)
-    controller = Controller(
-        Handler(),
-        hostname="127.0.0.1",
-        port=port,
-        authenticator=authenticator,
-        auth_required=True,
-        **tls,
-    )
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        options = dict(authenticator=authenticator, auth_required=True)
+        if os.environ.get("SMTP_IMPLICIT_TLS") == "1":
+            # smtps: the whole session is TLS (aiosmtpd's AUTH-needs-TLS check knows only
+            # STARTTLS, so it is off here; the connection is encrypted all the same).
+            options.update(ssl_context=ctx, auth_require_tls=False)
+        else:
+            options.update(tls_context=ctx, require_starttls=True, auth_require_tls=True)
+    controller = Controller(Handler(), hostname="127.0.0.1", port=port, **options)
     controller.start()
     print(controller.port, flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
