@@ -78,12 +78,6 @@ fn postfix_tool(name: &str) -> Result<std::path::PathBuf, BenchError> {
         })
 }
 
-fn free_port() -> Result<u16, BenchError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// `smtp-sink` on a free local port, killed when dropped.
 struct Sink {
     child: tokio::process::Child,
@@ -93,7 +87,7 @@ struct Sink {
 impl Sink {
     async fn start() -> Result<Sink, BenchError> {
         let bin = postfix_tool("smtp-sink")?;
-        let port = free_port()?;
+        let port = crate::db::embedded::free_port()?;
         let mut cmd = tokio::process::Command::new(bin);
         // smtp-sink refuses to run as root without a user to switch to.
         // SAFETY: geteuid has no preconditions and cannot fail.

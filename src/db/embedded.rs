@@ -302,7 +302,8 @@ fn port_is_free(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-fn free_port() -> io::Result<u16> {
+/// A port on 127.0.0.1 that nothing listens on now (the embedded cluster's, the benchmarks' servers).
+pub(crate) fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?.port())
 }
 
