@@ -708,6 +708,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         if drift.is_empty() {
                             println!("price list: the database bills the configured prices");
                         }
+                        if !db::stats::autovacuum_on(&mut *db.conn().await?).await? {
+                            println!("warning: the database runs with autovacuum = off: the jobs analyze the tables they read when their statistics go stale, but nothing reclaims dead rows, so tables and indexes grow with every update; turn it on or schedule VACUUM");
+                        }
                         for c in &drift {
                             println!(
                                 "warning: price list: {} {}/{} (database {}, configuration {}): run `arrears prices apply --dry-run` to preview",

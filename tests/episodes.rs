@@ -573,6 +573,14 @@ async fn twenty_thousand_debtors_due_in_one_slot_are_all_alerted_and_all_suspend
     let e = enforce(&t, slot + Duration::hours(24)).await;
     assert_eq!(e.resources_suspended, 10_000);
     assert_eq!(e.due.deferred, 0);
+    // The planner knows the notices the slot wrote (the jobs analyze what they read when its
+    // statistics went stale, autovacuum or not): planned as empty, each batch's look-up of
+    // its accounts' notices was a scan of the whole table.
+    assert!(
+        t.scalar_i64("SELECT reltuples::bigint FROM pg_class WHERE oid = 'notices'::regclass")
+            .await
+            >= 20_000
+    );
     let e = enforce(&t, at(DAY) + Duration::days(15)).await;
     assert_eq!(e.resources_suspended, 10_000);
     assert_eq!(

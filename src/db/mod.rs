@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod embedded;
 pub mod schema;
+pub mod stats;
 pub mod url;
 
 pub use url::{database_name, with_database, DbUrl};

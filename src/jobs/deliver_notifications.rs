@@ -218,6 +218,15 @@ struct ClaimStats {
 /// the due notices whose cause is gone and claims the rest with a lease, then reads their
 /// contacts (a send in flight holds no database connection) and hands them to the senders.
 /// Stops when nothing is due or when the senders stop.
+/// The tables a claim reads.
+const DELIVERY_TABLES: &[&str] = &[
+    "notices",
+    "accounts",
+    "arrears_episodes",
+    "resources",
+    "resource_suspensions",
+];
+
 async fn claim_batches(
     client: &mut tokio_postgres::Client,
     config: &Config,
@@ -227,7 +236,14 @@ async fn claim_batches(
 ) -> Result<(), JobError> {
     let started = std::time::Instant::now();
     let limit = config.notifications.batch_size.max(1) as i64;
-    for _ in 0..opts.max_batches.max(1) {
+    for batch in 0..opts.max_batches.max(1) {
+        // The claim and the staleness check read notices, episodes and suspensions that the
+        // lifecycle jobs and this run's recorder keep changing (db::stats).
+        if batch % 20 == 0 {
+            if let Err(e) = crate::db::stats::refresh_stale_raw(client, DELIVERY_TABLES).await {
+                tracing::warn!(error = %e, "could not refresh planner statistics");
+            }
+        }
         // The lease runs from this claim (the run's instant plus the time the run has taken
         // so far), not from the run's start: a long run's later batches keep a whole lease.
         let lease_until = opts.as_of

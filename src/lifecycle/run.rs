@@ -203,9 +203,13 @@ pub async fn run_due<W: DueWork>(
         stats.deferred = (stats.accounts_due - stats.accounts_evaluated as i64).max(0);
         return Ok(stats);
     }
+    refresh_stats(conn).await;
     let started = std::time::Instant::now();
     let mut cursor: Cursor = None;
     loop {
+        if stats.batches > 0 && stats.batches % STATS_EVERY == 0 {
+            refresh_stats(conn).await;
+        }
         if stats.accounts_evaluated >= opts.max_accounts {
             stats.deferred = count_due(conn, W::JOB, opts.as_of).await?;
             if stats.deferred > 0 {
@@ -262,6 +266,18 @@ pub async fn run_due<W: DueWork>(
         }
     }
     Ok(stats)
+}
+
+/// Batches between two looks at the planner statistics (a run writes notices, episodes and
+/// suspensions as it goes, and reads them back for the next batches).
+const STATS_EVERY: usize = 10;
+
+/// Analyzes the tables the batches read whose statistics went stale (db::stats); a failure
+/// only costs speed, so it is logged, not returned.
+async fn refresh_stats(conn: &mut AsyncPgConnection) {
+    if let Err(e) = crate::db::stats::refresh_stale(conn, crate::db::stats::LIFECYCLE).await {
+        tracing::warn!(error = %e, "could not refresh planner statistics");
+    }
 }
 
 fn lifecycle_db(e: LifecycleError) -> DbError {
