@@ -214,10 +214,6 @@ struct ClaimStats {
     cancelled_reasons: Vec<String>,
 }
 
-/// The claimer: batch after batch (at most `max_batches`), in one transaction each, cancels
-/// the due notices whose cause is gone and claims the rest with a lease, then reads their
-/// contacts (a send in flight holds no database connection) and hands them to the senders.
-/// Stops when nothing is due or when the senders stop.
 /// The tables a claim reads.
 const DELIVERY_TABLES: &[&str] = &[
     "notices",
@@ -227,6 +223,10 @@ const DELIVERY_TABLES: &[&str] = &[
     "resource_suspensions",
 ];
 
+/// The claimer: batch after batch (at most `max_batches`), in one transaction each, cancels
+/// the due notices whose cause is gone and claims the rest with a lease, then reads their
+/// contacts (a send in flight holds no database connection) and hands them to the senders.
+/// Stops when nothing is due or when the senders stop.
 async fn claim_batches(
     client: &mut tokio_postgres::Client,
     config: &Config,
