@@ -703,12 +703,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             if config.database.url.is_some() {
                 match open(&config, MigrationMode::Require).await {
                     Ok(db) => {
-                        let drift =
-                            db::catalog::drift(&mut *db.conn().await?, &config, as_of).await?;
+                        let mut conn = db.conn().await?;
+                        let drift = db::catalog::drift(&mut conn, &config, as_of).await?;
                         if drift.is_empty() {
                             println!("price list: the database bills the configured prices");
                         }
-                        if !db::stats::autovacuum_on(&mut *db.conn().await?).await? {
+                        if !db::stats::autovacuum_on(&mut conn).await? {
                             println!("warning: the database runs with autovacuum = off: the jobs analyze the tables they read when their statistics go stale, but nothing reclaims dead rows, so tables and indexes grow with every update; turn it on or schedule VACUUM");
                         }
                         for c in &drift {

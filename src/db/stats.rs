@@ -29,6 +29,15 @@ pub const LIFECYCLE: &[&str] = &[
     "coupons",
 ];
 
+/// The tables a delivery claim reads (its staleness check and its contacts).
+pub const DELIVERY: &[&str] = &[
+    "notices",
+    "accounts",
+    "arrears_episodes",
+    "resources",
+    "resource_suspensions",
+];
+
 // Raw SQL: pg_stat_user_tables and pg_class are catalog views outside schema.rs.
 const STALE: &str = "SELECT s.relname::text AS name, s.n_mod_since_analyze AS changed
      FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid
@@ -49,12 +58,10 @@ fn analyze(tables: &[&str], stale: &[(String, i64)]) -> Option<String> {
     (!list.is_empty()).then(|| format!("ANALYZE (SKIP_LOCKED) {}", list.join(", ")))
 }
 
-/// Analyzes those of `tables` whose statistics are stale (see the module). Returns the tables
-/// analyzed. A table another session is analyzing or vacuuming is left alone (SKIP_LOCKED).
-pub async fn refresh_stale(
-    conn: &mut AsyncPgConnection,
-    tables: &[&str],
-) -> diesel::QueryResult<Vec<String>> {
+/// Analyzes those of `tables` whose statistics are stale (see the module). A table another
+/// session is analyzing or vacuuming is left alone (SKIP_LOCKED). A failure only costs speed,
+/// so it is logged, not returned.
+pub async fn refresh_stale(conn: &mut AsyncPgConnection, tables: &[&str]) {
     #[derive(QueryableByName)]
     struct Stale {
         #[diesel(sql_type = Text)]
@@ -62,36 +69,43 @@ pub async fn refresh_stale(
         #[diesel(sql_type = BigInt)]
         changed: i64,
     }
-    let stale: Vec<(String, i64)> = diesel::sql_query(STALE)
-        .bind::<diesel::sql_types::Array<Text>, _>(tables)
-        .bind::<BigInt, _>(BASE)
-        .bind::<diesel::sql_types::Double, _>(FRACTION)
-        .load::<Stale>(conn)
-        .await?
-        .into_iter()
-        .map(|s| (s.name, s.changed))
-        .collect();
-    if let Some(sql) = analyze(tables, &stale) {
-        diesel::sql_query(sql).execute(conn).await?;
+    let run = async {
+        let stale: Vec<(String, i64)> = diesel::sql_query(STALE)
+            .bind::<diesel::sql_types::Array<Text>, _>(tables)
+            .bind::<BigInt, _>(BASE)
+            .bind::<diesel::sql_types::Double, _>(FRACTION)
+            .load::<Stale>(conn)
+            .await?
+            .into_iter()
+            .map(|s| (s.name, s.changed))
+            .collect();
+        if let Some(sql) = analyze(tables, &stale) {
+            diesel::sql_query(sql).execute(conn).await?;
+        }
+        Ok::<_, diesel::result::Error>(())
+    };
+    if let Err(e) = run.await {
+        tracing::warn!(error = %e, "could not refresh planner statistics");
     }
-    Ok(stale.into_iter().map(|(n, _)| n).collect())
 }
 
 /// [`refresh_stale`] on a raw client (the delivery pipeline's connections).
-pub async fn refresh_stale_raw(
-    client: &tokio_postgres::Client,
-    tables: &[&str],
-) -> Result<Vec<String>, tokio_postgres::Error> {
-    let stale: Vec<(String, i64)> = client
-        .query(STALE, &[&tables, &BASE, &FRACTION])
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    if let Some(sql) = analyze(tables, &stale) {
-        client.batch_execute(&sql).await?;
+pub async fn refresh_stale_raw(client: &tokio_postgres::Client, tables: &[&str]) {
+    let run = async {
+        let stale: Vec<(String, i64)> = client
+            .query(STALE, &[&tables, &BASE, &FRACTION])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if let Some(sql) = analyze(tables, &stale) {
+            client.batch_execute(&sql).await?;
+        }
+        Ok::<_, tokio_postgres::Error>(())
+    };
+    if let Err(e) = run.await {
+        tracing::warn!(error = %e, "could not refresh planner statistics");
     }
-    Ok(stale.into_iter().map(|(n, _)| n).collect())
 }
 
 /// Whether the server's autovacuum is on (`arrears check` warns when it is not).

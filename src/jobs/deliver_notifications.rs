@@ -214,15 +214,6 @@ struct ClaimStats {
     cancelled_reasons: Vec<String>,
 }
 
-/// The tables a claim reads.
-const DELIVERY_TABLES: &[&str] = &[
-    "notices",
-    "accounts",
-    "arrears_episodes",
-    "resources",
-    "resource_suspensions",
-];
-
 /// The claimer: batch after batch (at most `max_batches`), in one transaction each, cancels
 /// the due notices whose cause is gone and claims the rest with a lease, then reads their
 /// contacts (a send in flight holds no database connection) and hands them to the senders.
@@ -240,9 +231,7 @@ async fn claim_batches(
         // The claim and the staleness check read notices, episodes and suspensions that the
         // lifecycle jobs and this run's recorder keep changing (db::stats).
         if batch % 20 == 0 {
-            if let Err(e) = crate::db::stats::refresh_stale_raw(client, DELIVERY_TABLES).await {
-                tracing::warn!(error = %e, "could not refresh planner statistics");
-            }
+            crate::db::stats::refresh_stale_raw(client, crate::db::stats::DELIVERY).await;
         }
         // The lease runs from this claim (the run's instant plus the time the run has taken
         // so far), not from the run's start: a long run's later batches keep a whole lease.

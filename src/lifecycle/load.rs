@@ -173,9 +173,8 @@ pub async fn load_many(
             .load(conn)
             .await?;
     // Timed notices of the open episodes and of the current suspensions: what is written.
-    // The episode and suspension numbers once each: the index condition probes every
-    // (account, kind, number) combination, so a batch's 500 copies of "episode 1" made it
-    // 750,000 probes instead of 1,500.
+    // The episode and suspension numbers once each (a batch's accounts mostly share them):
+    // the index condition takes every (account, kind, number) combination.
     let mut episodes: Vec<i32> = rows
         .iter()
         .filter_map(|(_, e)| e.as_ref().map(|e| e.no))

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::db::schema::accounts;
-use crate::db::{Db, DbError};
+use crate::db::{stats as planner_stats, Db, DbError};
 use crate::lifecycle::apply::{self, Ctx};
 use crate::lifecycle::effects::Effects;
 use crate::lifecycle::{load, DueJob, LifecycleError, Loaded};
@@ -203,12 +203,14 @@ pub async fn run_due<W: DueWork>(
         stats.deferred = (stats.accounts_due - stats.accounts_evaluated as i64).max(0);
         return Ok(stats);
     }
-    refresh_stats(conn).await;
+    planner_stats::refresh_stale(conn, planner_stats::LIFECYCLE).await;
+    let mut next_refresh = STATS_EVERY;
     let started = std::time::Instant::now();
     let mut cursor: Cursor = None;
     loop {
-        if stats.batches > 0 && stats.batches % STATS_EVERY == 0 {
-            refresh_stats(conn).await;
+        if stats.batches >= next_refresh {
+            planner_stats::refresh_stale(conn, planner_stats::LIFECYCLE).await;
+            next_refresh = stats.batches + STATS_EVERY;
         }
         if stats.accounts_evaluated >= opts.max_accounts {
             stats.deferred = count_due(conn, W::JOB, opts.as_of).await?;
@@ -271,14 +273,6 @@ pub async fn run_due<W: DueWork>(
 /// Batches between two looks at the planner statistics (a run writes notices, episodes and
 /// suspensions as it goes, and reads them back for the next batches).
 const STATS_EVERY: usize = 10;
-
-/// Analyzes the tables the batches read whose statistics went stale (db::stats); a failure
-/// only costs speed, so it is logged, not returned.
-async fn refresh_stats(conn: &mut AsyncPgConnection) {
-    if let Err(e) = crate::db::stats::refresh_stale(conn, crate::db::stats::LIFECYCLE).await {
-        tracing::warn!(error = %e, "could not refresh planner statistics");
-    }
-}
 
 fn lifecycle_db(e: LifecycleError) -> DbError {
     match e {
