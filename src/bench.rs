@@ -24,6 +24,21 @@ pub struct BenchOptions {
     pub usage: u64,
     /// Where the generated CSV files go.
     pub dir: PathBuf,
+    /// Consecutive billing days: day 1 is compared with the references, the days after it
+    /// (the same number of records each, imported then billed as a deployment would) show
+    /// whether billing's cost grows with history.
+    pub days: u32,
+}
+
+/// One billing day of a `--days` run.
+#[derive(Debug, Clone, Serialize)]
+pub struct DayFigures {
+    pub bill_day: chrono::NaiveDate,
+    pub import_usage_seconds: f64,
+    pub billing_seconds: f64,
+    pub bills_issued: i64,
+    /// Usage records in the database when the day was billed (history included).
+    pub usage_records_in_database: i64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -42,8 +57,17 @@ pub struct BenchReport {
     pub billing_seconds: f64,
     pub bills_issued: i64,
     pub handwritten_rating_seconds: f64,
-    /// arrears' billing time / hand-written rating statement time (target <= 1.3).
+    /// arrears' billing time / hand-written rating statement time.
     pub billing_ratio: f64,
+    /// One hand-written transaction doing the same durable writes (lines, bills, ledger
+    /// entries, balances into copies of the tables with the same keys and indexes).
+    pub same_writes_seconds: f64,
+    /// arrears' billing time / same-writes transaction time (target <= 1.3).
+    pub same_writes_ratio: f64,
+    /// Every billed day, the first one included (`--days`).
+    pub days: Vec<DayFigures>,
+    /// Billing time of the last day / of the first (target <= 1.1).
+    pub last_to_first_day: f64,
     /// Where generate_bills spent its time, by phase.
     pub billing_phases: std::collections::BTreeMap<String, f64>,
     /// Peak resident memory of this process (the arrears code under test), MiB.
@@ -134,18 +158,12 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
     }
     eprintln!("plain COPY in {plain_copy_seconds:.1}s");
 
+    let bill_day = crate::domain::calendar::default_billing_day(as_of, config.billing.time_zone);
+    let same_writes_seconds = same_writes(&client, &admin, config, bill_day, as_of).await?;
+    eprintln!("same-writes transaction in {same_writes_seconds:.1}s");
+
     let t = Instant::now();
-    let bills = generate_bills::run(
-        &db,
-        config,
-        &generate_bills::Options {
-            as_of,
-            bill_day: None,
-            dry_run: false,
-            force: false,
-        },
-    )
-    .await?;
+    let bills = bill(&db, config, as_of).await?;
     let billing_seconds = t.elapsed().as_secs_f64();
     eprintln!("billed in {billing_seconds:.1}s");
 
@@ -165,6 +183,51 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
         )
         .await?;
     let handwritten_rating_seconds = t.elapsed().as_secs_f64();
+    client.batch_execute("DROP TABLE handwritten").await?;
+
+    let mut days = vec![DayFigures {
+        bill_day: bills.bill_day,
+        import_usage_seconds,
+        billing_seconds,
+        bills_issued: bills.bills_issued,
+        usage_records_in_database: opts.usage as i64,
+    }];
+    for d in 1..opts.days.max(1) {
+        let as_of = as_of + chrono::Duration::days(i64::from(d));
+        let file = opts.dir.join(format!("usage-{d}.csv"));
+        generate_usage(&file, opts.accounts, opts.usage, d)?;
+        let t = Instant::now();
+        let rep = import::import_usage(&db, config, &file, as_of).await?;
+        let import_usage_seconds = t.elapsed().as_secs_f64();
+        assert_eq!(
+            rep.inserted, opts.usage,
+            "every generated record is imported"
+        );
+        // What autovacuum would have done during the day (this machine runs with it off):
+        // the day's rows analyzed, the previous night's updates vacuumed.
+        client.batch_execute("VACUUM ANALYZE").await?;
+        admin.batch_execute("CHECKPOINT").await?;
+        let t = Instant::now();
+        let r = bill(&db, config, as_of).await?;
+        let billing_seconds = t.elapsed().as_secs_f64();
+        let in_db: i64 = client
+            .query_one("SELECT count(*) FROM usage_records", &[])
+            .await?
+            .get(0);
+        eprintln!(
+            "day {} ({}): imported in {import_usage_seconds:.1}s, billed in {billing_seconds:.1}s",
+            d + 1,
+            r.bill_day
+        );
+        days.push(DayFigures {
+            bill_day: r.bill_day,
+            import_usage_seconds,
+            billing_seconds,
+            bills_issued: r.bills_issued,
+            usage_records_in_database: in_db,
+        });
+    }
+    let last_to_first_day = days.last().map_or(1.0, |l| l.billing_seconds) / billing_seconds;
 
     let rows = opts.usage as f64;
     Ok(BenchReport {
@@ -182,6 +245,10 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
         bills_issued: bills.bills_issued,
         handwritten_rating_seconds,
         billing_ratio: billing_seconds / handwritten_rating_seconds,
+        same_writes_seconds,
+        same_writes_ratio: billing_seconds / same_writes_seconds,
+        days,
+        last_to_first_day,
         billing_phases: bills.timings.clone(),
         peak_rss_mib: peak_rss_mib(),
         database: if config.database.url.is_some() {
@@ -190,6 +257,103 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
             "embedded".into()
         },
     })
+}
+
+async fn bill(
+    db: &Db,
+    config: &Config,
+    as_of: DateTime<Utc>,
+) -> Result<generate_bills::GenerateBillsReport, BenchError> {
+    Ok(generate_bills::run(
+        db,
+        config,
+        &generate_bills::Options {
+            as_of,
+            bill_day: None,
+            dry_run: false,
+            force: false,
+        },
+    )
+    .await?)
+}
+
+/// The fair floor of billing: one hand-written transaction that writes what a bill run must
+/// write durably — a line per account, resource and meter (rated at the day's prices), a bill
+/// per account, a charge per bill in the ledger, each account's new balance and billing mark —
+/// into copies of `bill_lines`, `bills`, `ledger_entries` and `accounts` with the same keys,
+/// indexes, defaults and checks (`LIKE ... INCLUDING ALL`; no foreign keys or triggers).
+/// It skips what arrears does besides (packages, coupons, late records, R1, the due-work
+/// index, batches any instance can claim, crash safety per batch). Returns its seconds.
+async fn same_writes(
+    client: &tokio_postgres::Client,
+    admin: &tokio_postgres::Client,
+    config: &Config,
+    day: chrono::NaiveDate,
+    as_of: DateTime<Utc>,
+) -> Result<f64, BenchError> {
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS ref_bill_lines, ref_bills, ref_ledger_entries, ref_accounts;
+             CREATE TABLE ref_bill_lines (LIKE bill_lines INCLUDING ALL);
+             CREATE TABLE ref_bills (LIKE bills INCLUDING ALL);
+             CREATE TABLE ref_ledger_entries (LIKE ledger_entries INCLUDING ALL);
+             CREATE TABLE ref_accounts (LIKE accounts INCLUDING ALL);
+             INSERT INTO ref_accounts SELECT * FROM accounts",
+        )
+        .await?;
+    client
+        .batch_execute("VACUUM ANALYZE ref_accounts, ref_bill_lines, ref_bills, ref_ledger_entries")
+        .await?;
+    admin.batch_execute("CHECKPOINT").await?;
+    let divisor = 10i64.pow(QUANTITY_DIGITS + PRICE_DIGITS - config.billing.minor_unit_digits);
+    let day_start = crate::domain::calendar::start_of_day(day, config.billing.time_zone);
+    let t = Instant::now();
+    client.batch_execute("BEGIN").await?;
+    client
+        .execute(
+            "INSERT INTO ref_bill_lines (account_id, bill_day, resource_id, meter, records, quantity,
+                                         included_quantity, billed_quantity, unbilled_quantity, unit_price_nanos, amount)
+             SELECT u.account_id, $2, u.resource_id, u.meter, count(*), sum(u.quantity), 0, sum(u.quantity), 0,
+                    p.unit_price_nanos, round(sum(u.quantity)::numeric * p.unit_price_nanos / $1::bigint)::bigint
+             FROM usage_records u
+             JOIN resources r ON r.account_id = u.account_id AND r.id = u.resource_id
+             JOIN prices_at($3) p ON p.product = r.product AND p.meter = u.meter
+             WHERE u.usage_day = $2
+             GROUP BY u.account_id, u.resource_id, u.meter, p.unit_price_nanos",
+            &[&divisor, &day, &day_start],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO ref_bills (account_id, bill_day, total, paid_cash_coupons, paid_general_coupons, paid_cash,
+                                    records, late_records, issued_at)
+             SELECT account_id, bill_day, sum(amount), 0, 0, sum(amount), sum(records), 0, $1
+             FROM ref_bill_lines GROUP BY account_id, bill_day",
+            &[&as_of],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO ref_ledger_entries (account_id, kind, amount, bill_day, effective_at)
+             SELECT account_id, 'charge', -total, bill_day, $1 FROM ref_bills WHERE total > 0",
+            &[&as_of],
+        )
+        .await?;
+    client
+        .execute(
+            "UPDATE ref_accounts a SET cash_balance = a.cash_balance - b.total, billed_through_day = b.bill_day,
+                                       updated_at = $1
+             FROM ref_bills b WHERE a.id = b.account_id",
+            &[&as_of],
+        )
+        .await?;
+    client.batch_execute("COMMIT").await?;
+    let seconds = t.elapsed().as_secs_f64();
+    client
+        .batch_execute("DROP TABLE ref_bill_lines, ref_bills, ref_ledger_entries, ref_accounts")
+        .await?;
+    admin.batch_execute("CHECKPOINT").await?;
+    Ok(seconds)
 }
 
 /// What `arrears bench-instances` measured: one billing run billed by one instance, then the
@@ -376,8 +540,16 @@ fn generate(dir: &Path, accounts: u64, usage: u64) -> std::io::Result<Files> {
         }
     }
     w.flush()?;
-    let day: DateTime<Utc> = DAY_START.parse().expect("literal instant");
-    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&files.usage)?);
+    generate_usage(&files.usage, accounts, usage, 0)?;
+    Ok(files)
+}
+
+/// Writes `usage` records of billing day `day` (0: the first), spread evenly over the
+/// accounts; event ids are unique across days.
+fn generate_usage(path: &Path, accounts: u64, usage: u64, day: u32) -> std::io::Result<()> {
+    let start_of: DateTime<Utc> = DAY_START.parse().expect("literal instant");
+    let start_of = start_of + chrono::Duration::days(i64::from(day));
+    let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
     writeln!(
         w,
         "event_id,account_id,resource_id,meter,quantity,started_at,ended_at"
@@ -395,19 +567,18 @@ fn generate(dir: &Path, accounts: u64, usage: u64) -> std::io::Result<Files> {
         } else {
             meters[(n % 3) as usize]
         };
-        let start = day + chrono::Duration::seconds(((n * 7919) % 80_000) as i64);
+        let start = start_of + chrono::Duration::seconds(((n * 7919) % 80_000) as i64);
         let end = start + chrono::Duration::seconds(60 + (n % 3000) as i64);
         writeln!(
             w,
-            "ev{n:010},acc{i:08},{resource},{meter},{}.{:02},{},{}",
+            "ev{day:03}{n:010},acc{i:08},{resource},{meter},{}.{:02},{},{}",
             1 + n % 90,
             n % 100,
             start.format("%Y-%m-%dT%H:%M:%SZ"),
             end.format("%Y-%m-%dT%H:%M:%SZ")
         )?;
     }
-    w.flush()?;
-    Ok(files)
+    w.flush()
 }
 
 async fn copy_file(

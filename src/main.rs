@@ -144,6 +144,11 @@ enum Command {
         /// Where the generated CSV files go.
         #[arg(long, default_value = "target/bench-data")]
         dir: PathBuf,
+        /// Bill this many consecutive days (USAGE records each, imported then billed day by
+        /// day): the last day's billing time against the first's shows whether billing's
+        /// cost grows with history.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=30))]
+        days: u32,
     },
     /// Email benchmark: delivers COUNT outbox notices to postfix's smtp-sink (started on a
     /// free local port) and compares with `smtp-source -d -s CONNECTIONS` sending as many
@@ -860,6 +865,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             accounts,
             usage,
             dir,
+            days,
         } => {
             let report = arrears::bench::run(
                 &config,
@@ -867,6 +873,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     accounts,
                     usage,
                     dir,
+                    days,
                 },
             )
             .await?;

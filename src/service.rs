@@ -356,18 +356,23 @@ async fn job_step(
     // Open slots newer than the latest success: interrupted, held by a runner whose lease
     // expired, or failed and past their back-off (the lease, doubled per attempt, at most an
     // hour). Older ones are behind a later success: billing refuses them (days are billed in
-    // order) and level-triggered jobs have nothing left to do for them.
+    // order) and level-triggered jobs have nothing left to do for them. A slot still
+    // `running` under this instance's own name is dead whatever its lease says: this job's
+    // slots run one at a time in this loop, so its run ended without its outcome being
+    // recorded (the database went away under it) and it is resumed at once.
     let lease = sh.config.service.lease.seconds() as f64;
+    let me = crate::jobs::instance_id();
     let open = c
         .query(
             "WITH done AS (SELECT max(slot) AS latest FROM job_runs WHERE job = $1 AND status = 'succeeded')
              SELECT slot, as_of, status, status = 'running' AND coalesce(lease_until, '-infinity') >= clock_timestamp()
+                                         AND owner IS DISTINCT FROM $3
                     OR status = 'failed' AND finished_at + least(make_interval(secs => $2 * power(2, least(attempts, 12) - 1)),
                                                              interval '1 hour') >= clock_timestamp() AS waiting
              FROM job_runs, done
              WHERE job = $1 AND status <> 'succeeded' AND slot > coalesce(done.latest, '-infinity')
              ORDER BY slot",
-            &[&job, &lease],
+            &[&job, &lease, &me],
         )
         .await?;
     // Slots not yet started, counted from the last one handed out (a one-off run with a
@@ -446,12 +451,13 @@ async fn job_step(
         // closed, so that no claim of a dead runner stays open for ever. A running claim is
         // closed only when a takeover could claim it (claim_slot's rule: four leases past its
         // lease): a live runner whose renewal is merely late keeps its slot and records it.
+        // This instance's own running claims are closed at once (see `open` above).
         c.execute(
             "UPDATE job_runs SET status = 'failed', error = $3, finished_at = clock_timestamp(), lease_until = NULL
              WHERE job = $1 AND slot < $2 AND (status = 'interrupted'
-                OR (status = 'running' AND coalesce(lease_until, '-infinity')
-                      < clock_timestamp() - make_interval(secs => 4 * $4::float8)))",
-            &[&job, &newest, &format!("superseded by the slot at {newest}"), &lease],
+                OR (status = 'running' AND (owner = $5 OR coalesce(lease_until, '-infinity')
+                      < clock_timestamp() - make_interval(secs => 4 * $4::float8))))",
+            &[&job, &newest, &format!("superseded by the slot at {newest}"), &lease, &me],
         )
         .await?;
     }
