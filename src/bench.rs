@@ -39,6 +39,8 @@ pub struct DayFigures {
     pub bills_issued: i64,
     /// Usage records in the database when the day was billed (history included).
     pub usage_records_in_database: i64,
+    /// Where generate_bills spent its time, by phase.
+    pub billing_phases: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -191,6 +193,7 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
         billing_seconds,
         bills_issued: bills.bills_issued,
         usage_records_in_database: opts.usage as i64,
+        billing_phases: bills.timings.clone(),
     }];
     for d in 1..opts.days.max(1) {
         let as_of = as_of + chrono::Duration::days(i64::from(d));
@@ -225,6 +228,7 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
             billing_seconds,
             bills_issued: r.bills_issued,
             usage_records_in_database: in_db,
+            billing_phases: r.timings,
         });
     }
     let last_to_first_day = days.last().map_or(1.0, |l| l.billing_seconds) / billing_seconds;

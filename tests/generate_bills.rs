@@ -589,6 +589,26 @@ async fn financial_records_refuse_update_and_delete() {
             .unwrap_or_default();
         assert!(msg.contains("append-only"), "{sql}: {e:?}");
     }
+    // Bills and ledger entries name their account without a foreign key (billing writes them
+    // from locked accounts): an account with financial records is never deleted, even one
+    // with no resource, coupon or notice left to hold it.
+    let e = c
+        .execute("DELETE FROM accounts WHERE id = 'a1'", &[])
+        .await
+        .unwrap_err();
+    let msg = e.as_db_error().map(|d| d.message()).unwrap_or_default();
+    assert!(msg.contains("never deleted"), "{e:?}");
+    // Every line belongs to a bill of the same account and day.
+    let orphans: i64 = c
+        .query_one(
+            "SELECT count(*) FROM bill_lines l
+             WHERE NOT EXISTS (SELECT 1 FROM bills b WHERE b.account_id = l.account_id AND b.bill_day = l.bill_day)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(orphans, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -798,4 +818,54 @@ async fn settlement_follows_the_bill_day_so_a_catch_up_run_bills_as_the_on_time_
     assert_eq!(bills_of(&late).await, expected);
     late.assert_balances_match_ledger().await;
     assert_eq!(late.balance("a1").await, on_time.balance("a1").await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_account_that_used_a_retired_meter_is_set_aside_whole_and_billed_once_priced_again() {
+    let t = basic().await;
+    t.import_accounts(&["a3,Gamma,,,en,UTC,100.00,0,"]).await;
+    t.import_resources(&["r3,a3,lcic,pay_per_use,,,,"]).await;
+    t.import_usage(
+        &[
+            "e1,a1,r1,classroom_minutes,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+            "e2,a1,r1,recording_minutes,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+            "e3,a3,r3,classroom_minutes,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+        ],
+        DAY_END,
+    )
+    .await;
+    // recording_minutes is no longer sold from before the bill day
+    let retired = arrears::config::EXAMPLE_CONFIG.replace(
+        "[[products.lcic.prices]]\nmeter = \"recording_minutes\"\nunit = \"minute\"\nunit_price = \"0.0050\"\n",
+        "",
+    );
+    assert_ne!(retired, arrears::config::EXAMPLE_CONFIG);
+    let retired: arrears::config::Config =
+        arrears::config::Config::from_toml(&retired, "test", &[]).expect("config");
+    let mut conn = t.db.conn().await.unwrap();
+    arrears::db::catalog::apply(&mut conn, &retired, at("2026-11-20T00:00:00Z"), false)
+        .await
+        .unwrap();
+    let r = t.bill(DAY_END).await;
+    // a1 is left alone whole (not billed for its priced meter only); a3 is billed
+    assert_eq!(r.accounts_skipped_unpriced, vec!["a1".to_string()]);
+    assert_eq!(r.bills_issued, 1);
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM bills WHERE account_id = 'a1'")
+            .await,
+        0
+    );
+    // Priced again from before the day: the next day's run bills a1's usage of the 22nd
+    // (once), on its bill.
+    arrears::db::catalog::apply(&mut conn, &t.config, at("2026-11-21T00:00:00Z"), false)
+        .await
+        .unwrap();
+    let next = t.bill("2026-11-23T16:30:00Z").await;
+    assert_eq!(next.late_records, 2, "{next:?}");
+    assert_eq!(
+        t.scalar_i64("SELECT sum(records) FROM bill_lines WHERE account_id = 'a1'")
+            .await,
+        2
+    );
+    t.assert_balances_match_ledger().await;
 }
