@@ -261,7 +261,11 @@ pub fn redact_url(url: &str) -> String {
 pub fn split_password(url: &str) -> (String, Option<String>) {
     match ::url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
-            let pass = u.password().map(crate::notify::email::percent_decode);
+            let pass = u.password().map(|p| {
+                percent_encoding::percent_decode_str(p)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            });
             let _ = u.set_password(None);
             (u.to_string(), pass)
         }
