@@ -50,6 +50,9 @@ fi
 
 cargo test --locked -- --test-threads="${TEST_THREADS:-4}"
 
+# src/db/schema.rs against `diesel print-schema` of the migrations (installs diesel_cli).
+bash scripts/check-schema.sh
+
 # The systemd units of deploy/.
 bash scripts/verify-units.sh
 # The Prometheus rules (promtool check + unit tests) and the Grafana dashboard of deploy/.

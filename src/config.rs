@@ -583,7 +583,10 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) {
     cur.insert(path[path.len() - 1].clone(), value);
 }
 
-/// Applies ARREARS_* overrides; returns each (key path, raw value) applied.
+/// Applies ARREARS_* overrides; returns each (key path, raw value) applied. Hand-written over
+/// `toml`, not figment or config-rs: the spec's fixed names (DATABASE_URL, ARREARS_SMTP_URL,
+/// the comma-separated ARREARS_API_TOKENS) need their own mapping anyway, and overrides land
+/// in the file's own table, so one validation names the key wherever a value came from.
 fn apply_env_overrides(
     table: &mut toml::Table,
     env: &[(String, String)],

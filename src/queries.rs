@@ -55,6 +55,17 @@ fn quantity_opt<S: serde::Serializer>(v: &Option<i64>, s: S) -> Result<S::Ok, S:
     }
 }
 
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = coupons)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+struct CouponRow {
+    id: i64,
+    kind: String,
+    amount: i64,
+    remaining: i64,
+    expires_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CouponView {
     pub id: i64,
@@ -153,7 +164,8 @@ pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountVie
         .await
         .optional()?;
     let Some(a) = row else { return Ok(None) };
-    // sum(bigint) is numeric in PostgreSQL; the cast back is exact for any real balance.
+    // sum(bigint) is numeric in PostgreSQL; the cast back is exact for any real balance. A
+    // raw fragment: diesel's sum() of BigInt is Numeric, which this crate maps to no type.
     let ledger_sum: i64 = ledger_entries::table
         .filter(ledger_entries::account_id.eq(id))
         .select(diesel::dsl::sql::<diesel::sql_types::BigInt>(
@@ -172,16 +184,10 @@ pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountVie
         .select(ResourceView::as_select())
         .load(&mut conn)
         .await?;
-    let cps: Vec<(i64, String, i64, i64, DateTime<Utc>)> = coupons::table
+    let cps: Vec<CouponRow> = coupons::table
         .filter(coupons::account_id.eq(id))
         .order(coupons::id)
-        .select((
-            coupons::id,
-            coupons::kind,
-            coupons::amount,
-            coupons::remaining,
-            coupons::expires_at,
-        ))
+        .select(CouponRow::as_select())
         .load(&mut conn)
         .await?;
     let last: Option<EpisodeView> = arrears_episodes::table
@@ -219,11 +225,11 @@ pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountVie
         coupons: cps
             .into_iter()
             .map(|c| CouponView {
-                id: c.0,
-                kind: c.1,
-                amount: format_scaled(c.2, digits),
-                remaining: format_scaled(c.3, digits),
-                expires_at: c.4,
+                id: c.id,
+                kind: c.kind,
+                amount: format_scaled(c.amount, digits),
+                remaining: format_scaled(c.remaining, digits),
+                expires_at: c.expires_at,
             })
             .collect(),
     }))
@@ -259,6 +265,36 @@ pub struct CouponUseView {
     pub amount: String,
 }
 
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = bills)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+struct BillRow {
+    bill_day: NaiveDate,
+    issued_at: DateTime<Utc>,
+    total: i64,
+    paid_cash_coupons: i64,
+    paid_general_coupons: i64,
+    paid_cash: i64,
+    records: i32,
+    late_records: i32,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = bill_lines)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+struct BillLineRow {
+    bill_day: NaiveDate,
+    resource_id: String,
+    meter: String,
+    records: i32,
+    quantity: i64,
+    included_quantity: i64,
+    billed_quantity: i64,
+    unbilled_quantity: i64,
+    unit_price_nanos: i64,
+    amount: i64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct BillView {
     pub bill_day: NaiveDate,
@@ -290,23 +326,13 @@ pub async fn bills(
     if let Some(t) = to {
         q = q.filter(bills::bill_day.le(t));
     }
-    let rows: Vec<(NaiveDate, DateTime<Utc>, i64, i64, i64, i64, i32, i32)> = q
+    let rows: Vec<BillRow> = q
         .order(bills::bill_day)
-        .select((
-            bills::bill_day,
-            bills::issued_at,
-            bills::total,
-            bills::paid_cash_coupons,
-            bills::paid_general_coupons,
-            bills::paid_cash,
-            bills::records,
-            bills::late_records,
-        ))
+        .select(BillRow::as_select())
         .load(&mut conn)
         .await?;
-    let days: Vec<NaiveDate> = rows.iter().map(|r| r.0).collect();
-    type LineRow = (NaiveDate, String, String, i32, i64, i64, i64, i64, i64, i64);
-    let lines: Vec<LineRow> = bill_lines::table
+    let days: Vec<NaiveDate> = rows.iter().map(|r| r.bill_day).collect();
+    let lines: Vec<BillLineRow> = bill_lines::table
         .filter(bill_lines::account_id.eq(account_id))
         .filter(bill_lines::bill_day.eq_any(&days))
         .order((
@@ -314,18 +340,7 @@ pub async fn bills(
             bill_lines::resource_id,
             bill_lines::meter,
         ))
-        .select((
-            bill_lines::bill_day,
-            bill_lines::resource_id,
-            bill_lines::meter,
-            bill_lines::records,
-            bill_lines::quantity,
-            bill_lines::included_quantity,
-            bill_lines::billed_quantity,
-            bill_lines::unbilled_quantity,
-            bill_lines::unit_price_nanos,
-            bill_lines::amount,
-        ))
+        .select(BillLineRow::as_select())
         .load(&mut conn)
         .await?;
     let uses: Vec<(Option<NaiveDate>, Option<i64>, i64)> = ledger_entries::table
@@ -343,32 +358,32 @@ pub async fn bills(
     Ok(rows
         .into_iter()
         .map(|r| BillView {
-            bill_day: r.0,
-            issued_at: r.1,
-            total: format_scaled(r.2, digits),
-            paid_cash_coupons: format_scaled(r.3, digits),
-            paid_general_coupons: format_scaled(r.4, digits),
-            paid_cash: format_scaled(r.5, digits),
-            records: r.6,
-            late_records: r.7,
+            bill_day: r.bill_day,
+            issued_at: r.issued_at,
+            total: format_scaled(r.total, digits),
+            paid_cash_coupons: format_scaled(r.paid_cash_coupons, digits),
+            paid_general_coupons: format_scaled(r.paid_general_coupons, digits),
+            paid_cash: format_scaled(r.paid_cash, digits),
+            records: r.records,
+            late_records: r.late_records,
             lines: lines
                 .iter()
-                .filter(|l| l.0 == r.0)
+                .filter(|l| l.bill_day == r.bill_day)
                 .map(|l| BillLineView {
-                    resource_id: l.1.clone(),
-                    meter: l.2.clone(),
-                    records: l.3,
-                    quantity: format_quantity(l.4),
-                    included_quantity: format_quantity(l.5),
-                    billed_quantity: format_quantity(l.6),
-                    unbilled_quantity: format_quantity(l.7),
-                    unit_price: format_scaled(l.8, PRICE_DIGITS),
-                    amount: format_scaled(l.9, digits),
+                    resource_id: l.resource_id.clone(),
+                    meter: l.meter.clone(),
+                    records: l.records,
+                    quantity: format_quantity(l.quantity),
+                    included_quantity: format_quantity(l.included_quantity),
+                    billed_quantity: format_quantity(l.billed_quantity),
+                    unbilled_quantity: format_quantity(l.unbilled_quantity),
+                    unit_price: format_scaled(l.unit_price_nanos, PRICE_DIGITS),
+                    amount: format_scaled(l.amount, digits),
                 })
                 .collect(),
             coupon_uses: uses
                 .iter()
-                .filter(|u| u.0 == Some(r.0))
+                .filter(|u| u.0 == Some(r.bill_day))
                 .map(|u| CouponUseView {
                     coupon_id: u.1.unwrap_or_default(),
                     amount: format_scaled(u.2, digits),
@@ -433,7 +448,9 @@ pub async fn suspensions(db: &Db, account_id: &str) -> Result<Vec<SuspensionView
         .await?)
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Queryable, Selectable)]
+#[diesel(table_name = crate::db::schema::notices)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
 pub struct NoticeView {
     pub id: i64,
     pub account_id: String,
@@ -464,53 +481,11 @@ pub async fn notices(
     if let Some(a) = account {
         q = q.filter(n::account_id.eq(a.to_string()));
     }
-    type Row = (
-        i64,
-        String,
-        String,
-        String,
-        String,
-        i32,
-        DateTime<Utc>,
-        Option<String>,
-        Option<String>,
-        Option<DateTime<Utc>>,
-        DateTime<Utc>,
-    );
-    let rows: Vec<Row> = q
-        .order(n::id.desc())
+    Ok(q.order(n::id.desc())
         .limit(limit)
-        .select((
-            n::id,
-            n::account_id,
-            n::kind,
-            n::channel,
-            n::status,
-            n::attempts,
-            n::next_attempt_at,
-            n::last_error,
-            n::provider_message_id,
-            n::accepted_at,
-            n::created_at,
-        ))
+        .select(NoticeView::as_select())
         .load(&mut conn)
-        .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| NoticeView {
-            id: r.0,
-            account_id: r.1,
-            kind: r.2,
-            channel: r.3,
-            status: r.4,
-            attempts: r.5,
-            next_attempt_at: r.6,
-            last_error: r.7,
-            provider_message_id: r.8,
-            accepted_at: r.9,
-            created_at: r.10,
-        })
-        .collect())
+        .await?)
 }
 
 /// Queues a dead or retrying notice again; returns whether there was one.

@@ -131,6 +131,8 @@ pub async fn aging(db: &Db, config: &Config, as_of: DateTime<Utc>) -> Result<Agi
     for (b, minor) in buckets.iter_mut().zip(&owed_minor) {
         b.owed = vec![Amount::new(config, *minor)];
     }
+    // Raw SQL: the owed sum is over a numeric expression cast back to bigint; diesel's sum()
+    // would be Numeric, which this crate maps to no Rust type.
     let by_state_rows = client
         .query(
             "SELECT state, count(*),

@@ -2,7 +2,6 @@
 //! and under bearer-token auth `/v1/accounts/{id}`, `/v1/accounts/{id}/gate` and
 //! `POST /v1/accounts/{id}/topups`. Errors are JSON `{"error", "field"}` naming what was wrong.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +17,7 @@ use subtle::ConstantTimeEq;
 use crate::domain::lifecycle::{gate, Action};
 use crate::domain::money::parse_non_negative;
 use crate::ledger::{self, LedgerError};
-use crate::service::Shared;
+use crate::shared::Shared;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
@@ -134,6 +133,7 @@ async fn readyz(State(sh): State<Arc<Shared>>) -> Response {
     } else if let Some(db) = sh.db() {
         let ping = tokio::time::timeout(Duration::from_secs(2), async {
             // A pooled client: one that times out mid-ping goes back and is reset on reuse.
+            // Raw, not diesel: ready means the raw pool the jobs' set-based SQL runs on answers.
             let c = db.raw_client().await?;
             c.execute("SELECT 1", &[]).await?;
             Ok::<(), crate::db::DbError>(())
@@ -161,79 +161,21 @@ async fn readyz(State(sh): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(sh): State<Arc<Shared>>) -> Response {
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP arrears_job_runs_total Slot runs of this instance by job and outcome.\n# TYPE arrears_job_runs_total counter"
-    );
-    let runs = sh.metrics.runs();
-    for ((job, outcome), (n, _)) in &runs {
-        let _ = writeln!(
-            out,
-            "arrears_job_runs_total{{job=\"{job}\",outcome=\"{outcome}\"}} {n}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP arrears_job_run_seconds Time spent in slot runs by job and outcome.\n# TYPE arrears_job_run_seconds summary"
-    );
-    for ((job, outcome), (n, secs)) in &runs {
-        let _ = writeln!(
-            out,
-            "arrears_job_run_seconds_sum{{job=\"{job}\",outcome=\"{outcome}\"}} {secs:.6}\narrears_job_run_seconds_count{{job=\"{job}\",outcome=\"{outcome}\"}} {n}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP arrears_catch_up_dropped_slots_total Missed slots skipped by the catch-up cap.\n# TYPE arrears_catch_up_dropped_slots_total counter"
-    );
-    for (job, n) in sh.metrics.dropped_slots() {
-        let _ = writeln!(
-            out,
-            "arrears_catch_up_dropped_slots_total{{job=\"{job}\"}} {n}"
-        );
-    }
     let gauges = match sh.db() {
-        Some(db) => {
-            tokio::time::timeout(Duration::from_secs(5), crate::service::db_gauges(&sh, db))
-                .await
-                .ok()
-                .and_then(Result::ok)
-        }
+        Some(db) => tokio::time::timeout(
+            Duration::from_secs(5),
+            crate::metrics::db_gauges(&sh.config, &sh.schedule, sh.clock.now(), db),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok),
         None => None,
     };
-    let _ = writeln!(
-        out,
-        "# HELP arrears_database_up Whether the database answered this scrape.\n# TYPE arrears_database_up gauge\narrears_database_up {}",
-        u8::from(gauges.is_some())
-    );
-    if let Some(g) = gauges {
-        let _ = writeln!(out, "# HELP arrears_slots_behind Scheduled slots due or unfinished, by job.\n# TYPE arrears_slots_behind gauge");
-        for (job, n) in &g.slots_behind {
-            let _ = writeln!(out, "arrears_slots_behind{{job=\"{job}\"}} {n}");
-        }
-        let _ = writeln!(out, "# HELP arrears_outbox_notices Notices in the outbox by status.\n# TYPE arrears_outbox_notices gauge");
-        for (status, n) in &g.outbox {
-            let _ = writeln!(out, "arrears_outbox_notices{{status=\"{status}\"}} {n}");
-        }
-        let _ = writeln!(
-            out,
-            "# HELP arrears_accounts Accounts by lifecycle state.\n# TYPE arrears_accounts gauge"
-        );
-        for (state, n) in &g.accounts {
-            let _ = writeln!(out, "arrears_accounts{{state=\"{state}\"}} {n}");
-        }
-        let _ = writeln!(out, "# HELP arrears_price_list_differences Prices where the configuration and the database's price list differ (run arrears prices apply).\n# TYPE arrears_price_list_differences gauge\narrears_price_list_differences {}", g.price_differences);
-        let _ = writeln!(out, "# HELP arrears_billing_batches_pending Billing batches waiting for an instance.\n# TYPE arrears_billing_batches_pending gauge\narrears_billing_batches_pending {}", g.open_batches);
+    match crate::metrics::encode(&sh.metrics, gauges.as_ref()) {
+        Ok(text) => ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response(),
+        // Writing into a String fails only if a metric's own encoding does.
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        out,
-    )
-        .into_response()
 }
 
 async fn account(

@@ -10,18 +10,16 @@
 //! or rolls back whole, and the slot is marked interrupted so the next start resumes it at
 //! once), and the process exits 0.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 
 use crate::config::Config;
 use crate::db::{Db, DbError, MigrationMode};
 use crate::jobs::{deliver_notifications, generate_bills, JobError, JobName};
 use crate::scheduler::{Cadence, CatchUp, Clock, JobSchedule, Schedule};
+use crate::shared::Shared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -34,112 +32,30 @@ pub enum ServeError {
     Channels(String),
 }
 
-/// (job, outcome)
-pub type RunKey = (&'static str, &'static str);
-/// (runs, seconds)
-pub type RunTotals = (u64, f64);
-
-/// Counters of this instance's job runs, for /metrics.
-#[derive(Default)]
-pub struct Metrics {
-    runs: Mutex<BTreeMap<RunKey, RunTotals>>,
-    /// job -> missed slots dropped by the catch-up cap
-    dropped: Mutex<BTreeMap<&'static str, u64>>,
-}
-
-impl Metrics {
-    fn record(&self, job: JobName, outcome: &'static str, secs: f64) {
-        if let Ok(mut m) = self.runs.lock() {
-            let e = m.entry((job.as_str(), outcome)).or_insert((0, 0.0));
-            e.0 += 1;
-            e.1 += secs;
-        }
-    }
-
-    fn dropped(&self, job: JobName, n: usize) {
-        if let Ok(mut m) = self.dropped.lock() {
-            *m.entry(job.as_str()).or_insert(0) += n as u64;
-        }
-    }
-
-    pub fn runs(&self) -> Vec<(RunKey, RunTotals)> {
-        self.runs
-            .lock()
-            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
-            .unwrap_or_default()
-    }
-
-    pub fn dropped_slots(&self) -> Vec<(&'static str, u64)> {
-        self.dropped
-            .lock()
-            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
-            .unwrap_or_default()
-    }
-}
-
-/// What the loops and the HTTP handlers share.
-pub struct Shared {
-    pub config: Config,
-    pub schedule: Schedule,
-    pub clock: Clock,
-    pub metrics: Metrics,
-    db: OnceLock<Db>,
-    /// Unix seconds of the last completed loop pass (the watchdog's proof of life).
-    heartbeat: AtomicI64,
-    /// True once the service is asked to stop; sleeping loops wake on it.
-    stop_tx: tokio::sync::watch::Sender<bool>,
-}
-
-impl Shared {
-    pub fn db(&self) -> Option<&Db> {
-        self.db.get()
-    }
-
-    pub fn stopping(&self) -> bool {
-        *self.stop_tx.borrow()
-    }
-
-    fn request_stop(&self) {
-        self.stop_tx.send_replace(true);
-        if let Some(db) = self.db.get() {
-            db.request_stop();
-        }
-    }
-
-    fn beat(&self) {
-        self.heartbeat
-            .store(Utc::now().timestamp(), Ordering::SeqCst);
-    }
-
-    /// Sleeps for `d`, or less when the service is asked to stop.
-    async fn pause(&self, d: Duration) {
-        let mut rx = self.stop_tx.subscribe();
-        if *rx.borrow() {
-            return;
-        }
-        let _ = tokio::time::timeout(d, rx.changed()).await;
-    }
-}
-
 /// Sends a state line to systemd when it started us with Type=notify (no-op otherwise).
+/// Hand-written, not the sd-notify crate: its 0.5.0 connects to NOTIFY_SOCKET as a path, so an
+/// abstract `@name` address (containers, some systemd versions) would never hear us.
 pub fn sd_notify(state: &str) {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+    let Some(addr) = std::env::var_os("NOTIFY_SOCKET") else {
         return;
     };
-    let Ok(sock) = std::os::unix::net::UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = path.as_encoded_bytes();
-    let sent = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|addr| sock.send_to_addr(state.as_bytes(), &addr))
-    } else {
-        sock.send_to(state.as_bytes(), &path)
-    };
-    if let Err(e) = sent {
+    if let Err(e) = notify_socket(&addr, state) {
         tracing::warn!(error = %e, "cannot notify systemd");
     }
+}
+
+/// One datagram to `addr`: a path, or with a leading `@` a Linux abstract socket name.
+fn notify_socket(addr: &std::ffi::OsStr, state: &str) -> std::io::Result<()> {
+    let sock = std::os::unix::net::UnixDatagram::unbound()?;
+    let bytes = addr.as_encoded_bytes();
+    if let Some(name) = bytes.strip_prefix(b"@") {
+        use std::os::linux::net::SocketAddrExt;
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+        sock.send_to_addr(state.as_bytes(), &addr)?;
+    } else {
+        sock.send_to(state.as_bytes(), addr)?;
+    }
+    Ok(())
 }
 
 /// Runs the service until SIGTERM or SIGINT. `listener` is bound by the caller (so that a
@@ -152,16 +68,7 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let channels =
         deliver_notifications::Channels::from_config(&config).map_err(ServeError::Channels)?;
-    let (stop_tx, _) = tokio::sync::watch::channel(false);
-    let shared = Arc::new(Shared {
-        config,
-        schedule,
-        clock,
-        metrics: Metrics::default(),
-        db: OnceLock::new(),
-        heartbeat: AtomicI64::new(Utc::now().timestamp()),
-        stop_tx,
-    });
+    let shared = Arc::new(Shared::new(config, schedule, clock));
 
     // Signals first: a SIGTERM during start-up (database unreachable) still stops cleanly.
     {
@@ -187,7 +94,7 @@ pub async fn serve(
 
     let http = {
         let sh = shared.clone();
-        let mut rx = shared.stop_tx.subscribe();
+        let mut rx = shared.stop_signal();
         tokio::spawn(async move {
             let app = crate::server::router(sh);
             let served = axum::serve(listener, app)
@@ -217,7 +124,7 @@ pub async fn serve(
             }
         }
     };
-    let _ = shared.db.set(db.clone());
+    shared.set_db(db.clone());
     if shared.stopping() {
         db.request_stop();
     }
@@ -288,7 +195,7 @@ fn watchdog_interval() -> Option<Duration> {
 async fn watchdog(sh: Arc<Shared>, every: Duration) {
     let stale = (every.as_secs() as i64 * 2).max(10);
     while !sh.stopping() {
-        if Utc::now().timestamp() - sh.heartbeat.load(Ordering::SeqCst) <= stale {
+        if sh.since_beat() <= stale {
             sd_notify("WATCHDOG=1");
         }
         sh.pause(every).await;
@@ -362,6 +269,8 @@ async fn job_step(
     // recorded (the database went away under it) and it is resumed at once.
     let lease = sh.config.service.lease.seconds() as f64;
     let me = crate::jobs::instance_id();
+    // Raw SQL: a CTE and lease arithmetic on clock_timestamp() (make_interval, power) have
+    // no form in diesel's query builder.
     let open = c
         .query(
             "WITH done AS (SELECT max(slot) AS latest FROM job_runs WHERE job = $1 AND status = 'succeeded')
@@ -377,6 +286,8 @@ async fn job_step(
         .await?;
     // Slots not yet started, counted from the last one handed out (a one-off run with a
     // future --as-of does not hold the schedule back).
+    // Raw SQL on the pass's one raw client (the builder would need a second, diesel,
+    // connection for this one aggregate).
     let last: Option<DateTime<Utc>> = c
         .query_one(
             "SELECT max(as_of) FROM job_runs WHERE job = $1 AND as_of <= $2",
@@ -451,7 +362,8 @@ async fn job_step(
         // closed, so that no claim of a dead runner stays open for ever. A running claim is
         // closed only when a takeover could claim it (claim_slot's rule: four leases past its
         // lease): a live runner whose renewal is merely late keeps its slot and records it.
-        // This instance's own running claims are closed at once (see `open` above).
+        // This instance's own running claims are closed at once (see `open` above). Raw
+        // SQL: the lease arithmetic on clock_timestamp() has no query-builder form.
         c.execute(
             "UPDATE job_runs SET status = 'failed', error = $3, finished_at = clock_timestamp(), lease_until = NULL
              WHERE job = $1 AND slot < $2 AND (status = 'interrupted'
@@ -589,80 +501,26 @@ async fn batch_loop(sh: Arc<Shared>, db: Db) {
     }
 }
 
-/// Everything `/metrics` reads from the database: shared by every instance.
-#[derive(Debug, Default, Serialize)]
-pub struct DbGauges {
-    pub outbox: Vec<(String, i64)>,
-    pub accounts: Vec<(String, i64)>,
-    pub slots_behind: Vec<(&'static str, i64)>,
-    pub open_batches: i64,
-    /// Prices where the configuration and the database's price list differ.
-    pub price_differences: usize,
-}
+#[cfg(test)]
+mod tests {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
 
-pub async fn db_gauges(sh: &Shared, db: &Db) -> Result<DbGauges, DbError> {
-    // A pooled client: a scrape that times out mid-query drops it back to the idle list,
-    // where the next borrower's reset waits for the query to end.
-    let c = db.raw_client().await?;
-    let outbox = c
-        .query(
-            "SELECT status, count(*) FROM notices GROUP BY status ORDER BY status",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let accounts = c
-        .query(
-            "SELECT state, count(*) FROM accounts GROUP BY state ORDER BY state",
-            &[],
-        )
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    let now = sh.clock.now();
-    let mut slots_behind = Vec::new();
-    for js in sh.schedule.jobs.iter().filter(|j| j.enabled) {
-        let Some(cron) = js.cron() else { continue };
-        let job = js.job.as_str();
-        let row = c
-            .query_one(
-                "WITH done AS (SELECT max(slot) AS latest FROM job_runs WHERE job = $1 AND status = 'succeeded')
-                 SELECT (SELECT max(as_of) FROM job_runs WHERE job = $1 AND as_of <= $2),
-                        (SELECT count(*) FROM job_runs, done WHERE job = $1 AND status <> 'succeeded'
-                           AND slot > coalesce(done.latest, '-infinity'))",
-                &[&job, &now],
-            )
-            .await?;
-        let last: Option<DateTime<Utc>> = row.get(0);
-        let open: i64 = row.get(1);
-        // Slots due and not yet started, plus started ones not finished.
-        let due = match last {
-            Some(last) => cron.between(js.time_zone, last, now, 100_000).len() as i64,
-            None => 1,
-        };
-        slots_behind.push((js.job.as_str(), due + open));
+    #[test]
+    fn notify_reaches_an_abstract_socket_and_a_path() {
+        let name = format!("arrears-notify-test-{}", std::process::id());
+        let abstract_addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("a name");
+        let listener = UnixDatagram::bind_addr(&abstract_addr).expect("bind abstract");
+        super::notify_socket(format!("@{name}").as_ref(), "READY=1").expect("sent");
+        let mut buf = [0u8; 64];
+        let n = listener.recv(&mut buf).expect("received");
+        assert_eq!(&buf[..n], b"READY=1");
+
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("notify.sock");
+        let listener = UnixDatagram::bind(&path).expect("bind path");
+        super::notify_socket(path.as_os_str(), "WATCHDOG=1").expect("sent");
+        let n = listener.recv(&mut buf).expect("received");
+        assert_eq!(&buf[..n], b"WATCHDOG=1");
     }
-    let open_batches = c
-        .query_one(
-            "SELECT count(*) FROM job_batches WHERE status = 'pending'",
-            &[],
-        )
-        .await?
-        .get(0);
-    let price_differences =
-        match crate::db::catalog::drift(&mut *db.conn().await?, &sh.config, now).await {
-            Ok(d) => d.len(),
-            Err(crate::db::catalog::PricesError::Query(e)) => return Err(e.into()),
-            Err(_) => 0,
-        };
-    Ok(DbGauges {
-        outbox,
-        accounts,
-        slots_behind,
-        open_batches,
-        price_differences,
-    })
 }

@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::path::Path;
+
 use arrears::domain::settle::CouponKind;
 use arrears::ledger::{grant_coupon, topup, LedgerError};
 use common::*;
@@ -153,11 +155,49 @@ async fn coupon_grant_checks_its_input() {
     assert_eq!(t.scalar_i64("SELECT count(*) FROM ledger_entries").await, 0);
 }
 
+/// Every `diesel::table!` of src/db/schema.rs: its name and its columns in order.
+fn diesel_tables() -> Vec<(String, Vec<String>)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/db/schema.rs");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut tables = Vec::new();
+    for block in text.split("diesel::table! {").skip(1) {
+        let mut lines = block.lines().map(str::trim).filter(|l| !l.is_empty());
+        let head = lines.next().unwrap();
+        let name = head.split_whitespace().next().unwrap().to_string();
+        let columns = lines
+            .take_while(|l| *l != "}")
+            .filter_map(|l| l.split_once(" -> ").map(|(c, _)| c.trim().to_string()))
+            .collect();
+        tables.push((name, columns));
+    }
+    tables
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn schema_matches_the_diesel_definitions() {
     let t = TestDb::new().await;
     let c = t.client().await;
-    for (table, columns) in arrears::db::schema::COLUMNS {
+    let tables = diesel_tables();
+    // Every table of the migrated database is described, but the two unlogged staging
+    // tables without a primary key that diesel.toml leaves out (the billing job's raw SQL
+    // alone reads them) and diesel's own migrations table.
+    let mut described: Vec<&str> = tables.iter().map(|(t, _)| t.as_str()).collect();
+    described.sort();
+    let in_database: Vec<String> = c
+        .query(
+            "SELECT table_name::text FROM information_schema.tables WHERE table_schema = 'public'
+               AND table_name NOT IN ('bill_candidates', 'bill_skipped', '__diesel_schema_migrations')
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(described, in_database);
+    for (table, columns) in &tables {
+        assert!(!columns.is_empty(), "table {table}");
         let have: Vec<String> = c
             .query("SELECT column_name::text FROM information_schema.columns WHERE table_name = $1 ORDER BY ordinal_position", &[table])
             .await
@@ -165,7 +205,6 @@ async fn schema_matches_the_diesel_definitions() {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let want: Vec<String> = columns.iter().map(|s| s.to_string()).collect();
-        assert_eq!(have, want, "table {table}");
+        assert_eq!(&have, columns, "table {table}");
     }
 }

@@ -498,6 +498,73 @@ async fn sigterm_stops_between_batches_exits_zero_and_the_next_start_resumes_at_
     assert_billed_once(&t, n as i64, 1).await;
 }
 
+/// `/metrics` of `s` counts `runs` succeeded slot runs per job, and has a histogram of their
+/// durations with those job and outcome labels: cumulative buckets ending in `+Inf`, a count
+/// equal to the runs. A slot is recorded just after its row says succeeded: polled, briefly.
+async fn assert_job_durations_scraped(s: &Service, runs: &[(&str, u64)]) {
+    let value = |text: &str, series: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = reqwest::get(s.url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let all_in = runs.iter().all(|(job, n)| {
+            let series = format!("arrears_job_runs_total{{job=\"{job}\",outcome=\"succeeded\"}}");
+            value(&text, &series) >= Some(*n)
+        });
+        if all_in || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        text.contains("# TYPE arrears_job_run_seconds histogram"),
+        "{text}"
+    );
+    for (job, n) in runs {
+        let labels = format!("job=\"{job}\",outcome=\"succeeded\"");
+        assert_eq!(
+            value(&text, &format!("arrears_job_runs_total{{{labels}}}")),
+            Some(*n),
+            "{job} in\n{text}"
+        );
+        assert_eq!(
+            value(&text, &format!("arrears_job_run_seconds_count{{{labels}}}")),
+            Some(*n),
+            "{job} in\n{text}"
+        );
+        assert!(
+            text.contains(&format!("arrears_job_run_seconds_sum{{{labels}}} ")),
+            "{job} in\n{text}"
+        );
+        let buckets: Vec<(String, u64)> = text
+            .lines()
+            .filter_map(|l| {
+                let rest =
+                    l.strip_prefix(&format!("arrears_job_run_seconds_bucket{{{labels},le=\""))?;
+                let (le, count) = rest.split_once("\"} ")?;
+                Some((le.to_string(), count.parse().ok()?))
+            })
+            .collect();
+        assert!(buckets.len() > 1, "{job}: buckets in\n{text}");
+        assert!(
+            buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+            "{job}: cumulative buckets {buckets:?}"
+        );
+        assert_eq!(
+            buckets.last(),
+            Some(&("+Inf".to_string(), *n)),
+            "{job}: {buckets:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn catch_up_after_26_hours_down_bills_every_missed_day_and_collapses_the_rest() {
     let zone = "Asia/Shanghai";
@@ -529,6 +596,7 @@ async fn catch_up_after_26_hours_down_bills_every_missed_day_and_collapses_the_r
         &[&b],
     )
     .await;
+    assert_job_durations_scraped(&b, &[("generate_bills", 2), ("send_alerts", 1)]).await;
     assert!(b.terminate().await.success());
     let c = t.client().await;
     let slots = |job: &'static str| {

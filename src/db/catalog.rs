@@ -221,7 +221,7 @@ pub async fn apply(
 ) -> Result<PricesReport, PricesError> {
     conn.transaction::<_, PricesError, _>(async move |conn| {
         // One applier at a time (the service starting while an operator runs migrate);
-        // readers (billing) are not blocked.
+        // readers (billing) are not blocked. Raw SQL: diesel has no LOCK TABLE.
         diesel::sql_query("LOCK TABLE prices IN SHARE ROW EXCLUSIVE MODE")
             .execute(conn)
             .await?;

@@ -146,6 +146,7 @@ impl Db {
             parsed.tls()?,
             deadpool_postgres::ManagerConfig {
                 // Not DISCARD ALL: tokio-postgres keeps prepared type lookups on the session.
+                // Raw SQL: session commands (DISCARD, RESET) are no queries diesel can build.
                 recycling_method: deadpool_postgres::RecyclingMethod::Custom(
                     "DISCARD TEMP; SELECT pg_advisory_unlock_all(); RESET ALL".into(),
                 ),
@@ -233,6 +234,7 @@ impl Db {
     /// The database's clock, for the clock-agreement guard of destructive jobs.
     pub async fn database_now(&self) -> Result<chrono::DateTime<chrono::Utc>, DbError> {
         let mut conn = self.conn().await?;
+        // A raw fragment: diesel's `now` is typed `timestamp` (no time zone); this is timestamptz.
         let now = diesel::select(diesel::dsl::sql::<diesel::sql_types::Timestamptz>("now()"))
             .get_result::<chrono::DateTime<chrono::Utc>>(&mut conn)
             .await?;
@@ -261,7 +263,11 @@ pub fn redact_url(url: &str) -> String {
 pub fn split_password(url: &str) -> (String, Option<String>) {
     match ::url::Url::parse(url) {
         Ok(mut u) if u.password().is_some() => {
-            let pass = u.password().map(crate::notify::email::percent_decode);
+            let pass = u.password().map(|p| {
+                percent_encoding::percent_decode_str(p)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            });
             let _ = u.set_password(None);
             (u.to_string(), pass)
         }
@@ -279,6 +285,7 @@ pub async fn raw_connect(url: &str) -> Result<tokio_postgres::Client, DbError> {
 /// program's own, or checked by the caller: it is not quoted.
 pub async fn recreate_database(url: &str, name: &str) -> Result<String, DbError> {
     let admin = raw_connect(&with_database(url, "postgres")?).await?;
+    // Raw SQL: DROP / CREATE DATABASE are DDL, which diesel's query builder does not say.
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await?;
@@ -292,6 +299,7 @@ pub async fn recreate_database(url: &str, name: &str) -> Result<String, DbError>
 async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
     let name = database_name(url)?;
     let admin = raw_connect(&with_database(url, "postgres")?).await?;
+    // Raw SQL: pg_database is a catalog outside schema.rs (and CREATE DATABASE is DDL).
     let exists = admin
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
         .await?
@@ -303,12 +311,4 @@ async fn create_database_if_missing(url: &str) -> Result<(), DbError> {
             .await?;
     }
     Ok(())
-}
-
-/// `SELECT 1`, for readiness.
-pub async fn ping(conn: &mut AsyncPgConnection) -> QueryResult<()> {
-    diesel::sql_query("SELECT 1")
-        .execute(conn)
-        .await
-        .map(|_| ())
 }

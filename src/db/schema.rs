@@ -1,5 +1,7 @@
-//! diesel table definitions, kept by hand in step with migrations/ (a test checks that the
-//! migrated database has every column named here).
+//! diesel table definitions: `diesel print-schema` of the migrated database (diesel.toml);
+//! edit a migration, not this file. scripts/check-schema.sh fails when they drift.
+
+// @generated automatically by Diesel CLI.
 
 diesel::table! {
     accounts (id) {
@@ -45,34 +47,53 @@ diesel::table! {
 }
 
 diesel::table! {
-    resource_suspensions (account_id, no) {
+    bill_lines (account_id, bill_day, resource_id, meter) {
         account_id -> Text,
-        no -> Int4,
+        bill_day -> Date,
         resource_id -> Text,
-        reason -> Text,
-        episode -> Nullable<Int4>,
-        started_at -> Timestamptz,
-        release_at -> Nullable<Timestamptz>,
-        ended_at -> Nullable<Timestamptz>,
-        ended_how -> Nullable<Text>,
-    }
-}
-
-diesel::table! {
-    payment_references (reference) {
-        reference -> Text,
-        account_id -> Text,
+        meter -> Text,
+        records -> Int4,
+        quantity -> Int8,
+        included_quantity -> Int8,
+        billed_quantity -> Int8,
+        unbilled_quantity -> Int8,
+        unit_price_nanos -> Int8,
         amount -> Int8,
-        ledger_entry_id -> Nullable<Int8>,
-        applied_at -> Timestamptz,
     }
 }
 
 diesel::table! {
-    lifecycle_policies (product) {
+    billing_cursor (id) {
+        id -> Bool,
+        low_water_seq -> Int8,
+    }
+}
+
+diesel::table! {
+    bills (account_id, bill_day) {
+        account_id -> Text,
+        bill_day -> Date,
+        total -> Int8,
+        paid_cash_coupons -> Int8,
+        paid_general_coupons -> Int8,
+        paid_cash -> Int8,
+        records -> Int4,
+        late_records -> Int4,
+        issued_at -> Timestamptz,
+        recorded_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    control_plane_orders (account_id, id) {
+        account_id -> Text,
+        id -> Int8,
+        resource_id -> Text,
         product -> Text,
-        policy -> Jsonb,
-        applied_at -> Timestamptz,
+        kind -> Text,
+        reason -> Nullable<Text>,
+        cause -> Text,
+        created_at -> Timestamptz,
     }
 }
 
@@ -89,6 +110,107 @@ diesel::table! {
 }
 
 diesel::table! {
+    job_batches (job, slot, batch_no) {
+        job -> Text,
+        slot -> Timestamptz,
+        batch_no -> Int4,
+        lo -> Text,
+        hi -> Text,
+        status -> Text,
+        done_by -> Nullable<Text>,
+        done_at -> Nullable<Timestamptz>,
+        result -> Nullable<Jsonb>,
+    }
+}
+
+diesel::table! {
+    job_runs (job, slot) {
+        job -> Text,
+        slot -> Timestamptz,
+        status -> Text,
+        attempts -> Int4,
+        as_of -> Timestamptz,
+        started_at -> Timestamptz,
+        finished_at -> Nullable<Timestamptz>,
+        report -> Nullable<Jsonb>,
+        error -> Nullable<Text>,
+        owner -> Nullable<Text>,
+        lease_until -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    ledger_entries (account_id, id) {
+        account_id -> Text,
+        id -> Int8,
+        kind -> Text,
+        amount -> Int8,
+        bill_day -> Nullable<Date>,
+        coupon_id -> Nullable<Int8>,
+        reference -> Nullable<Text>,
+        effective_at -> Timestamptz,
+        recorded_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    lifecycle_events (account_id, id) {
+        account_id -> Text,
+        id -> Int8,
+        resource_id -> Nullable<Text>,
+        from_state -> Text,
+        to_state -> Text,
+        reason -> Text,
+        cause -> Text,
+        occurred_at -> Timestamptz,
+        recorded_at -> Timestamptz,
+        episode -> Nullable<Int4>,
+    }
+}
+
+diesel::table! {
+    lifecycle_policies (product) {
+        product -> Text,
+        policy -> Jsonb,
+        applied_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    notices (account_id, id) {
+        account_id -> Text,
+        id -> Int8,
+        kind -> Text,
+        channel -> Text,
+        dedupe_key -> Text,
+        payload -> Jsonb,
+        status -> Text,
+        attempts -> Int4,
+        next_attempt_at -> Timestamptz,
+        lease_until -> Nullable<Timestamptz>,
+        last_error -> Nullable<Text>,
+        provider_message_id -> Nullable<Text>,
+        accepted_at -> Nullable<Timestamptz>,
+        created_at -> Timestamptz,
+        episode -> Nullable<Int4>,
+        suspension -> Nullable<Int4>,
+        cancel_reason -> Nullable<Text>,
+        message_id -> Nullable<Text>,
+        dev_channel -> Bool,
+    }
+}
+
+diesel::table! {
+    payment_references (reference) {
+        reference -> Text,
+        account_id -> Text,
+        amount -> Int8,
+        ledger_entry_id -> Nullable<Int8>,
+        applied_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     prices (product, meter, effective_from) {
         product -> Text,
         meter -> Text,
@@ -98,6 +220,31 @@ diesel::table! {
         effective_from -> Timestamptz,
         retired -> Bool,
         applied_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    release_warnings (account_id, id) {
+        account_id -> Text,
+        id -> Int8,
+        suspension -> Int4,
+        lead_seconds -> Int4,
+        release_at -> Nullable<Timestamptz>,
+        accepted_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
+    resource_suspensions (account_id, no) {
+        account_id -> Text,
+        no -> Int4,
+        resource_id -> Text,
+        reason -> Text,
+        episode -> Nullable<Int4>,
+        started_at -> Timestamptz,
+        release_at -> Nullable<Timestamptz>,
+        ended_at -> Nullable<Timestamptz>,
+        ended_how -> Nullable<Text>,
     }
 }
 
@@ -138,425 +285,33 @@ diesel::table! {
     }
 }
 
-diesel::table! {
-    bills (account_id, bill_day) {
-        account_id -> Text,
-        bill_day -> Date,
-        total -> Int8,
-        paid_cash_coupons -> Int8,
-        paid_general_coupons -> Int8,
-        paid_cash -> Int8,
-        records -> Int4,
-        late_records -> Int4,
-        issued_at -> Timestamptz,
-        recorded_at -> Timestamptz,
-    }
-}
-
-diesel::table! {
-    bill_lines (account_id, bill_day, resource_id, meter) {
-        account_id -> Text,
-        bill_day -> Date,
-        resource_id -> Text,
-        meter -> Text,
-        records -> Int4,
-        quantity -> Int8,
-        included_quantity -> Int8,
-        billed_quantity -> Int8,
-        unbilled_quantity -> Int8,
-        unit_price_nanos -> Int8,
-        amount -> Int8,
-    }
-}
-
-diesel::table! {
-    ledger_entries (account_id, id) {
-        account_id -> Text,
-        id -> Int8,
-        kind -> Text,
-        amount -> Int8,
-        bill_day -> Nullable<Date>,
-        coupon_id -> Nullable<Int8>,
-        reference -> Nullable<Text>,
-        effective_at -> Timestamptz,
-        recorded_at -> Timestamptz,
-    }
-}
-
-diesel::table! {
-    lifecycle_events (account_id, id) {
-        account_id -> Text,
-        id -> Int8,
-        resource_id -> Nullable<Text>,
-        from_state -> Text,
-        to_state -> Text,
-        reason -> Text,
-        cause -> Text,
-        occurred_at -> Timestamptz,
-        recorded_at -> Timestamptz,
-        episode -> Nullable<Int4>,
-    }
-}
-
-diesel::table! {
-    job_runs (job, slot) {
-        job -> Text,
-        slot -> Timestamptz,
-        status -> Text,
-        attempts -> Int4,
-        as_of -> Timestamptz,
-        started_at -> Timestamptz,
-        finished_at -> Nullable<Timestamptz>,
-        report -> Nullable<Jsonb>,
-        error -> Nullable<Text>,
-        owner -> Nullable<Text>,
-        lease_until -> Nullable<Timestamptz>,
-    }
-}
-
-diesel::table! {
-    job_batches (job, slot, batch_no) {
-        job -> Text,
-        slot -> Timestamptz,
-        batch_no -> Int4,
-        lo -> Text,
-        hi -> Text,
-        status -> Text,
-        done_by -> Nullable<Text>,
-        done_at -> Nullable<Timestamptz>,
-        result -> Nullable<Jsonb>,
-    }
-}
+diesel::joinable!(bills -> accounts (account_id));
+diesel::joinable!(control_plane_orders -> accounts (account_id));
+diesel::joinable!(coupons -> accounts (account_id));
+diesel::joinable!(ledger_entries -> accounts (account_id));
+diesel::joinable!(lifecycle_events -> accounts (account_id));
+diesel::joinable!(notices -> accounts (account_id));
+diesel::joinable!(payment_references -> accounts (account_id));
+diesel::joinable!(resources -> accounts (account_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     accounts,
-    coupons,
-    prices,
-    resources,
-    usage_records,
-    bills,
+    arrears_episodes,
     bill_lines,
+    billing_cursor,
+    bills,
+    control_plane_orders,
+    coupons,
+    job_batches,
+    job_runs,
     ledger_entries,
     lifecycle_events,
-    job_runs,
-    job_batches,
-    release_warnings,
-    control_plane_orders,
-    notices,
-    arrears_episodes,
-    resource_suspensions,
     lifecycle_policies,
+    notices,
     payment_references,
+    prices,
+    release_warnings,
+    resource_suspensions,
+    resources,
+    usage_records,
 );
-
-diesel::table! {
-    notices (account_id, id) {
-        account_id -> Text,
-        id -> Int8,
-        kind -> Text,
-        channel -> Text,
-        dedupe_key -> Text,
-        payload -> Jsonb,
-        status -> Text,
-        attempts -> Int4,
-        next_attempt_at -> Timestamptz,
-        lease_until -> Nullable<Timestamptz>,
-        last_error -> Nullable<Text>,
-        provider_message_id -> Nullable<Text>,
-        accepted_at -> Nullable<Timestamptz>,
-        created_at -> Timestamptz,
-        episode -> Nullable<Int4>,
-        suspension -> Nullable<Int4>,
-        cancel_reason -> Nullable<Text>,
-        message_id -> Nullable<Text>,
-        dev_channel -> Bool,
-    }
-}
-
-/// Every (table, column) above, for the schema-drift test.
-pub const COLUMNS: &[(&str, &[&str])] = &[
-    (
-        "accounts",
-        &[
-            "id",
-            "name",
-            "email",
-            "phone",
-            "locale",
-            "timezone",
-            "cash_balance",
-            "credit_quota",
-            "low_balance_threshold",
-            "state",
-            "compliance_locked",
-            "legal_hold",
-            "arrears_since",
-            "billed_through_day",
-            "billed_through_seq",
-            "created_at",
-            "updated_at",
-            "balance_alert_armed",
-            "episode",
-            "episodes",
-            "suspensions",
-            "alerts_due_at",
-            "enforce_due_at",
-            "release_due_at",
-        ],
-    ),
-    (
-        "arrears_episodes",
-        &[
-            "account_id",
-            "no",
-            "opened_at",
-            "opened_by",
-            "first_overdue_alert_at",
-            "suspended_at",
-            "closed_at",
-            "close_reason",
-            "closed_by",
-        ],
-    ),
-    (
-        "resource_suspensions",
-        &[
-            "account_id",
-            "no",
-            "resource_id",
-            "reason",
-            "episode",
-            "started_at",
-            "release_at",
-            "ended_at",
-            "ended_how",
-        ],
-    ),
-    ("lifecycle_policies", &["product", "policy", "applied_at"]),
-    (
-        "payment_references",
-        &[
-            "reference",
-            "account_id",
-            "amount",
-            "ledger_entry_id",
-            "applied_at",
-        ],
-    ),
-    (
-        "coupons",
-        &[
-            "account_id",
-            "id",
-            "kind",
-            "amount",
-            "remaining",
-            "expires_at",
-            "granted_at",
-        ],
-    ),
-    (
-        "prices",
-        &[
-            "product",
-            "meter",
-            "unit",
-            "unit_price_nanos",
-            "is_package_meter",
-            "effective_from",
-            "retired",
-            "applied_at",
-        ],
-    ),
-    (
-        "resources",
-        &[
-            "account_id",
-            "id",
-            "product",
-            "billing_mode",
-            "package_quota",
-            "package_used",
-            "package_expires_at",
-            "payg_enabled",
-            "term_ends_at",
-            "state",
-            "state_reason",
-            "suspended_at",
-            "released_at",
-            "unsubscribed_at",
-            "created_at",
-            "updated_at",
-            "suspension",
-        ],
-    ),
-    (
-        "usage_records",
-        &[
-            "account_id",
-            "event_id",
-            "resource_id",
-            "meter",
-            "quantity",
-            "started_at",
-            "ended_at",
-            "usage_day",
-            "seq",
-            "imported_at",
-        ],
-    ),
-    (
-        "bills",
-        &[
-            "account_id",
-            "bill_day",
-            "total",
-            "paid_cash_coupons",
-            "paid_general_coupons",
-            "paid_cash",
-            "records",
-            "late_records",
-            "issued_at",
-            "recorded_at",
-        ],
-    ),
-    (
-        "bill_lines",
-        &[
-            "account_id",
-            "bill_day",
-            "resource_id",
-            "meter",
-            "records",
-            "quantity",
-            "included_quantity",
-            "billed_quantity",
-            "unbilled_quantity",
-            "unit_price_nanos",
-            "amount",
-        ],
-    ),
-    (
-        "ledger_entries",
-        &[
-            "account_id",
-            "id",
-            "kind",
-            "amount",
-            "bill_day",
-            "coupon_id",
-            "reference",
-            "effective_at",
-            "recorded_at",
-        ],
-    ),
-    (
-        "lifecycle_events",
-        &[
-            "account_id",
-            "id",
-            "resource_id",
-            "from_state",
-            "to_state",
-            "reason",
-            "cause",
-            "occurred_at",
-            "recorded_at",
-            "episode",
-        ],
-    ),
-    (
-        "job_runs",
-        &[
-            "job",
-            "slot",
-            "status",
-            "attempts",
-            "as_of",
-            "started_at",
-            "finished_at",
-            "report",
-            "error",
-            "owner",
-            "lease_until",
-        ],
-    ),
-    (
-        "job_batches",
-        &[
-            "job", "slot", "batch_no", "lo", "hi", "status", "done_by", "done_at", "result",
-        ],
-    ),
-    (
-        "release_warnings",
-        &[
-            "account_id",
-            "id",
-            "suspension",
-            "lead_seconds",
-            "release_at",
-            "accepted_at",
-        ],
-    ),
-    (
-        "control_plane_orders",
-        &[
-            "account_id",
-            "id",
-            "resource_id",
-            "product",
-            "kind",
-            "reason",
-            "cause",
-            "created_at",
-        ],
-    ),
-    (
-        "notices",
-        &[
-            "account_id",
-            "id",
-            "kind",
-            "channel",
-            "dedupe_key",
-            "payload",
-            "status",
-            "attempts",
-            "next_attempt_at",
-            "lease_until",
-            "last_error",
-            "provider_message_id",
-            "accepted_at",
-            "created_at",
-            "episode",
-            "suspension",
-            "cancel_reason",
-            "message_id",
-            "dev_channel",
-        ],
-    ),
-];
-
-diesel::table! {
-    release_warnings (account_id, id) {
-        account_id -> Text,
-        id -> Int8,
-        suspension -> Int4,
-        lead_seconds -> Int4,
-        release_at -> Nullable<Timestamptz>,
-        accepted_at -> Timestamptz,
-    }
-}
-
-diesel::table! {
-    control_plane_orders (account_id, id) {
-        account_id -> Text,
-        id -> Int8,
-        resource_id -> Text,
-        product -> Text,
-        kind -> Text,
-        reason -> Nullable<Text>,
-        cause -> Text,
-        created_at -> Timestamptz,
-    }
-}

@@ -36,7 +36,9 @@ pub enum DecimalError {
 
 /// Parses a plain decimal string ("12.50", "-3", "0.015") into an integer scaled by
 /// `10^digits`. Refuses exponents, thousands separators and more decimals than `digits`:
-/// silently rounding an input amount would lose money.
+/// silently rounding an input amount would lose money. Hand-written, not rust_decimal: money
+/// is an `i64` of minor units everywhere (and `bigint` in SQL), so a decimal type would only
+/// be converted at each boundary; what is needed is this parser that refuses to round.
 pub fn parse_scaled(input: &str, digits: u32) -> Result<i64, DecimalError> {
     let s = input.trim();
     if s.is_empty() {

@@ -84,6 +84,18 @@ struct SuspensionRow {
     release_at: Option<DateTime<Utc>>,
 }
 
+/// A release warning accepted for a resource's current suspension.
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = release_warnings)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
+struct WarningRow {
+    account_id: String,
+    suspension: i32,
+    lead_seconds: i32,
+    release_at: Option<DateTime<Utc>>,
+    accepted_at: DateTime<Utc>,
+}
+
 /// Loads an account and everything the lifecycle decides on; with `lock`, the account row is
 /// locked FOR UPDATE first, which serialises every decision about the account (top-ups, jobs,
 /// operators).
@@ -155,23 +167,16 @@ pub async fn load_many(
             .load(conn)
             .await?
     };
-    let warnings: Vec<(String, i32, i32, Option<DateTime<Utc>>, DateTime<Utc>)> =
-        release_warnings::table
-            .inner_join(
-                resources::table.on(resources::account_id
-                    .eq(release_warnings::account_id)
-                    .and(resources::suspension.eq(release_warnings::suspension.nullable()))),
-            )
-            .filter(release_warnings::account_id.eq_any(ids))
-            .select((
-                release_warnings::account_id,
-                release_warnings::suspension,
-                release_warnings::lead_seconds,
-                release_warnings::release_at,
-                release_warnings::accepted_at,
-            ))
-            .load(conn)
-            .await?;
+    let warnings: Vec<WarningRow> = release_warnings::table
+        .inner_join(
+            resources::table.on(resources::account_id
+                .eq(release_warnings::account_id)
+                .and(resources::suspension.eq(release_warnings::suspension.nullable()))),
+        )
+        .filter(release_warnings::account_id.eq_any(ids))
+        .select(WarningRow::as_select())
+        .load(conn)
+        .await?;
     // Timed notices of the open episodes and of the current suspensions: what is written.
     // The episode and suspension numbers once each (a batch's accounts mostly share them):
     // the index condition takes every (account, kind, number) combination.
@@ -314,13 +319,13 @@ pub async fn load_many(
             l.balance.coupons.push((remaining, expires_at));
         }
     }
-    for (account, suspension, lead, release_at, accepted_at) in warnings {
-        if let Some(l) = by_account.get_mut(&account) {
+    for w in warnings {
+        if let Some(l) = by_account.get_mut(&w.account_id) {
             l.warnings.push(AcceptedWarning {
-                suspension,
-                lead_seconds: i64::from(lead),
-                release_at,
-                accepted_at,
+                suspension: w.suspension,
+                lead_seconds: i64::from(w.lead_seconds),
+                release_at: w.release_at,
+                accepted_at: w.accepted_at,
             });
         }
     }

@@ -19,12 +19,17 @@ use crate::domain::money::format_scaled;
 pub use crate::domain::calendar::format_instant;
 pub use crate::domain::notice::NoticeKind;
 
-/// What a customer notice needs to know about its account; no contact address.
-#[derive(Debug, Clone)]
+/// What a customer notice needs to know about its account; no contact address (whether it
+/// has one is read, never the address).
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = accounts)]
+#[diesel(check_for_backend(diesel::pg::Pg))]
 pub struct Recipient {
     pub id: String,
     pub name: String,
+    #[diesel(select_expression = accounts::email.is_not_null())]
     pub has_email: bool,
+    #[diesel(select_expression = accounts::phone.is_not_null())]
     pub has_phone: bool,
     pub timezone: String,
     pub cash_balance: i64,
@@ -32,34 +37,11 @@ pub struct Recipient {
 }
 
 pub async fn recipient(conn: &mut AsyncPgConnection, id: &str) -> QueryResult<Recipient> {
-    let (name, email, phone, timezone, cash, credit): (
-        String,
-        Option<String>,
-        Option<String>,
-        String,
-        i64,
-        i64,
-    ) = accounts::table
+    accounts::table
         .find(id)
-        .select((
-            accounts::name,
-            accounts::email,
-            accounts::phone,
-            accounts::timezone,
-            accounts::cash_balance,
-            accounts::credit_quota,
-        ))
+        .select(Recipient::as_select())
         .first(conn)
-        .await?;
-    Ok(Recipient {
-        id: id.to_string(),
-        name,
-        has_email: email.is_some(),
-        has_phone: phone.is_some(),
-        timezone,
-        cash_balance: cash,
-        credit_quota: credit,
-    })
+        .await
 }
 
 impl Recipient {
