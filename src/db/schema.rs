@@ -285,10 +285,8 @@ diesel::table! {
     }
 }
 
-diesel::joinable!(bills -> accounts (account_id));
 diesel::joinable!(control_plane_orders -> accounts (account_id));
 diesel::joinable!(coupons -> accounts (account_id));
-diesel::joinable!(ledger_entries -> accounts (account_id));
 diesel::joinable!(lifecycle_events -> accounts (account_id));
 diesel::joinable!(notices -> accounts (account_id));
 diesel::joinable!(payment_references -> accounts (account_id));
