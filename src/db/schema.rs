@@ -201,6 +201,19 @@ diesel::table! {
 }
 
 diesel::table! {
+    package_terms (account_id, resource_id, no) {
+        account_id -> Text,
+        resource_id -> Text,
+        no -> Int4,
+        starts_at -> Nullable<Timestamptz>,
+        ends_at -> Timestamptz,
+        quota -> Int8,
+        used -> Int8,
+        closed_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     payment_references (reference) {
         reference -> Text,
         account_id -> Text,
@@ -267,6 +280,7 @@ diesel::table! {
         created_at -> Timestamptz,
         updated_at -> Timestamptz,
         suspension -> Nullable<Int4>,
+        package_starts_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -306,6 +320,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     lifecycle_events,
     lifecycle_policies,
     notices,
+    package_terms,
     payment_references,
     prices,
     release_warnings,

@@ -714,11 +714,12 @@ pub async fn work_open_batches(db: &Db, config: &Config) -> Result<usize, JobErr
 /// Returns one row per bill issued. A line whose meter lost its price since the pre-pass has
 /// no price, which `bill_lines`' NOT NULL refuses: the batch then bills nothing.
 const BILL_BATCH: &str = "
-WITH g AS (
-  SELECT c.account_id, c.resource_id, c.meter, sum(c.records)::int AS records,
-         sum(c.quantity)::bigint AS quantity,
-         coalesce(sum(c.records) FILTER (WHERE c.usage_day < $3), 0)::int AS late_records,
-         max(c.max_seq) AS max_seq
+WITH d AS (
+  -- the batch's unbilled usage, per resource, meter and day
+  SELECT c.account_id, c.resource_id, c.meter, c.usage_day, c.records, c.quantity, c.max_seq,
+         -- the record's day in the billing time zone
+         (c.usage_day::timestamp AT TIME ZONE $9) AS day_start,
+         ((c.usage_day + 1)::timestamp AT TIME ZONE $9) AS day_end
   FROM bill_candidates c
   JOIN accounts a ON a.id = c.account_id AND a.id >= $1 AND a.id <= $2
   WHERE c.slot = $6 AND c.account_id >= $1 AND c.account_id <= $2 AND c.usage_day <= $3
@@ -729,33 +730,64 @@ WITH g AS (
     -- before the run (no bills of the day) as a nested loop over a scan of every bill,
     -- quadratic as the run issued them
     AND (a.billed_through_day IS NULL OR a.billed_through_day < $3)
-  GROUP BY 1, 2, 3
-), q AS (
-  SELECT g.*, p.unit_price_nanos, r.billing_mode, r.state AS resource_state, r.payg_enabled,
+), t AS MATERIALIZED (
+  SELECT d.*, p.unit_price_nanos, r.billing_mode, r.state AS resource_state, r.payg_enabled,
          r.package_used, r.package_quota,
-    CASE WHEN r.billing_mode = 'prepaid' THEN g.quantity  -- covered by the prepaid term
-         WHEN r.billing_mode = 'package' AND p.is_package_meter
-              AND (r.package_expires_at IS NULL OR r.package_expires_at > $4)
-         THEN least(g.quantity, greatest(coalesce(r.package_quota, 0) - r.package_used, 0))
-         ELSE 0 END AS included,
-    (r.billing_mode <> 'package' OR r.payg_enabled) AS payg
-  FROM g
-  LEFT JOIN resources r ON r.account_id = g.account_id AND r.id = g.resource_id
+         -- settlement by the record's own day: the newest package term in effect at some time
+         -- of its day (0: the current one, else one a renewal closed; none: pay-as-you-go)
+         CASE WHEN r.billing_mode = 'package' AND p.is_package_meter THEN
+           CASE WHEN (r.package_starts_at IS NULL OR r.package_starts_at < d.day_end)
+                     AND (r.package_expires_at IS NULL OR r.package_expires_at > d.day_start) THEN 0
+                ELSE (SELECT pt.no FROM package_terms pt
+                      WHERE pt.account_id = d.account_id AND pt.resource_id = d.resource_id
+                        AND (pt.starts_at IS NULL OR pt.starts_at < d.day_end) AND pt.ends_at > d.day_start
+                      ORDER BY pt.no DESC LIMIT 1) END
+         END AS term
+  FROM d
+  LEFT JOIN resources r ON r.account_id = d.account_id AND r.id = d.resource_id
                        AND r.account_id >= $1 AND r.account_id <= $2
   -- the price list in effect at the start of the bill day (versioned prices)
-  LEFT JOIN prices_at($4) p ON p.product = r.product AND p.meter = g.meter
+  LEFT JOIN prices_at($4) p ON p.product = r.product AND p.meter = d.meter
+), terms AS MATERIALIZED (
+  -- what each package term covers: its usage of the bill, up to what the term has left
+  SELECT t.account_id, t.resource_id, t.meter, t.term,
+         least(sum(t.quantity), greatest(CASE WHEN t.term = 0 THEN min(coalesce(t.package_quota, 0) - t.package_used)
+                                              ELSE min(pt.quota - pt.used) END, 0))::bigint AS included
+  FROM t LEFT JOIN package_terms pt ON t.term > 0 AND pt.account_id = t.account_id
+                                   AND pt.resource_id = t.resource_id AND pt.no = t.term
+  WHERE t.term IS NOT NULL
+  GROUP BY 1, 2, 3, 4
+), q AS (
+  SELECT t.account_id, t.resource_id, t.meter, sum(t.records)::int AS records,
+         sum(t.quantity)::bigint AS quantity,
+         coalesce(sum(t.records) FILTER (WHERE t.usage_day < $3), 0)::int AS late_records,
+         max(t.max_seq) AS max_seq,
+         -- one price per line (its product and meter); NULL when the meter lost its price
+         min(t.unit_price_nanos) AS unit_price_nanos,
+         min(t.billing_mode) AS billing_mode, bool_and(t.resource_state = 'active') AS active,
+         bool_and(t.payg_enabled) AS payg_enabled, min(t.package_used) AS package_used,
+         min(t.package_quota) AS package_quota
+  FROM t GROUP BY 1, 2, 3
+), covered AS (
+  SELECT account_id, resource_id, meter, sum(included)::bigint AS included,
+         coalesce(sum(included) FILTER (WHERE term = 0), 0)::bigint AS included_now
+  FROM terms GROUP BY 1, 2, 3
 ), lines AS MATERIALIZED (
-  SELECT account_id, resource_id, meter, records, late_records, max_seq, quantity, included,
-         CASE WHEN payg THEN quantity - included ELSE 0 END AS billed,
-         CASE WHEN payg THEN 0 ELSE quantity - included END AS unbilled,
-         unit_price_nanos,
+  SELECT q.*, w.included,
+         CASE WHEN w.payg THEN q.quantity - w.included ELSE 0 END AS billed,
+         CASE WHEN w.payg THEN 0 ELSE q.quantity - w.included END AS unbilled,
          -- the rounding rule of domain::money::line_amount: once per line, half away from zero
-         round((CASE WHEN payg THEN quantity - included ELSE 0 END)::numeric
-               * unit_price_nanos / $5::bigint)::bigint AS amount,
+         round((CASE WHEN w.payg THEN q.quantity - w.included ELSE 0 END)::numeric
+               * q.unit_price_nanos / $5::bigint)::bigint AS amount,
          -- a package this bill uses up with pay-as-you-go off: enforcement looks at it now
-         (included > 0 AND billing_mode = 'package' AND resource_state = 'active' AND NOT payg_enabled
-          AND package_used + included >= coalesce(package_quota, 0)) AS exhausts
+         (coalesce(cv.included_now, 0) > 0 AND q.billing_mode = 'package' AND q.active AND NOT q.payg_enabled
+          AND q.package_used + cv.included_now >= coalesce(q.package_quota, 0)) AS exhausts
   FROM q
+  LEFT JOIN covered cv ON cv.account_id = q.account_id AND cv.resource_id = q.resource_id AND cv.meter = q.meter
+  CROSS JOIN LATERAL (
+    SELECT CASE WHEN q.billing_mode = 'prepaid' THEN q.quantity  -- covered by the prepaid term
+                ELSE coalesce(cv.included, 0) END AS included,
+           (q.billing_mode IS DISTINCT FROM 'package' OR q.payg_enabled) AS payg) w
 ), ins_lines AS (
   INSERT INTO bill_lines (account_id, bill_day, resource_id, meter, records, quantity, included_quantity,
                           billed_quantity, unbilled_quantity, unit_price_nanos, amount)
@@ -804,10 +836,17 @@ WITH g AS (
   UNION ALL
   SELECT account_id, 'coupon_use', draw, $3::date, coupon_id, $7::timestamptz FROM draws
 ), upd_packages AS (
-  UPDATE resources r SET package_used = r.package_used + l.included, updated_at = $7
-  FROM lines l
-  WHERE l.included > 0 AND r.billing_mode = 'package' AND r.account_id = l.account_id AND r.id = l.resource_id
+  UPDATE resources r SET package_used = r.package_used + x.included, updated_at = $7
+  FROM terms x
+  WHERE x.term = 0 AND x.included > 0 AND r.billing_mode = 'package'
+    AND r.account_id = x.account_id AND r.id = x.resource_id
     AND r.account_id >= $1 AND r.account_id <= $2
+), upd_terms AS (
+  UPDATE package_terms pt SET used = pt.used + x.included
+  FROM terms x
+  WHERE x.term > 0 AND x.included > 0
+    AND pt.account_id = x.account_id AND pt.resource_id = x.resource_id AND pt.no = x.term
+    AND pt.account_id >= $1 AND pt.account_id <= $2
 ), charged AS MATERIALIZED (
   -- a LATERAL probe per account for a live resource: an EXISTS here was planned as a hashed
   -- scan of every resource
@@ -891,6 +930,7 @@ async fn bill_batch(
                 &p.slot,
                 &p.as_of,
                 &p.cause,
+                &p.tz.name(),
             ],
         )
         .await

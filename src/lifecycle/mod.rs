@@ -285,11 +285,29 @@ pub async fn operator_action(
                         "expires_at {expires_at} is not after {now}"
                     )));
                 }
+                // The term it replaces is kept with what it had left: a late record of a day
+                // that term covered still draws on it (generate_bills). Raw SQL: an INSERT ...
+                // SELECT numbering the term from the ones before it.
+                diesel::sql_query(
+                    "INSERT INTO package_terms (account_id, resource_id, no, starts_at, ends_at, quota, used, closed_at)
+                     SELECT r.account_id, r.id,
+                            coalesce((SELECT max(t.no) FROM package_terms t
+                                      WHERE t.account_id = r.account_id AND t.resource_id = r.id), 0) + 1,
+                            r.package_starts_at, least(coalesce(r.package_expires_at, $3), $3),
+                            coalesce(r.package_quota, 0), r.package_used, $3
+                     FROM resources r WHERE r.account_id = $1 AND r.id = $2",
+                )
+                .bind::<diesel::sql_types::Text, _>(account_id)
+                .bind::<diesel::sql_types::Text, _>(resource)
+                .bind::<diesel::sql_types::Timestamptz, _>(now)
+                .execute(conn)
+                .await?;
                 diesel::update(resources::table.find((account_id, resource)))
                     .set((
                         resources::package_quota.eq(quota),
                         resources::package_used.eq(0),
                         resources::package_expires_at.eq(expires_at),
+                        resources::package_starts_at.eq(now),
                         resources::updated_at.eq(now),
                     ))
                     .execute(conn)
