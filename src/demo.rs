@@ -14,7 +14,8 @@ use crate::config::Config;
 use crate::db::{self, catalog, Db, DbError, MigrationMode};
 use crate::domain::money::format_scaled;
 use crate::import;
-use crate::jobs::{deliver_notifications, JobError, JobName};
+use crate::jobs::enforce_suspensions::EnforceSuspensions;
+use crate::jobs::{deliver_notifications, JobCtx, JobError, JobName};
 use crate::lifecycle::{self, OperatorAction};
 use crate::scheduler::{JobSchedule, Schedule};
 
@@ -203,33 +204,28 @@ const ACTS: &[(i64, u32, &str, Act)] = &[
     (15, 9, "low-balance", Act::Topup("100.00", "demo-low")),
 ];
 
-/// The demo's schedule: the shipped one, but with enforcement hourly instead of every five
-/// minutes (80 days of five-minute slots would take longer than the minute the demo has).
+/// The demo's schedule: the shipped one's slotted jobs, but with enforcement hourly instead
+/// of every five minutes (80 days of five-minute slots would take longer than the minute the
+/// demo has). Knobs are not applied: the demo runs with its own configuration.
 pub fn demo_schedule() -> Schedule {
-    let tz = "Asia/Shanghai";
-    let parse = |job: JobName, text: String| {
-        JobSchedule::parse(job, &text, "demo schedule").expect("the demo schedule is valid")
-    };
-    Schedule {
-        jobs: vec![
-            parse(
-                JobName::GenerateBills,
-                format!("cron = \"30 0 * * *\"\ntime_zone = \"{tz}\"\ncatch_up = \"every\"\n"),
-            ),
-            parse(
-                JobName::SendAlerts,
-                format!("cron = \"5 * * * *\"\ntime_zone = \"{tz}\"\n"),
-            ),
-            parse(
-                JobName::EnforceSuspensions,
-                format!("cron = \"10 * * * *\"\ntime_zone = \"{tz}\"\n"),
-            ),
-            parse(
-                JobName::ReleaseResources,
-                format!("cron = \"0 10 * * *\"\ntime_zone = \"{tz}\"\n"),
-            ),
-        ],
-    }
+    let shipped = Schedule::load(None).expect("the shipped schedule is valid (unit-tested)");
+    let enforce = JobName::of::<EnforceSuspensions>();
+    let jobs = shipped
+        .jobs
+        .into_iter()
+        .filter(|j| j.cron().is_some())
+        .map(|j| {
+            if j.job.name() != enforce {
+                return j;
+            }
+            let text = format!(
+                "cron = \"10 * * * *\"\ntime_zone = {:?}\n",
+                j.time_zone.name()
+            );
+            JobSchedule::parse(j.job, &text, "demo schedule").expect("the demo schedule is valid")
+        })
+        .collect();
+    Schedule { jobs }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> DemoError + '_ {
@@ -497,7 +493,12 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
             let new = changes(&client, start, &mut seen_event, &mut seen_notice, false).await?;
             emit(new, &mut timeline);
         }
-        crate::jobs::run_scheduled(&db, &cfg, None, *job, *slot, None).await?;
+        let ctx = JobCtx {
+            db: &db,
+            config: &cfg,
+            channels: Some(&channels),
+        };
+        job.run_scheduled(ctx, *slot, None).await.into_result()?;
         // Deliver what the slot queued, at the slot's instant: accepted notices are facts
         // (R2's grace clock, R9's warnings).
         let pending: bool = client
