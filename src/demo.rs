@@ -389,10 +389,10 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
             }]);
             timeline.catch_up(&client, false).await?;
         }
+        // The demo runs with its own configuration, without the schedule's knobs.
         let ctx = JobCtx {
-            db: &db,
-            config: &cfg,
             channels: Some(&channels),
+            ..JobCtx::new(&db, &cfg)
         };
         job.run_scheduled(ctx, *slot, None).await.into_result()?;
         let delivered = deliver_due(&db, &cfg, &channels, &client, *slot).await?;

@@ -365,7 +365,7 @@ pub struct JobSchedule {
     pub enabled: bool,
     /// The most slots one catch-up runs; beyond it the oldest are skipped, loudly.
     pub max_catch_up: usize,
-    /// Its knobs: `knobs.apply(&config)` is the configuration of its scheduled runs.
+    /// Its knobs, given to its runs (`JobCtx::knobs`).
     pub knobs: JobKnobs,
     /// Where it came from, for messages.
     pub origin: String,

@@ -102,12 +102,13 @@ impl Shared {
         *self.stop_tx.borrow()
     }
 
-    /// What a run works with; `cfg` is the configuration with the job's knobs applied.
-    fn ctx<'a>(&'a self, db: &'a Db, cfg: &'a Config) -> JobCtx<'a> {
+    /// What a run of `js` works with: its knobs, the channels built at start.
+    fn ctx<'a>(&'a self, db: &'a Db, js: &'a JobSchedule) -> JobCtx<'a> {
         JobCtx {
             db,
-            config: cfg,
+            config: &self.config,
             channels: Some(&self.channels),
+            knobs: Some(&js.knobs),
         }
     }
 
@@ -519,9 +520,8 @@ async fn run_slot(
     as_of: DateTime<Utc>,
     resume: Option<DateTime<Utc>>,
 ) -> Outcome {
-    let cfg = js.knobs.apply(&sh.config);
     let started = Instant::now();
-    let outcome = js.job.run_scheduled(sh.ctx(db, &cfg), as_of, resume).await;
+    let outcome = js.job.run_scheduled(sh.ctx(db, js), as_of, resume).await;
     let secs = started.elapsed().as_secs_f64();
     sh.metrics.record(js.job.name(), outcome.label(), secs);
     let job = js.job.name().as_str();
@@ -548,7 +548,6 @@ async fn run_slot(
 /// A continuous job (the outbox dispatcher): a pass every `every`, of at most 20 batches
 /// (its claims are per work item, so every instance runs it).
 async fn dispatch_loop(sh: Arc<Shared>, db: Db, js: JobSchedule, every: Duration) {
-    let cfg = js.knobs.apply(&sh.config);
     let job = js.job.name();
     let mut backoff = every;
     while !sh.stopping() {
@@ -557,7 +556,7 @@ async fn dispatch_loop(sh: Arc<Shared>, db: Db, js: JobSchedule, every: Duration
             max_batches: Some(20),
             ..RunArgs::scheduled(sh.clock.now(), None)
         };
-        let outcome = js.job.run(sh.ctx(&db, &cfg), &args).await;
+        let outcome = js.job.run(sh.ctx(&db, &js), &args).await;
         sh.beat();
         let secs = started.elapsed().as_secs_f64();
         let failure = match &outcome {
@@ -585,10 +584,9 @@ async fn dispatch_loop(sh: Arc<Shared>, db: Db, js: JobSchedule, every: Duration
 /// A job's share of work that any instance's runs left open (billing's batches), so that
 /// two instances finish a run faster than one.
 async fn help_loop(sh: Arc<Shared>, db: Db, js: JobSchedule) {
-    let cfg = js.knobs.apply(&sh.config);
     let tick = sh.config.service.tick.std();
     while !sh.stopping() {
-        if let Err(e) = js.job.help(sh.ctx(&db, &cfg)).await {
+        if let Err(e) = js.job.help(sh.ctx(&db, &js)).await {
             tracing::warn!(job = js.job.name().as_str(), error = %e, "helping with batches failed")
         }
         sh.pause(tick).await;

@@ -269,9 +269,8 @@ pub async fn run_slot(
     job: &'static dyn DynJob,
 ) -> Result<(), JobError> {
     let ctx = JobCtx {
-        db,
-        config,
         channels: Some(channels),
+        ..JobCtx::new(db, config)
     };
     job.run_scheduled(ctx, at, None)
         .await

@@ -46,7 +46,6 @@ pub async fn run(env: &Env, cmd: RunCmd) -> Result<ExitCode> {
         .filter(|j| j.enabled)
         .and_then(|j| j.slot_at(env.as_of))
         .unwrap_or(env.as_of);
-    let config = js.map_or_else(|| env.config.clone(), |j| j.knobs.apply(&env.config));
     let args = RunArgs {
         as_of: env.as_of,
         slot,
@@ -58,9 +57,8 @@ pub async fn run(env: &Env, cmd: RunCmd) -> Result<ExitCode> {
         max_batches: None,
     };
     let ctx = JobCtx {
-        db: &db,
-        config: &config,
-        channels: None,
+        knobs: js.map(|j| &j.knobs),
+        ..JobCtx::new(&db, &env.config)
     };
     print_outcome(job.run(ctx, &args).await)
 }

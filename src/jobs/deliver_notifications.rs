@@ -794,7 +794,7 @@ impl Job for DeliverNotifications {
     type Knobs = DeliveryKnobs;
     type Report = DeliverReport;
 
-    fn options(args: &RunArgs, _: &Config) -> Options {
+    fn options(args: &RunArgs, _: &Config, _: &DeliveryKnobs) -> Options {
         Options {
             as_of: args.as_of,
             dry_run: args.dry_run,

@@ -242,7 +242,7 @@ impl Job for EnforceSuspensions {
     type Knobs = LifecycleKnobs;
     type Report = EnforceReport;
 
-    fn options(args: &RunArgs, _: &Config) -> Options {
+    fn options(args: &RunArgs, _: &Config, _: &LifecycleKnobs) -> Options {
         Options {
             as_of: args.as_of,
             dry_run: args.dry_run,

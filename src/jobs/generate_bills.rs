@@ -984,7 +984,7 @@ impl Job for GenerateBills {
     type Knobs = BillingKnobs;
     type Report = GenerateBillsReport;
 
-    fn options(args: &RunArgs, config: &Config) -> Options {
+    fn options(args: &RunArgs, config: &Config, _: &BillingKnobs) -> Options {
         // A resumed run bills the day its slot closes, whatever instant it acts at now.
         let resumed = args
             .resuming

@@ -95,16 +95,19 @@ pub enum SimulatedAt {
     EveryHour,
 }
 
-/// A job's knobs: the `[knobs]` table of its `jobs/NAME.toml`, overriding the configuration
-/// for its runs. Derive `Deserialize` with `#[serde(deny_unknown_fields)]`, so that a knob
-/// the job does not have is an error naming the file and key, never silently ignored.
+/// A job's knobs: the `[knobs]` table of its `jobs/NAME.toml`, given to `Job::options` and
+/// written over the configuration of its runs (`apply`) where a knob overrides a setting.
+/// Derive `Deserialize` with `#[serde(deny_unknown_fields)]`, so that a knob the job does not
+/// have is an error naming the file and key, never silently ignored.
 pub trait Knobs: DeserializeOwned + Default + fmt::Debug + Send + Sync + 'static {
     /// What serde cannot check (a size of 0): the knob and why.
     fn check(&self) -> Result<(), (&'static str, String)> {
         Ok(())
     }
-    /// Writes these knobs over `config` (the configuration of this job's runs).
-    fn apply(&self, config: &mut Config);
+    /// Writes the knobs that override a setting over `config`.
+    fn apply(&self, config: &mut Config) {
+        let _ = config;
+    }
 }
 
 /// The knobs of a job that has none: its `[knobs]` table, if any, must be empty.
@@ -112,9 +115,7 @@ pub trait Knobs: DeserializeOwned + Default + fmt::Debug + Send + Sync + 'static
 #[serde(deny_unknown_fields)]
 pub struct NoKnobs {}
 
-impl Knobs for NoKnobs {
-    fn apply(&self, _: &mut Config) {}
-}
+impl Knobs for NoKnobs {}
 
 /// `Knobs::check` for a size: absent, or at least 1.
 pub fn at_least_one(knob: &'static str, v: Option<usize>) -> Result<(), (&'static str, String)> {
@@ -229,8 +230,22 @@ impl RunArgs {
 #[derive(Clone, Copy)]
 pub struct JobCtx<'a> {
     pub db: &'a Db,
+    /// The configuration, before the job's knobs (the registration writes them over it).
     pub config: &'a Config,
     pub channels: Option<&'a Channels>,
+    /// The job's knobs from its schedule file; none: its defaults (the simulation, the demo).
+    pub knobs: Option<&'a JobKnobs>,
+}
+
+impl<'a> JobCtx<'a> {
+    pub fn new(db: &'a Db, config: &'a Config) -> JobCtx<'a> {
+        JobCtx {
+            db,
+            config,
+            channels: None,
+            knobs: None,
+        }
+    }
 }
 
 /// Why a slotted run did nothing, as its report records it.
@@ -333,10 +348,11 @@ pub trait Job: Send + Sync + 'static {
     type Knobs: Knobs;
     type Report: Serialize + Send;
 
-    /// Its options for one run.
-    fn options(args: &RunArgs, config: &Config) -> Self::Options;
+    /// Its options for one run (`config` has its knobs applied).
+    fn options(args: &RunArgs, config: &Config, knobs: &Self::Knobs) -> Self::Options;
 
-    /// Runs once (a slotted job claims `slot` unless it is a dry run).
+    /// Runs once (a slotted job claims `slot` unless it is a dry run); `ctx.config` has its
+    /// knobs applied.
     fn run(
         ctx: JobCtx<'_>,
         opts: &Self::Options,
@@ -445,7 +461,14 @@ impl<J: Job> DynJob for Registered<J> {
 
     fn run<'a>(&'a self, ctx: JobCtx<'a>, args: &'a RunArgs) -> BoxFuture<'a, Outcome> {
         Box::pin(async move {
-            let opts = J::options(args, ctx.config);
+            let defaults = J::Knobs::default();
+            let knobs = ctx.knobs.and_then(|k| k.get()).unwrap_or(&defaults);
+            let config = with_knobs(ctx.config, knobs);
+            let ctx = JobCtx {
+                config: &config,
+                ..ctx
+            };
+            let opts = J::options(args, &config, knobs);
             let report = match J::run(ctx, &opts, args.slot).await {
                 Ok(r) => r,
                 Err(JobError::Refused(why)) => return Outcome::Refused(why),
@@ -473,8 +496,24 @@ impl<J: Job> DynJob for Registered<J> {
     }
 
     fn help<'a>(&'a self, ctx: JobCtx<'a>) -> BoxFuture<'a, Result<(), JobError>> {
-        Box::pin(J::help(ctx))
+        Box::pin(async move {
+            let defaults = J::Knobs::default();
+            let knobs = ctx.knobs.and_then(|k| k.get()).unwrap_or(&defaults);
+            let config = with_knobs(ctx.config, knobs);
+            J::help(JobCtx {
+                config: &config,
+                ..ctx
+            })
+            .await
+        })
     }
+}
+
+/// `config` with `knobs` written over it.
+fn with_knobs<K: Knobs>(config: &Config, knobs: &K) -> Config {
+    let mut c = config.clone();
+    knobs.apply(&mut c);
+    c
 }
 
 /// Whether two names are the same, at compile time (`jobs!` checks each job's name against

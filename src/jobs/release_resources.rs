@@ -357,7 +357,7 @@ impl Job for ReleaseResources {
     type Knobs = LifecycleKnobs;
     type Report = ReleaseReport;
 
-    fn options(args: &RunArgs, _: &Config) -> Options {
+    fn options(args: &RunArgs, _: &Config, _: &LifecycleKnobs) -> Options {
         Options {
             as_of: args.as_of,
             // The clock guard compares the real clock with the database's, whatever

@@ -228,7 +228,7 @@ impl Job for SendAlerts {
     type Knobs = LifecycleKnobs;
     type Report = AlertsReport;
 
-    fn options(args: &RunArgs, _: &Config) -> Options {
+    fn options(args: &RunArgs, _: &Config, _: &LifecycleKnobs) -> Options {
         Options {
             as_of: args.as_of,
             dry_run: args.dry_run,
