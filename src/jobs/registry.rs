@@ -39,11 +39,6 @@ impl JobName {
     pub fn as_str(self) -> &'static str {
         self.0
     }
-
-    /// The registered job of this name (none only for a job type left out of `jobs!`).
-    pub fn def(self) -> Option<&'static dyn DynJob> {
-        find(self.0)
-    }
 }
 
 impl fmt::Display for JobName {
