@@ -673,6 +673,48 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             format!("{:?} is not an IANA time zone", raw.billing.time_zone),
         )
     })?;
+    check_billing_and_lifecycle(&raw).map_err(|(k, m)| invalid(&k, m))?;
+    check_service_and_channels(&raw).map_err(|(k, m)| invalid(&k, m))?;
+    if raw.products.is_empty() {
+        return Err(invalid(
+            "products",
+            "at least one product is required".into(),
+        ));
+    }
+    let mut products = BTreeMap::new();
+    for (id, p) in raw.products {
+        let product = validate_product(id.clone(), p).map_err(|(k, m)| invalid(&k, m))?;
+        products.insert(id, product);
+    }
+    Ok(Config {
+        billing: BillingConfig {
+            time_zone,
+            currency: raw.billing.currency,
+            minor_unit_digits: raw.billing.minor_unit_digits,
+            batch_size: raw.billing.batch_size,
+        },
+        database: raw.database,
+        embedded: raw.embedded,
+        lifecycle: raw.lifecycle,
+        notifications: raw.notifications,
+        email: raw.email,
+        sms: raw.sms,
+        webhooks: raw.webhooks,
+        service: raw.service,
+        products,
+        origin: origin.to_string(),
+    })
+}
+
+/// A setting that is wrong: its key and why.
+type Invalid = (String, String);
+
+fn invalid(key: &str, message: String) -> Invalid {
+    (key.to_string(), message)
+}
+
+/// The billing and lifecycle settings serde cannot check.
+fn check_billing_and_lifecycle(raw: &RawConfig) -> Result<(), Invalid> {
     if raw.billing.currency.len() != 3
         || !raw.billing.currency.bytes().all(|b| b.is_ascii_uppercase())
     {
@@ -711,6 +753,11 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             "must be between 1 and 10000".into(),
         ));
     }
+    Ok(())
+}
+
+/// The service's and the channels' settings serde cannot check.
+fn check_service_and_channels(raw: &RawConfig) -> Result<(), Invalid> {
     if raw
         .service
         .http_addr
@@ -808,90 +855,65 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             "must be greater than 0".into(),
         ));
     }
-    if raw.products.is_empty() {
+    Ok(())
+}
+
+/// A product's id, policy and prices, checked; its prices parsed.
+fn validate_product(id: String, p: RawProduct) -> Result<Product, Invalid> {
+    let key = |k: &str| format!("products.{id}.{k}");
+    if !id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
         return Err(invalid(
-            "products",
-            "at least one product is required".into(),
+            &format!("products.{id}"),
+            "product ids use letters, digits, '_' and '-'".into(),
         ));
     }
-    let mut products = BTreeMap::new();
-    for (id, p) in raw.products {
-        let key = |k: &str| format!("products.{id}.{k}");
-        if !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
-            return Err(invalid(
-                &format!("products.{id}"),
-                "product ids use letters, digits, '_' and '-'".into(),
-            ));
-        }
-        if let Err((k, why)) = p.policy.check() {
-            return Err(invalid(&key(&format!("policy.{k}")), why.into()));
-        }
-        if p.prices.is_empty() {
-            return Err(invalid(
-                &key("prices"),
-                "a product needs at least one price".into(),
-            ));
-        }
-        let mut prices: Vec<Price> = Vec::new();
-        for (i, pr) in p.prices.into_iter().enumerate() {
-            let pk = key(&format!("prices[{i}]"));
-            if pr.meter.is_empty() {
-                return Err(invalid(&format!("{pk}.meter"), "must not be empty".into()));
-            }
-            if prices.iter().any(|q| q.meter == pr.meter) {
-                return Err(invalid(
-                    &format!("{pk}.meter"),
-                    format!("meter {:?} is priced twice", pr.meter),
-                ));
-            }
-            let nanos = money::parse_non_negative(&pr.unit_price, PRICE_DIGITS)
-                .map_err(|e| invalid(&format!("{pk}.unit_price"), e.to_string()))?;
-            prices.push(Price {
-                meter: pr.meter,
-                unit: pr.unit,
-                unit_price_nanos: nanos,
-                unit_price: money::format_scaled(nanos, PRICE_DIGITS),
-            });
-        }
-        if let Some(m) = &p.package_meter {
-            if !prices.iter().any(|q| &q.meter == m) {
-                return Err(invalid(
-                    &key("package_meter"),
-                    format!("{m:?} has no price in this product"),
-                ));
-            }
-        }
-        products.insert(
-            id.clone(),
-            Product {
-                id,
-                name: p.name,
-                package_meter: p.package_meter,
-                policy: p.policy,
-                prices,
-            },
-        );
+    if let Err((k, why)) = p.policy.check() {
+        return Err(invalid(&key(&format!("policy.{k}")), why.into()));
     }
-    Ok(Config {
-        billing: BillingConfig {
-            time_zone,
-            currency: raw.billing.currency,
-            minor_unit_digits: raw.billing.minor_unit_digits,
-            batch_size: raw.billing.batch_size,
-        },
-        database: raw.database,
-        embedded: raw.embedded,
-        lifecycle: raw.lifecycle,
-        notifications: raw.notifications,
-        email: raw.email,
-        sms: raw.sms,
-        webhooks: raw.webhooks,
-        service: raw.service,
-        products,
-        origin: origin.to_string(),
+    if p.prices.is_empty() {
+        return Err(invalid(
+            &key("prices"),
+            "a product needs at least one price".into(),
+        ));
+    }
+    let mut prices: Vec<Price> = Vec::new();
+    for (i, pr) in p.prices.into_iter().enumerate() {
+        let pk = key(&format!("prices[{i}]"));
+        if pr.meter.is_empty() {
+            return Err(invalid(&format!("{pk}.meter"), "must not be empty".into()));
+        }
+        if prices.iter().any(|q| q.meter == pr.meter) {
+            return Err(invalid(
+                &format!("{pk}.meter"),
+                format!("meter {:?} is priced twice", pr.meter),
+            ));
+        }
+        let nanos = money::parse_non_negative(&pr.unit_price, PRICE_DIGITS)
+            .map_err(|e| invalid(&format!("{pk}.unit_price"), e.to_string()))?;
+        prices.push(Price {
+            meter: pr.meter,
+            unit: pr.unit,
+            unit_price_nanos: nanos,
+            unit_price: money::format_scaled(nanos, PRICE_DIGITS),
+        });
+    }
+    if let Some(m) = &p.package_meter {
+        if !prices.iter().any(|q| &q.meter == m) {
+            return Err(invalid(
+                &key("package_meter"),
+                format!("{m:?} has no price in this product"),
+            ));
+        }
+    }
+    Ok(Product {
+        id,
+        name: p.name,
+        package_meter: p.package_meter,
+        policy: p.policy,
+        prices,
     })
 }
 

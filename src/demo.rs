@@ -14,7 +14,8 @@ use crate::config::Config;
 use crate::db::{self, catalog, Db, DbError, MigrationMode};
 use crate::domain::money::format_scaled;
 use crate::import;
-use crate::jobs::{deliver_notifications, JobError, JobName};
+use crate::jobs::enforce_suspensions::EnforceSuspensions;
+use crate::jobs::{deliver_notifications, JobCtx, JobError, JobName};
 use crate::lifecycle::{self, OperatorAction};
 use crate::scheduler::{JobSchedule, Schedule};
 
@@ -203,33 +204,28 @@ const ACTS: &[(i64, u32, &str, Act)] = &[
     (15, 9, "low-balance", Act::Topup("100.00", "demo-low")),
 ];
 
-/// The demo's schedule: the shipped one, but with enforcement hourly instead of every five
-/// minutes (80 days of five-minute slots would take longer than the minute the demo has).
+/// The demo's schedule: the shipped one's slotted jobs, but with enforcement hourly instead
+/// of every five minutes (80 days of five-minute slots would take longer than the minute the
+/// demo has). Knobs are not applied: the demo runs with its own configuration.
 pub fn demo_schedule() -> Schedule {
-    let tz = "Asia/Shanghai";
-    let parse = |job: JobName, text: String| {
-        JobSchedule::parse(job, &text, "demo schedule").expect("the demo schedule is valid")
-    };
-    Schedule {
-        jobs: vec![
-            parse(
-                JobName::GenerateBills,
-                format!("cron = \"30 0 * * *\"\ntime_zone = \"{tz}\"\ncatch_up = \"every\"\n"),
-            ),
-            parse(
-                JobName::SendAlerts,
-                format!("cron = \"5 * * * *\"\ntime_zone = \"{tz}\"\n"),
-            ),
-            parse(
-                JobName::EnforceSuspensions,
-                format!("cron = \"10 * * * *\"\ntime_zone = \"{tz}\"\n"),
-            ),
-            parse(
-                JobName::ReleaseResources,
-                format!("cron = \"0 10 * * *\"\ntime_zone = \"{tz}\"\n"),
-            ),
-        ],
-    }
+    let shipped = Schedule::load(None).expect("the shipped schedule is valid (unit-tested)");
+    let enforce = JobName::of::<EnforceSuspensions>();
+    let jobs = shipped
+        .jobs
+        .into_iter()
+        .filter(|j| j.cron().is_some())
+        .map(|j| {
+            if j.job.name() != enforce {
+                return j;
+            }
+            let text = format!(
+                "cron = \"10 * * * *\"\ntime_zone = {:?}\n",
+                j.time_zone.name()
+            );
+            JobSchedule::parse(j.job, &text, "demo schedule").expect("the demo schedule is valid")
+        })
+        .collect();
+    Schedule { jobs }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> DemoError + '_ {
@@ -346,12 +342,6 @@ impl Progress {
 }
 
 pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, DemoError> {
-    // The demo's scratch database travels 80 days ahead of any clock.
-    let mut config = config.clone();
-    config.lifecycle.allow_future = true;
-    // Its notices go to .eml files and sms.log: the story needs them to count as warnings.
-    config.notifications.dev_channels_count_as_accepted = true;
-    let config = &config;
     let start: DateTime<Utc> = DateTime::parse_from_rfc3339(START)
         .expect("literal instant")
         .with_timezone(&Utc);
@@ -362,31 +352,121 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
     if notices_dir.exists() {
         std::fs::remove_dir_all(&notices_dir).map_err(io(&notices_dir))?;
     }
-    // Every notice into the folder: emails as .eml, SMS into one log, no webhooks.
+    let cfg = demo_config(config, &notices_dir);
+    let db = fresh_database(&cfg, &opts.database).await?;
+    load_inputs(&db, &cfg, &out_dir.join("input"), start, end).await?;
+    let channels = deliver_notifications::Channels::from_config(&cfg).map_err(DemoError::Step)?;
+
+    let slots = demo_schedule().slots_between(start - Duration::seconds(1), end);
+    let tz = cfg.billing.time_zone;
+    let mut acts = scheduled_acts(start, tz).into_iter().peekable();
+    let client = db.raw_client().await?;
+    let mut timeline = Timeline {
+        start,
+        tz,
+        print: opts.print,
+        progress: Progress {
+            on: opts.print && std::io::stderr().is_terminal(),
+            total: slots.len(),
+        },
+        seen_event: 0,
+        seen_notice: Default::default(),
+        entries: Vec::new(),
+    };
+    for (i, (slot, job)) in slots.iter().enumerate() {
+        while let Some((at, who, act)) = acts.next_if(|(at, _, _)| at <= slot) {
+            let what = perform(&db, &cfg, act, who, at).await?;
+            let state: String = client
+                .query_one("SELECT state FROM accounts WHERE id = $1", &[&who])
+                .await?
+                .get(0);
+            timeline.emit(vec![TimelineEntry {
+                day: (at - start).num_days(),
+                at,
+                account: who.to_string(),
+                event: what,
+                state,
+            }]);
+            timeline.catch_up(&client, false).await?;
+        }
+        // The demo runs with its own configuration, without the schedule's knobs.
+        let ctx = JobCtx {
+            channels: Some(&channels),
+            ..JobCtx::new(&db, &cfg)
+        };
+        job.run_scheduled(ctx, *slot, None).await.into_result()?;
+        let delivered = deliver_due(&db, &cfg, &channels, &client, *slot).await?;
+        timeline.catch_up(&client, delivered).await?;
+        if i % 25 == 0 {
+            timeline.progress.show(i + 1, (*slot - start).num_days());
+        }
+    }
+    timeline.progress.clear();
+
+    let accounts = final_accounts(&client, cfg.billing.minor_unit_digits).await?;
+    let notices_sent: i64 = client
+        .query_one("SELECT count(*) FROM notices WHERE status = 'sent'", &[])
+        .await?
+        .get(0);
+    let tl = out_dir.join("timeline.txt");
+    std::fs::write(&tl, timeline.text()).map_err(io(&tl))?;
+    Ok(DemoReport {
+        database_url: crate::db::redact_url(&db.url),
+        out_dir,
+        start,
+        end,
+        slots_run: slots.len(),
+        notices_sent,
+        all_match: accounts.iter().all(|a| a.matches),
+        timeline: timeline.entries,
+        accounts,
+    })
+}
+
+/// The demo's configuration: `config`, travelling in time, with every notice into
+/// `notices_dir` (emails as .eml, SMS into one log, no webhooks) counted as accepted.
+fn demo_config(config: &Config, notices_dir: &Path) -> Config {
     let mut cfg = config.clone();
+    // The demo's scratch database travels 80 days ahead of any clock.
+    cfg.lifecycle.allow_future = true;
+    // Its notices go to .eml files and sms.log: the story needs them to count as warnings.
+    cfg.notifications.dev_channels_count_as_accepted = true;
     cfg.email.smtp_url = None;
-    cfg.email.file_dir = Some(notices_dir.clone());
+    cfg.email.file_dir = Some(notices_dir.to_path_buf());
     cfg.sms.provider = crate::config::SmsProviderKind::Log;
     cfg.sms.log_file = Some(notices_dir.join("sms.log"));
     cfg.webhooks.products.clear();
     cfg.billing.time_zone = "Asia/Shanghai".parse().expect("a known zone");
+    cfg
+}
 
-    let db = fresh_database(&cfg, &opts.database).await?;
-    let inputs = write_inputs(&out_dir.join("input"), start)?;
-    import::import_accounts(&db, &cfg, &inputs[0], start)
+/// Writes the scenario's CSV files into `dir` and imports them, as a new user would.
+async fn load_inputs(
+    db: &Db,
+    cfg: &Config,
+    dir: &Path,
+    start: DateTime<Utc>,
+    end: DateTime<Utc>,
+) -> Result<(), DemoError> {
+    let step = |e: import::ImportError| DemoError::Step(e.to_string());
+    let inputs = write_inputs(dir, start)?;
+    import::import_accounts(db, cfg, &inputs[0], start)
         .await
-        .map_err(|e| DemoError::Step(e.to_string()))?;
-    import::import_resources(&db, &cfg, &inputs[1], start)
+        .map_err(step)?;
+    import::import_resources(db, cfg, &inputs[1], start)
         .await
-        .map_err(|e| DemoError::Step(e.to_string()))?;
-    import::import_usage(&db, &cfg, &inputs[2], end)
+        .map_err(step)?;
+    import::import_usage(db, cfg, &inputs[2], end)
         .await
-        .map_err(|e| DemoError::Step(e.to_string()))?;
-    let channels = deliver_notifications::Channels::from_config(&cfg).map_err(DemoError::Step)?;
+        .map_err(step)?;
+    Ok(())
+}
 
-    let schedule = demo_schedule();
-    let slots = schedule.slots_between(start - Duration::seconds(1), end);
-    let tz = cfg.billing.time_zone;
+/// The scenario's acts at their instants (day and local hour in `tz`), in time order.
+fn scheduled_acts(
+    start: DateTime<Utc>,
+    tz: chrono_tz::Tz,
+) -> Vec<(DateTime<Utc>, &'static str, &'static Act)> {
     let mut acts: Vec<(DateTime<Utc>, &str, &Act)> = ACTS
         .iter()
         .map(|(day, hour, who, act)| {
@@ -402,132 +482,87 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
         })
         .collect();
     acts.sort_by_key(|(t, _, _)| *t);
-    let mut acts = acts.into_iter().peekable();
+    acts
+}
 
-    let progress = Progress {
-        on: opts.print && std::io::stderr().is_terminal(),
-        total: slots.len(),
-    };
-    let client = db.raw_client().await?;
-    let mut seen_event: i64 = 0;
-    let mut seen_notice: std::collections::HashSet<i64> = Default::default();
-    let mut timeline = Vec::new();
-    let emit = |entries: Vec<TimelineEntry>, timeline: &mut Vec<TimelineEntry>| {
-        for e in entries {
-            if opts.print {
-                progress.clear();
-                println!(
-                    "day {:>2}  {}  {:<19} {:<18} {}",
-                    e.day,
-                    e.at.with_timezone(&tz).format("%m-%d %H:%M"),
-                    e.account,
-                    e.state,
-                    e.event
-                );
-            }
-            timeline.push(e);
+/// Does what a customer or an operator does in the story; says what happened.
+async fn perform(
+    db: &Db,
+    cfg: &Config,
+    act: &Act,
+    who: &str,
+    at: DateTime<Utc>,
+) -> Result<String, DemoError> {
+    let step = |e: &dyn std::fmt::Display| DemoError::Step(e.to_string());
+    Ok(match act {
+        Act::Topup(amount, reference) => {
+            let minor =
+                crate::domain::money::parse_non_negative(amount, cfg.billing.minor_unit_digits)
+                    .map_err(|e| step(&e))?;
+            let r = crate::ledger::topup(db, cfg, who, minor, reference, at, "demo:topup")
+                .await
+                .map_err(|e| step(&e))?;
+            format!(
+                "tops up {amount} (cash now {}){}",
+                r.cash_balance,
+                if r.restored.is_empty() {
+                    String::new()
+                } else {
+                    format!(", restores {}", r.restored.join(", "))
+                }
+            )
         }
-    };
-    for (i, (slot, job)) in slots.iter().enumerate() {
-        while let Some((at, who, act)) = acts.next_if(|(at, _, _)| at <= slot) {
-            let what = match act {
-                Act::Topup(amount, reference) => {
-                    let minor = crate::domain::money::parse_non_negative(
-                        amount,
-                        cfg.billing.minor_unit_digits,
-                    )
-                    .map_err(|e| DemoError::Step(e.to_string()))?;
-                    let r =
-                        crate::ledger::topup(&db, &cfg, who, minor, reference, at, "demo:topup")
-                            .await
-                            .map_err(|e| DemoError::Step(e.to_string()))?;
-                    format!(
-                        "tops up {amount} (cash now {}){}",
-                        r.cash_balance,
-                        if r.restored.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", restores {}", r.restored.join(", "))
-                        }
-                    )
-                }
-                Act::ComplianceLock => {
-                    lifecycle::operator_action(
-                        &db,
-                        &cfg,
-                        who,
-                        OperatorAction::ComplianceLock(true),
-                        at,
-                        "demo:compliance-lock",
-                    )
-                    .await
-                    .map_err(|e| DemoError::Step(e.to_string()))?;
-                    "operator: compliance lock".to_string()
-                }
-                Act::EnablePayg(resource) => {
-                    lifecycle::operator_action(
-                        &db,
-                        &cfg,
-                        who,
-                        OperatorAction::EnablePayg {
-                            resource: resource.to_string(),
-                        },
-                        at,
-                        "demo:enable-payg",
-                    )
-                    .await
-                    .map_err(|e| DemoError::Step(e.to_string()))?;
-                    format!("operator: pay-as-you-go on for {resource}")
-                }
+        Act::ComplianceLock => {
+            let lock = OperatorAction::ComplianceLock(true);
+            lifecycle::operator_action(db, cfg, who, lock, at, "demo:compliance-lock")
+                .await
+                .map_err(|e| step(&e))?;
+            "operator: compliance lock".to_string()
+        }
+        Act::EnablePayg(resource) => {
+            let payg = OperatorAction::EnablePayg {
+                resource: resource.to_string(),
             };
-            let state: String = client
-                .query_one("SELECT state FROM accounts WHERE id = $1", &[&who])
-                .await?
-                .get(0);
-            emit(
-                vec![TimelineEntry {
-                    day: (at - start).num_days(),
-                    at,
-                    account: who.to_string(),
-                    event: what,
-                    state,
-                }],
-                &mut timeline,
-            );
-            let new = changes(&client, start, &mut seen_event, &mut seen_notice, false).await?;
-            emit(new, &mut timeline);
+            lifecycle::operator_action(db, cfg, who, payg, at, "demo:enable-payg")
+                .await
+                .map_err(|e| step(&e))?;
+            format!("operator: pay-as-you-go on for {resource}")
         }
-        crate::jobs::run_scheduled(&db, &cfg, None, *job, *slot, None).await?;
-        // Deliver what the slot queued, at the slot's instant: accepted notices are facts
-        // (R2's grace clock, R9's warnings).
-        let pending: bool = client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM notices WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $1)",
-                &[slot],
-            )
-            .await?
-            .get(0);
-        if pending {
-            deliver_notifications::run(
-                &db,
-                &cfg,
-                &channels,
-                &deliver_notifications::Options {
-                    as_of: *slot,
-                    dry_run: false,
-                    max_batches: 10,
-                },
-            )
-            .await?;
-        }
-        let new = changes(&client, start, &mut seen_event, &mut seen_notice, pending).await?;
-        emit(new, &mut timeline);
-        if i % 25 == 0 {
-            progress.show(i + 1, (*slot - start).num_days());
-        }
-    }
-    progress.clear();
+    })
+}
 
+/// Delivers what a slot queued, at the slot's instant: accepted notices are facts (R2's
+/// grace clock, R9's warnings). Returns whether anything was due.
+async fn deliver_due(
+    db: &Db,
+    cfg: &Config,
+    channels: &deliver_notifications::Channels,
+    client: &tokio_postgres::Client,
+    slot: DateTime<Utc>,
+) -> Result<bool, DemoError> {
+    let pending: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM notices WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $1)",
+            &[&slot],
+        )
+        .await?
+        .get(0);
+    if pending {
+        let opts = deliver_notifications::Options {
+            as_of: slot,
+            dry_run: false,
+            max_batches: 10,
+        };
+        deliver_notifications::run(db, cfg, channels, &opts).await?;
+    }
+    Ok(pending)
+}
+
+/// Where each story's account ended, against the state it declares.
+async fn final_accounts(
+    client: &tokio_postgres::Client,
+    digits: u32,
+) -> Result<Vec<AccountOutcome>, DemoError> {
     let mut accounts = Vec::new();
     for s in STORIES {
         let row = client
@@ -561,37 +596,75 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
             matches: state == s.expected,
             final_state: state,
             resources,
-            cash_balance: format_scaled(cash, cfg.billing.minor_unit_digits),
+            cash_balance: format_scaled(cash, digits),
         });
     }
-    let notices_sent: i64 = client
-        .query_one("SELECT count(*) FROM notices WHERE status = 'sent'", &[])
-        .await?
-        .get(0);
-    let mut text = String::new();
-    for e in &timeline {
-        text.push_str(&format!(
-            "day {:>2}  {}  {:<19} {:<18} {}\n",
-            e.day,
-            e.at.with_timezone(&tz).format("%Y-%m-%d %H:%M"),
-            e.account,
-            e.state,
-            e.event
-        ));
+    Ok(accounts)
+}
+
+/// The story as it happens: printed (when asked) and kept for the report and timeline.txt.
+struct Timeline {
+    start: DateTime<Utc>,
+    tz: chrono_tz::Tz,
+    print: bool,
+    progress: Progress,
+    /// The last lifecycle event and the notices already on the timeline.
+    seen_event: i64,
+    seen_notice: std::collections::HashSet<i64>,
+    entries: Vec<TimelineEntry>,
+}
+
+impl Timeline {
+    fn emit(&mut self, entries: Vec<TimelineEntry>) {
+        for e in entries {
+            if self.print {
+                self.progress.clear();
+                println!(
+                    "day {:>2}  {}  {:<19} {:<18} {}",
+                    e.day,
+                    e.at.with_timezone(&self.tz).format("%m-%d %H:%M"),
+                    e.account,
+                    e.state,
+                    e.event
+                );
+            }
+            self.entries.push(e);
+        }
     }
-    let tl = out_dir.join("timeline.txt");
-    std::fs::write(&tl, text).map_err(io(&tl))?;
-    Ok(DemoReport {
-        database_url: crate::db::redact_url(&db.url),
-        out_dir,
-        start,
-        end,
-        slots_run: slots.len(),
-        notices_sent,
-        all_match: accounts.iter().all(|a| a.matches),
-        timeline,
-        accounts,
-    })
+
+    /// Adds what changed since the last call (notices only after a delivery).
+    async fn catch_up(
+        &mut self,
+        client: &tokio_postgres::Client,
+        delivered: bool,
+    ) -> Result<(), DemoError> {
+        let new = changes(
+            client,
+            self.start,
+            &mut self.seen_event,
+            &mut self.seen_notice,
+            delivered,
+        )
+        .await?;
+        self.emit(new);
+        Ok(())
+    }
+
+    /// timeline.txt: the whole timeline with full dates.
+    fn text(&self) -> String {
+        let mut text = String::new();
+        for e in &self.entries {
+            text.push_str(&format!(
+                "day {:>2}  {}  {:<19} {:<18} {}\n",
+                e.day,
+                e.at.with_timezone(&self.tz).format("%Y-%m-%d %H:%M"),
+                e.account,
+                e.state,
+                e.event
+            ));
+        }
+        text
+    }
 }
 
 /// Lifecycle events and accepted notices since the last call, as timeline entries.

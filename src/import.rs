@@ -18,7 +18,7 @@ use futures_util::SinkExt;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use crate::config::Config;
+use crate::config::{Config, Product};
 use crate::db::{Db, DbError};
 use crate::domain::calendar::billing_day_of;
 use crate::domain::money::{self, QUANTITY_DIGITS};
@@ -559,7 +559,6 @@ pub async fn import_resources(
     file: &Path,
     as_of: DateTime<Utc>,
 ) -> Result<ImportReport, ImportError> {
-    let products = config.products.clone();
     let mut client = db.raw_client().await?;
     let tx = begin(&mut client).await?;
     tx.batch_execute(
@@ -568,7 +567,59 @@ pub async fn import_resources(
          ON COMMIT DROP",
     )
     .await?;
-    let parse: Parser = Box::new(move |line, row, buf, errors| {
+    let parse = resource_parser(config.products.clone());
+    let (rows, mut errors) = stream_file(
+        &tx,
+        "COPY resources_staging FROM STDIN",
+        file,
+        RESOURCE_COLUMNS,
+        parse,
+    )
+    .await?;
+    collect_duplicates(
+        &tx,
+        "resources_staging",
+        "account_id, id",
+        "id",
+        &mut errors,
+    )
+    .await?;
+    resource_conflicts(&tx, &mut errors).await?;
+    errors.into_result(file)?;
+    let r = tx
+        .query_one(
+            "WITH upserted AS (
+               INSERT INTO resources (account_id, id, product, billing_mode, package_quota, package_expires_at,
+                                      payg_enabled, term_ends_at, created_at, updated_at)
+               SELECT account_id, id, product, billing_mode, package_quota, package_expires_at, payg_enabled,
+                      term_ends_at, $1, $1
+               FROM resources_staging
+               ON CONFLICT (account_id, id) DO UPDATE SET
+                 package_quota = excluded.package_quota, package_expires_at = excluded.package_expires_at,
+                 payg_enabled = excluded.payg_enabled, term_ends_at = excluded.term_ends_at,
+                 updated_at = excluded.updated_at
+               RETURNING (xmax = 0) AS inserted
+             )
+             SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted",
+            &[&as_of],
+        )
+        .await?;
+    mark_resources_due(&tx, as_of).await?;
+    tx.commit().await?;
+    Ok(ImportReport {
+        kind: ImportKind::Resources,
+        file: file.display().to_string(),
+        rows,
+        inserted: r.get::<_, i64>(0) as u64,
+        updated: r.get::<_, i64>(1) as u64,
+        already_imported: 0,
+    })
+}
+
+/// Checks one resources.csv row against the configured products and writes it in COPY text
+/// format for the staging table (line number first).
+fn resource_parser(products: std::collections::BTreeMap<String, Product>) -> Parser {
+    Box::new(move |line, row, buf, errors| {
         let before = errors.count;
         let id = require(row, "id", line, errors).ok();
         let account = require(row, "account_id", line, errors).ok();
@@ -653,25 +704,17 @@ pub async fn import_resources(
             .text(payg.map(|b| if b { "t" } else { "f" }))
             .time(term_ends)
             .end();
-    });
-    let (rows, mut errors) = stream_file(
-        &tx,
-        "COPY resources_staging FROM STDIN",
-        file,
-        RESOURCE_COLUMNS,
-        parse,
-    )
-    .await?;
-    collect_duplicates(
-        &tx,
-        "resources_staging",
-        "account_id, id",
-        "id",
-        &mut errors,
-    )
-    .await?;
+    })
+}
+
+/// Staged resources the database refuses: an unknown account, or a change of what cannot
+/// change (product, billing mode, a released resource).
+async fn resource_conflicts(
+    tx: &tokio_postgres::Transaction<'_>,
+    errors: &mut Errors,
+) -> Result<(), ImportError> {
     collect_sql_errors(
-        &tx,
+        tx,
         &format!(
             "SELECT s.line, 'account_id', 'unknown account ' || quote_literal(s.account_id)
              FROM resources_staging s LEFT JOIN accounts a ON a.id = s.account_id WHERE a.id IS NULL
@@ -689,28 +732,16 @@ pub async fn import_resources(
              WHERE r.state = 'released'
              LIMIT {MAX_REPORTED_ERRORS}"
         ),
-        &mut errors,
+        errors,
     )
-    .await?;
-    errors.into_result(file)?;
-    let r = tx
-        .query_one(
-            "WITH upserted AS (
-               INSERT INTO resources (account_id, id, product, billing_mode, package_quota, package_expires_at,
-                                      payg_enabled, term_ends_at, created_at, updated_at)
-               SELECT account_id, id, product, billing_mode, package_quota, package_expires_at, payg_enabled,
-                      term_ends_at, $1, $1
-               FROM resources_staging
-               ON CONFLICT (account_id, id) DO UPDATE SET
-                 package_quota = excluded.package_quota, package_expires_at = excluded.package_expires_at,
-                 payg_enabled = excluded.payg_enabled, term_ends_at = excluded.term_ends_at,
-                 updated_at = excluded.updated_at
-               RETURNING (xmax = 0) AS inserted
-             )
-             SELECT count(*) FILTER (WHERE inserted), count(*) FILTER (WHERE NOT inserted) FROM upserted",
-            &[&as_of],
-        )
-        .await?;
+    .await
+}
+
+/// The due-work index after a resources import.
+async fn mark_resources_due(
+    tx: &tokio_postgres::Transaction<'_>,
+    as_of: DateTime<Utc>,
+) -> Result<(), ImportError> {
     // The due-work index: a package is looked at when it expires (or now, when it has no
     // quota left); an account in the lifecycle (or owing) is looked at now, its new resources
     // being something to act on.
@@ -734,15 +765,7 @@ pub async fn import_resources(
         &[&as_of],
     )
     .await?;
-    tx.commit().await?;
-    Ok(ImportReport {
-        kind: ImportKind::Resources,
-        file: file.display().to_string(),
-        rows,
-        inserted: r.get::<_, i64>(0) as u64,
-        updated: r.get::<_, i64>(1) as u64,
-        already_imported: 0,
-    })
+    Ok(())
 }
 
 /// The conditions under which a staged usage row `s` of resource `r` is accepted, shared by

@@ -145,7 +145,7 @@ pub async fn db_gauges(
                     (SELECT count(*) FROM job_runs, done WHERE job = $1 AND status <> 'succeeded'
                        AND slot > coalesce(done.latest, '-infinity')) AS open",
         )
-        .bind::<diesel::sql_types::Text, _>(js.job.as_str())
+        .bind::<diesel::sql_types::Text, _>(js.job.name().as_str())
         .bind::<diesel::sql_types::Timestamptz, _>(now)
         .get_result(&mut conn)
         .await?;
@@ -154,7 +154,7 @@ pub async fn db_gauges(
             Some(last) => cron.between(js.time_zone, last, now, 100_000).len() as i64,
             None => 1,
         };
-        slots_behind.push((js.job.as_str(), due + row.open));
+        slots_behind.push((js.job.name().as_str(), due + row.open));
     }
     let open_batches = job_batches::table
         .filter(job_batches::status.eq("pending"))

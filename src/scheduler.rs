@@ -20,32 +20,7 @@ use chrono::{DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime
 use chrono_tz::Tz;
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::JobName;
-
-/// The schedule files shipped in the repository, compiled in (operators override them with
-/// `service.jobs_dir`, so nothing depends on the working directory).
-pub const DEFAULT_JOBS: &[(JobName, &str)] = &[
-    (
-        JobName::GenerateBills,
-        include_str!("../jobs/generate_bills.toml"),
-    ),
-    (
-        JobName::SendAlerts,
-        include_str!("../jobs/send_alerts.toml"),
-    ),
-    (
-        JobName::EnforceSuspensions,
-        include_str!("../jobs/enforce_suspensions.toml"),
-    ),
-    (
-        JobName::ReleaseResources,
-        include_str!("../jobs/release_resources.toml"),
-    ),
-    (
-        JobName::DeliverNotifications,
-        include_str!("../jobs/deliver_notifications.toml"),
-    ),
-];
+use crate::jobs::{DynJob, JobKnobs, JobName, Runs, JOBS};
 
 /// Days a schedule search looks ahead before it concludes an expression never matches
 /// (`0 0 30 2 *`).
@@ -364,58 +339,12 @@ struct RawJob {
     enabled: bool,
     catch_up: Option<CatchUp>,
     max_catch_up: Option<usize>,
-    #[serde(default)]
-    knobs: Knobs,
+    /// The job's own knobs, read by the job (`Job::Knobs`).
+    knobs: Option<toml::Value>,
 }
 
 fn yes() -> bool {
     true
-}
-
-/// Per-job settings that override the configuration for scheduled runs.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Knobs {
-    /// generate_bills: accounts per batch (overrides `billing.batch_size`);
-    /// deliver_notifications: notices claimed per pass (`notifications.batch_size`);
-    /// the lifecycle jobs: due accounts per transaction (`lifecycle.batch_size`).
-    pub batch_size: Option<usize>,
-    /// The lifecycle jobs: the most due accounts one run decides on
-    /// (`lifecycle.enforce_max_accounts`).
-    pub max_accounts: Option<usize>,
-    /// deliver_notifications: notices sent at once (`notifications.concurrency`).
-    pub concurrency: Option<usize>,
-}
-
-impl Knobs {
-    /// The configuration a scheduled run of `job` uses: `config` with these knobs applied.
-    pub fn apply(&self, job: JobName, config: &crate::config::Config) -> crate::config::Config {
-        let mut c = config.clone();
-        match job {
-            JobName::GenerateBills => {
-                if let Some(n) = self.batch_size {
-                    c.billing.batch_size = n;
-                }
-            }
-            JobName::EnforceSuspensions | JobName::SendAlerts | JobName::ReleaseResources => {
-                if let Some(n) = self.max_accounts {
-                    c.lifecycle.enforce_max_accounts = n;
-                }
-                if let Some(n) = self.batch_size {
-                    c.lifecycle.batch_size = n;
-                }
-            }
-            JobName::DeliverNotifications => {
-                if let Some(n) = self.batch_size {
-                    c.notifications.batch_size = n;
-                }
-                if let Some(n) = self.concurrency {
-                    c.notifications.concurrency = n;
-                }
-            }
-        }
-        c
-    }
 }
 
 /// When a job runs.
@@ -428,27 +357,34 @@ pub enum Cadence {
     Every(std::time::Duration),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct JobSchedule {
-    pub job: JobName,
+    pub job: &'static dyn DynJob,
     pub cadence: Cadence,
     pub time_zone: Tz,
     pub enabled: bool,
     /// The most slots one catch-up runs; beyond it the oldest are skipped, loudly.
     pub max_catch_up: usize,
-    pub knobs: Knobs,
+    /// Its knobs, given to its runs (`JobCtx::knobs`).
+    pub knobs: JobKnobs,
     /// Where it came from, for messages.
     pub origin: String,
 }
 
 /// Every job's schedule, in the order the service looks at them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Schedule {
     pub jobs: Vec<JobSchedule>,
 }
 
 impl JobSchedule {
-    pub fn parse(job: JobName, text: &str, origin: &str) -> Result<JobSchedule, ScheduleError> {
+    /// Reads `job`'s schedule file `text` (from `origin`): the cadence its kind of job allows
+    /// (`Job::RUNS`), and its own knobs (`Job::Knobs`: a key it does not know is an error).
+    pub fn parse(
+        job: &'static dyn DynJob,
+        text: &str,
+        origin: &str,
+    ) -> Result<JobSchedule, ScheduleError> {
         let err = |message: String| ScheduleError {
             origin: origin.to_string(),
             message,
@@ -468,62 +404,19 @@ impl JobSchedule {
                 raw.time_zone
             ))
         })?;
-        let cadence = match (raw.cron, raw.every_seconds) {
-            (Some(c), None) => Cadence::Cron {
-                cron: Cron::parse(&c).map_err(|m| err(format!("key `cron`: {m}")))?,
-                catch_up: raw.catch_up.unwrap_or(CatchUp::Latest),
-            },
-            (None, Some(0)) => return Err(err("key `every_seconds`: must be at least 1".into())),
-            (None, Some(s)) => {
-                if job != JobName::DeliverNotifications {
-                    return Err(err(format!(
-                        "key `every_seconds`: only deliver_notifications runs continuously; {} needs `cron`",
-                        job.as_str()
-                    )));
-                }
-                Cadence::Every(std::time::Duration::from_secs(s))
-            }
-            (Some(_), Some(_)) => {
-                return Err(err("give either `cron` or `every_seconds`, not both".into()))
-            }
-            (None, None) => return Err(err("key `cron`: missing".into())),
-        };
-        if job == JobName::DeliverNotifications && matches!(cadence, Cadence::Cron { .. }) {
-            return Err(err(
-                "deliver_notifications is a continuous dispatcher: give `every_seconds`".into(),
-            ));
-        }
-        if job == JobName::GenerateBills
-            && matches!(
-                cadence,
-                Cadence::Cron {
-                    catch_up: CatchUp::Latest,
-                    ..
-                }
-            )
-        {
-            return Err(err(
-                "key `catch_up`: generate_bills must be \"every\" (each missed day gets its bill)"
-                    .into(),
-            ));
-        }
+        let cadence = cadence(job, raw.cron, raw.every_seconds, raw.catch_up).map_err(err)?;
         let max_catch_up = raw.max_catch_up.unwrap_or(100);
         if max_catch_up == 0 {
             return Err(err("key `max_catch_up`: must be at least 1".into()));
         }
-        if raw.knobs.batch_size == Some(0)
-            || raw.knobs.max_accounts == Some(0)
-            || raw.knobs.concurrency == Some(0)
-        {
-            return Err(err("key `knobs`: sizes must be at least 1".into()));
-        }
+        let knobs = job.knobs(raw.knobs).map_err(err)?;
         Ok(JobSchedule {
             job,
             cadence,
             time_zone,
             enabled: raw.enabled,
             max_catch_up,
-            knobs: raw.knobs,
+            knobs,
             origin: origin.to_string(),
         })
     }
@@ -593,6 +486,74 @@ impl JobSchedule {
     }
 }
 
+/// A schedule file's cadence keys, checked against how `job` runs.
+fn cadence(
+    job: &'static dyn DynJob,
+    cron: Option<String>,
+    every_seconds: Option<u64>,
+    catch_up: Option<CatchUp>,
+) -> Result<Cadence, String> {
+    let name = job.name();
+    let cadence = match (cron, every_seconds) {
+        (Some(c), None) => Cadence::Cron {
+            cron: Cron::parse(&c).map_err(|m| format!("key `cron`: {m}"))?,
+            catch_up: catch_up.unwrap_or(CatchUp::Latest),
+        },
+        (None, Some(0)) => return Err("key `every_seconds`: must be at least 1".into()),
+        (None, Some(s)) => {
+            if job.runs() != Runs::Continuously {
+                let continuous: Vec<&str> = JOBS
+                    .iter()
+                    .filter(|j| j.runs() == Runs::Continuously)
+                    .map(|j| j.name().as_str())
+                    .collect();
+                return Err(format!(
+                    "key `every_seconds`: only {} {} continuously; {name} needs `cron`",
+                    continuous.join(" and "),
+                    if continuous.len() == 1 { "runs" } else { "run" },
+                ));
+            }
+            Cadence::Every(std::time::Duration::from_secs(s))
+        }
+        (Some(_), Some(_)) => return Err("give either `cron` or `every_seconds`, not both".into()),
+        (None, None) => return Err("key `cron`: missing".into()),
+    };
+    match (job.runs(), &cadence) {
+        (Runs::Continuously, Cadence::Cron { .. }) => Err(format!(
+            "{name} is a continuous dispatcher: give `every_seconds`"
+        )),
+        (
+            Runs::InEverySlot { why },
+            Cadence::Cron {
+                catch_up: CatchUp::Latest,
+                ..
+            },
+        ) => Err(format!("key `catch_up`: {name} must be \"every\" ({why})")),
+        _ => Ok(cadence),
+    }
+}
+
+/// The `*.toml` files of a schedule folder, by job name, in name order.
+fn schedule_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, ScheduleError> {
+    let entries = std::fs::read_dir(dir).map_err(|e| ScheduleError {
+        origin: dir.display().to_string(),
+        message: format!("cannot read the schedule folder: {e}"),
+    })?;
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
+    paths.sort();
+    Ok(paths
+        .into_iter()
+        .filter_map(|path| {
+            let stem = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".toml"))?
+                .to_string();
+            Some((stem, path))
+        })
+        .collect())
+}
+
 /// What `JobSchedule::due` found.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Due {
@@ -605,63 +566,51 @@ pub struct Due {
 }
 
 impl Schedule {
-    /// The compiled-in schedule, with each file of `dir` (when given) replacing the job's
-    /// default. Unknown files in `dir` are an error: a typo must not silently disable a job.
+    /// The schedule every registered job ships with (`Job::SCHEDULE`, compiled in), with
+    /// each file of `dir` (when given) replacing its job's. Unknown files in `dir` are an
+    /// error: a typo must not silently disable a job.
     pub fn load(dir: Option<&Path>) -> Result<Schedule, ScheduleError> {
-        let mut texts: BTreeMap<&'static str, (JobName, String, String)> = DEFAULT_JOBS
+        // name -> (text, origin)
+        let mut texts: BTreeMap<&'static str, (String, String)> = JOBS
             .iter()
-            .map(|(job, text)| {
+            .map(|job| {
+                let name = job.name().as_str();
                 (
-                    job.as_str(),
+                    name,
                     (
-                        *job,
-                        text.to_string(),
-                        format!("built-in jobs/{}.toml", job.as_str()),
+                        job.schedule_text().to_string(),
+                        format!("built-in jobs/{name}.toml"),
                     ),
                 )
             })
             .collect();
         if let Some(dir) = dir {
-            let entries = std::fs::read_dir(dir).map_err(|e| ScheduleError {
-                origin: dir.display().to_string(),
-                message: format!("cannot read the schedule folder: {e}"),
-            })?;
-            let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-            paths.sort();
-            for path in paths {
+            for (stem, path) in schedule_files(dir)? {
                 let origin = path.display().to_string();
-                let Some(stem) = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_suffix(".toml"))
-                else {
-                    continue;
-                };
-                let Some(entry) = texts.get_mut(stem) else {
+                let Some(entry) = texts.get_mut(stem.as_str()) else {
+                    let jobs: Vec<&str> = crate::jobs::registry::names().collect();
                     return Err(ScheduleError {
                         origin,
-                        message: format!(
-                            "no job is named {stem:?} (jobs: generate_bills, send_alerts, enforce_suspensions, release_resources, deliver_notifications)"
-                        ),
+                        message: format!("no job is named {stem:?} (jobs: {})", jobs.join(", ")),
                     });
                 };
-                entry.1 = std::fs::read_to_string(&path).map_err(|e| ScheduleError {
+                entry.0 = std::fs::read_to_string(&path).map_err(|e| ScheduleError {
                     origin: origin.clone(),
                     message: format!("cannot read: {e}"),
                 })?;
-                entry.2 = origin;
+                entry.1 = origin;
             }
         }
         let mut jobs = Vec::new();
-        for (job, _) in DEFAULT_JOBS {
-            let (_, text, origin) = &texts[job.as_str()];
+        for job in JOBS {
+            let (text, origin) = &texts[job.name().as_str()];
             jobs.push(JobSchedule::parse(*job, text, origin)?);
         }
         Ok(Schedule { jobs })
     }
 
     pub fn get(&self, job: JobName) -> Option<&JobSchedule> {
-        self.jobs.iter().find(|j| j.job == job)
+        self.jobs.iter().find(|j| j.job.name() == job)
     }
 
     /// Every slot of every enabled cron job in `(after, until]`, in the order a single
@@ -670,7 +619,7 @@ impl Schedule {
         &self,
         after: DateTime<Utc>,
         until: DateTime<Utc>,
-    ) -> Vec<(DateTime<Utc>, JobName)> {
+    ) -> Vec<(DateTime<Utc>, &'static dyn DynJob)> {
         let mut out = Vec::new();
         for (i, j) in self.jobs.iter().enumerate().filter(|(_, j)| j.enabled) {
             if let Some(cron) = j.cron() {
@@ -688,13 +637,17 @@ impl Schedule {
 mod tests {
     use super::*;
 
+    fn job(name: &str) -> &'static dyn DynJob {
+        crate::jobs::registry::find(name).unwrap()
+    }
+
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
     }
 
     fn daily(expr: &str, zone: &str) -> JobSchedule {
         JobSchedule::parse(
-            JobName::GenerateBills,
+            job("generate_bills"),
             &format!("cron = {expr:?}\ntime_zone = {zone:?}\ncatch_up = \"every\"\n"),
             "test",
         )
@@ -861,7 +814,7 @@ mod tests {
         ];
         for (zone, from, to, n) in cases {
             let j = JobSchedule::parse(
-                JobName::SendAlerts,
+                job("send_alerts"),
                 &format!("cron = \"0 * * * *\"\ntime_zone = {zone:?}\n"),
                 "test",
             )
@@ -1001,7 +954,7 @@ mod tests {
         assert_eq!((due.missed, due.dropped), (1, 0));
 
         let alerts = JobSchedule::parse(
-            JobName::SendAlerts,
+            job("send_alerts"),
             "cron = \"0 * * * *\"\ntime_zone = \"UTC\"\n",
             "test",
         )
@@ -1017,7 +970,7 @@ mod tests {
     #[test]
     fn catch_up_is_capped() {
         let j = JobSchedule::parse(
-            JobName::GenerateBills,
+            job("generate_bills"),
             "cron = \"30 0 * * *\"\ntime_zone = \"UTC\"\ncatch_up = \"every\"\nmax_catch_up = 3\n",
             "test",
         )
@@ -1042,47 +995,47 @@ mod tests {
     fn schedule_files_are_validated_with_the_key_named() {
         for (job, text, why) in [
             (
-                JobName::SendAlerts,
+                job("send_alerts"),
                 "time_zone = \"UTC\"\n",
                 "key `cron`: missing",
             ),
             (
-                JobName::SendAlerts,
+                job("send_alerts"),
                 "cron = \"0 * * *\"\ntime_zone = \"UTC\"\n",
                 "key `cron`",
             ),
             (
-                JobName::SendAlerts,
+                job("send_alerts"),
                 "cron = \"0 * * * *\"\ntime_zone = \"Mars/Base\"\n",
                 "key `time_zone`",
             ),
             (
-                JobName::SendAlerts,
+                job("send_alerts"),
                 "cron = \"0 * * * *\"\ntime_zone = \"UTC\"\ncolour = 1\n",
                 "colour",
             ),
             (
-                JobName::SendAlerts,
+                job("send_alerts"),
                 "cron = \"0 * * * *\"\ntime_zone = \"UTC\"\nenabled = \"yes\"\n",
                 "key `enabled`",
             ),
             (
-                JobName::GenerateBills,
+                job("generate_bills"),
                 "cron = \"0 0 * * *\"\ntime_zone = \"UTC\"\ncatch_up = \"latest\"\n",
                 "must be \"every\"",
             ),
             (
-                JobName::SendAlerts,
+                job("send_alerts"),
                 "every_seconds = 5\ntime_zone = \"UTC\"\n",
                 "only deliver_notifications",
             ),
             (
-                JobName::DeliverNotifications,
+                job("deliver_notifications"),
                 "cron = \"* * * * *\"\ntime_zone = \"UTC\"\n",
                 "continuous",
             ),
             (
-                JobName::SendAlerts,
+                job("send_alerts"),
                 "cron = \"0 * * * *\"\ntime_zone = \"UTC\"\n[knobs]\nbatch_size = 0\n",
                 "at least 1",
             ),
@@ -1106,7 +1059,11 @@ mod tests {
         .unwrap();
         let s = Schedule::load(Some(&dir)).unwrap();
         assert_eq!(
-            s.get(JobName::SendAlerts).unwrap().cron().unwrap().as_str(),
+            s.get(JobName::parse("send_alerts").unwrap())
+                .unwrap()
+                .cron()
+                .unwrap()
+                .as_str(),
             "15 * * * *"
         );
         std::fs::write(
@@ -1117,5 +1074,56 @@ mod tests {
         let e = Schedule::load(Some(&dir)).unwrap_err();
         assert!(e.message.contains("no job is named \"send_alert\""), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_unknown_knob_is_refused_naming_the_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        // `concurrency` is deliver_notifications' knob, not send_alerts'.
+        std::fs::write(
+            dir.path().join("send_alerts.toml"),
+            "cron = \"5 * * * *\"\ntime_zone = \"UTC\"\n[knobs]\nbatch_size = 10\nconcurrency = 4\n",
+        )
+        .unwrap();
+        let e = Schedule::load(Some(dir.path())).unwrap_err().to_string();
+        let file = dir.path().join("send_alerts.toml").display().to_string();
+        assert!(e.starts_with(&format!("{file}: ")), "{e}");
+        assert!(e.contains("knobs.concurrency"), "{e}");
+        // Each job's own knobs are read into its own struct and applied to its runs.
+        std::fs::write(
+            dir.path().join("send_alerts.toml"),
+            "cron = \"5 * * * *\"\ntime_zone = \"UTC\"\n[knobs]\nbatch_size = 10\n",
+        )
+        .unwrap();
+        let s = Schedule::load(Some(dir.path())).unwrap();
+        let alerts = s.get(JobName::parse("send_alerts").unwrap()).unwrap();
+        let knobs = alerts
+            .knobs
+            .get::<crate::jobs::registry::LifecycleKnobs>()
+            .unwrap();
+        assert_eq!((knobs.batch_size, knobs.max_accounts), (Some(10), None));
+        let config =
+            crate::config::Config::from_toml(crate::config::EXAMPLE_CONFIG, "t", &[]).unwrap();
+        assert_eq!(alerts.knobs.apply(&config).lifecycle.batch_size, 10);
+    }
+
+    #[test]
+    fn every_registered_job_has_a_schedule_file_and_every_file_a_job() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs");
+        let files: std::collections::BTreeSet<String> = schedule_files(&dir)
+            .unwrap()
+            .into_iter()
+            .map(|(stem, _)| stem)
+            .collect();
+        let registered: std::collections::BTreeSet<String> =
+            crate::jobs::registry::names().map(String::from).collect();
+        assert_eq!(files, registered);
+        // The compiled-in copy is the file itself, and each loads as its job's schedule.
+        for job in JOBS {
+            let name = job.name().as_str();
+            let text = std::fs::read_to_string(dir.join(format!("{name}.toml"))).unwrap();
+            assert_eq!(text, job.schedule_text(), "{name}");
+            JobSchedule::parse(*job, &text, name).unwrap();
+        }
     }
 }

@@ -17,7 +17,8 @@ use chrono::{DateTime, Utc};
 
 use crate::config::Config;
 use crate::db::{Db, DbError, MigrationMode};
-use crate::jobs::{deliver_notifications, generate_bills, JobError, JobName};
+use crate::jobs::deliver_notifications::Channels;
+use crate::jobs::{Did, JobError, Outcome, RunArgs};
 use crate::scheduler::{Cadence, CatchUp, Clock, JobSchedule, Schedule};
 use crate::shared::Shared;
 
@@ -66,9 +67,8 @@ pub async fn serve(
     clock: Clock,
     listener: tokio::net::TcpListener,
 ) -> Result<(), ServeError> {
-    let channels =
-        deliver_notifications::Channels::from_config(&config).map_err(ServeError::Channels)?;
-    let shared = Arc::new(Shared::new(config, schedule, clock));
+    let channels = Channels::from_config(&config).map_err(ServeError::Channels)?;
+    let shared = Arc::new(Shared::new(config, schedule, clock, channels));
 
     // Signals first: a SIGTERM during start-up (database unreachable) still stops cleanly.
     {
@@ -136,19 +136,18 @@ pub async fn serve(
     sd_notify("READY=1");
 
     let mut tasks = Vec::new();
-    let mut channels = Some(channels);
     for js in shared.schedule.jobs.iter().filter(|j| j.enabled).cloned() {
         let sh = shared.clone();
+        if js.job.helps() {
+            tasks.push(tokio::spawn(help_loop(sh.clone(), db.clone(), js.clone())));
+        }
         match js.cadence {
             Cadence::Cron { .. } => tasks.push(tokio::spawn(job_loop(sh, db.clone(), js))),
             Cadence::Every(every) => {
-                if let Some(ch) = channels.take() {
-                    tasks.push(tokio::spawn(dispatch_loop(sh, db.clone(), js, every, ch)))
-                }
+                tasks.push(tokio::spawn(dispatch_loop(sh, db.clone(), js, every)))
             }
         }
     }
-    tasks.push(tokio::spawn(batch_loop(shared.clone(), db.clone())));
     if let Some(every) = watchdog_interval() {
         tokio::spawn(watchdog(shared.clone(), every));
     }
@@ -216,7 +215,7 @@ async fn job_loop(sh: Arc<Shared>, db: Db, js: JobSchedule) {
             }
             Err(e) => {
                 client = None;
-                tracing::warn!(job = js.job.as_str(), error = %e, retry_in_ms = backoff.as_millis() as u64, "scheduler pass failed");
+                tracing::warn!(job = js.job.name().as_str(), error = %e, retry_in_ms = backoff.as_millis() as u64, "scheduler pass failed");
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
@@ -235,15 +234,13 @@ async fn connected<'a>(
     Ok(client.as_ref().expect("set above"))
 }
 
-/// How one slot run ended, for the order of a catch-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum SlotOutcome {
-    /// Ran now, or had already run.
-    Done,
-    /// Another live runner holds it: not done yet.
-    Busy,
-    /// Failed, refused or interrupted.
-    Failed,
+/// A slot newer than the job's latest success that is not finished.
+struct OpenSlot {
+    slot: DateTime<Utc>,
+    as_of: DateTime<Utc>,
+    status: String,
+    /// Held by a live runner elsewhere, or failed and still in its back-off.
+    waiting: bool,
 }
 
 /// One pass of a job's loop. Returns whether a slot failed (the loop then backs off).
@@ -257,21 +254,80 @@ async fn job_step(
         return Ok(false);
     };
     let every = *catch_up == CatchUp::Every;
-    let job = js.job.as_str();
+    let job = js.job.name().as_str();
     let now = sh.clock.now();
     let c = connected(db, client).await?;
-    // Open slots newer than the latest success: interrupted, held by a runner whose lease
-    // expired, or failed and past their back-off (the lease, doubled per attempt, at most an
-    // hour). Older ones are behind a later success: billing refuses them (days are billed in
-    // order) and level-triggered jobs have nothing left to do for them. A slot still
-    // `running` under this instance's own name is dead whatever its lease says: this job's
-    // slots run one at a time in this loop, so its run ended without its outcome being
-    // recorded (the database went away under it) and it is resumed at once.
+    let open = open_slots(sh, c, job).await?;
+    // Slots not yet started, counted from the last one handed out (a one-off run with a
+    // future --as-of does not hold the schedule back).
+    let last: Option<DateTime<Utc>> = c
+        .query_one(
+            "SELECT max(as_of) FROM job_runs WHERE job = $1 AND as_of <= $2",
+            &[&job, &now],
+        )
+        .await?
+        .get(0);
+    let due = js.due(last, now);
+    if due.dropped > 0 {
+        sh.metrics.dropped(js.job.name(), due.dropped);
+        tracing::error!(job, dropped = due.dropped, kept = due.slots.len(), max_catch_up = js.max_catch_up,
+            "CATCH-UP CAPPED: more slots were missed than max_catch_up allows (clock jump or long outage?); the oldest were skipped and need an operator");
+    }
+
+    if every {
+        // Billing: the oldest open day first; while one is open (held elsewhere, or failed
+        // and waiting), no later day starts.
+        for o in &open {
+            if o.waiting || sh.stopping() {
+                return Ok(false);
+            }
+            tracing::info!(job, slot = %o.slot, was = o.status, "resuming slot");
+            match run_slot(sh, db, js, o.as_of, Some(o.slot)).await {
+                Outcome::Done { .. } => {}
+                Outcome::HeldElsewhere { .. } => return Ok(false),
+                Outcome::Refused(_) | Outcome::Failed(_) => return Ok(true),
+            }
+        }
+    } else if due.slots.is_empty() {
+        // A level-triggered job resumes its newest open slot only when no newer slot is due
+        // (a newer run does the same work at a later instant).
+        let Some(o) = open.last().filter(|o| !o.waiting && !sh.stopping()) else {
+            return Ok(false);
+        };
+        tracing::info!(job, slot = %o.slot, was = o.status, "resuming slot");
+        let outcome = run_slot(sh, db, js, o.as_of, Some(o.slot)).await;
+        return Ok(matches!(outcome, Outcome::Refused(_) | Outcome::Failed(_)));
+    }
+    if due.missed > 0 {
+        tracing::info!(
+            job,
+            missed = due.missed,
+            running = due.slots.len(),
+            "catching up missed slots"
+        );
+    }
+    let (newest_done, failed) = run_due(sh, db, js, due.slots, every).await;
+    if let Some(newest) = newest_done.filter(|_| !every) {
+        close_superseded(sh, c, job, newest).await?;
+    }
+    Ok(failed)
+}
+
+/// The job's open slots newer than its latest success, oldest first: interrupted, held by a
+/// runner whose lease expired, or failed and past their back-off (the lease, doubled per
+/// attempt, at most an hour). Older ones are behind a later success: billing refuses them
+/// (days are billed in order) and level-triggered jobs have nothing left to do for them. A
+/// slot still `running` under this instance's own name is dead whatever its lease says: this
+/// job's slots run one at a time in this loop, so its run ended without its outcome being
+/// recorded (the database went away under it) and it is resumed at once.
+async fn open_slots(
+    sh: &Shared,
+    c: &tokio_postgres::Client,
+    job: &str,
+) -> Result<Vec<OpenSlot>, JobError> {
     let lease = sh.config.service.lease.seconds() as f64;
     let me = crate::jobs::instance_id();
-    // Raw SQL: a CTE and lease arithmetic on clock_timestamp() (make_interval, power) have
-    // no form in diesel's query builder.
-    let open = c
+    let rows = c
         .query(
             "WITH done AS (SELECT max(slot) AS latest FROM job_runs WHERE job = $1 AND status = 'succeeded')
              SELECT slot, as_of, status, status = 'running' AND coalesce(lease_until, '-infinity') >= clock_timestamp()
@@ -284,72 +340,36 @@ async fn job_step(
             &[&job, &lease, &me],
         )
         .await?;
-    // Slots not yet started, counted from the last one handed out (a one-off run with a
-    // future --as-of does not hold the schedule back).
-    // Raw SQL on the pass's one raw client (the builder would need a second, diesel,
-    // connection for this one aggregate).
-    let last: Option<DateTime<Utc>> = c
-        .query_one(
-            "SELECT max(as_of) FROM job_runs WHERE job = $1 AND as_of <= $2",
-            &[&job, &now],
-        )
-        .await?
-        .get(0);
-    let due = js.due(last, now);
-    if due.dropped > 0 {
-        sh.metrics.dropped(js.job, due.dropped);
-        tracing::error!(job, dropped = due.dropped, kept = due.slots.len(), max_catch_up = js.max_catch_up,
-            "CATCH-UP CAPPED: more slots were missed than max_catch_up allows (clock jump or long outage?); the oldest were skipped and need an operator");
-    }
+    Ok(rows
+        .iter()
+        .map(|r| OpenSlot {
+            slot: r.get(0),
+            as_of: r.get(1),
+            status: r.get(2),
+            waiting: r.get(3),
+        })
+        .collect())
+}
 
-    let mut failed = false;
-    if every {
-        // Billing: the oldest open day first; while one is open (held elsewhere, or failed
-        // and waiting), no later day starts.
-        for row in &open {
-            let (slot, as_of, status, waiting): (DateTime<Utc>, DateTime<Utc>, String, bool) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
-            if waiting || sh.stopping() {
-                return Ok(failed);
-            }
-            tracing::info!(job, slot = %slot, was = status, "resuming slot");
-            match run_slot(sh, db, js, as_of, Some(slot)).await {
-                SlotOutcome::Done => {}
-                SlotOutcome::Busy => return Ok(failed),
-                SlotOutcome::Failed => return Ok(true),
-            }
-        }
-    } else if due.slots.is_empty() {
-        // A level-triggered job resumes its newest open slot only when no newer slot is due
-        // (a newer run does the same work at a later instant).
-        if let Some(row) = open.last() {
-            let (slot, as_of, status, waiting): (DateTime<Utc>, DateTime<Utc>, String, bool) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
-            if !waiting && !sh.stopping() {
-                tracing::info!(job, slot = %slot, was = status, "resuming slot");
-                failed |= run_slot(sh, db, js, as_of, Some(slot)).await == SlotOutcome::Failed;
-            }
-        }
-        return Ok(failed);
-    }
-    if due.missed > 0 {
-        tracing::info!(
-            job,
-            missed = due.missed,
-            running = due.slots.len(),
-            "catching up missed slots"
-        );
-    }
-    let mut newest_done = None;
-    for slot in due.slots {
+/// Runs the due slots in order. Returns the newest slot done and whether one failed. A
+/// billing-like job (`every`) stops at the first slot not done: days are billed in order.
+async fn run_due(
+    sh: &Shared,
+    db: &Db,
+    js: &JobSchedule,
+    slots: Vec<DateTime<Utc>>,
+    every: bool,
+) -> (Option<DateTime<Utc>>, bool) {
+    let (mut newest_done, mut failed) = (None, false);
+    for slot in slots {
         if sh.stopping() {
             break;
         }
         match run_slot(sh, db, js, slot, None).await {
-            SlotOutcome::Done => newest_done = Some(slot),
-            SlotOutcome::Busy if every => break,
-            SlotOutcome::Busy => {}
-            SlotOutcome::Failed => {
+            Outcome::Done { .. } => newest_done = Some(slot),
+            Outcome::HeldElsewhere { .. } if every => break,
+            Outcome::HeldElsewhere { .. } => {}
+            Outcome::Refused(_) | Outcome::Failed(_) => {
                 failed = true;
                 if every {
                     break;
@@ -357,145 +377,111 @@ async fn job_step(
             }
         }
     }
-    if let Some(newest) = newest_done.filter(|_| !every) {
-        // A level-triggered job's open slots behind a newer run have nothing left to do:
-        // closed, so that no claim of a dead runner stays open for ever. A running claim is
-        // closed only when a takeover could claim it (claim_slot's rule: four leases past its
-        // lease): a live runner whose renewal is merely late keeps its slot and records it.
-        // This instance's own running claims are closed at once (see `open` above). Raw
-        // SQL: the lease arithmetic on clock_timestamp() has no query-builder form.
-        c.execute(
-            "UPDATE job_runs SET status = 'failed', error = $3, finished_at = clock_timestamp(), lease_until = NULL
-             WHERE job = $1 AND slot < $2 AND (status = 'interrupted'
-                OR (status = 'running' AND (owner = $5 OR coalesce(lease_until, '-infinity')
-                      < clock_timestamp() - make_interval(secs => 4 * $4::float8))))",
-            &[&job, &newest, &format!("superseded by the slot at {newest}"), &lease, &me],
-        )
-        .await?;
-    }
-    Ok(failed)
+    (newest_done, failed)
 }
 
-/// Runs one slot of a scheduled job at `as_of`; the job claims the slot itself. `resume` is
-/// the recorded slot of an open run being resumed (billing then bills that slot's day,
-/// whatever instant it first ran at).
+/// A level-triggered job's open slots behind a newer run have nothing left to do: closed,
+/// so that no claim of a dead runner stays open for ever. A running claim is closed only
+/// when a takeover could claim it (claim_slot's rule: four leases past its lease): a live
+/// runner whose renewal is merely late keeps its slot and records it. This instance's own
+/// running claims are closed at once (see `open_slots`).
+async fn close_superseded(
+    sh: &Shared,
+    c: &tokio_postgres::Client,
+    job: &str,
+    newest: DateTime<Utc>,
+) -> Result<(), JobError> {
+    let lease = sh.config.service.lease.seconds() as f64;
+    let me = crate::jobs::instance_id();
+    c.execute(
+        "UPDATE job_runs SET status = 'failed', error = $3, finished_at = clock_timestamp(), lease_until = NULL
+         WHERE job = $1 AND slot < $2 AND (status = 'interrupted'
+            OR (status = 'running' AND (owner = $5 OR coalesce(lease_until, '-infinity')
+                  < clock_timestamp() - make_interval(secs => 4 * $4::float8))))",
+        &[&job, &newest, &format!("superseded by the slot at {newest}"), &lease, &me],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Runs one slot of a scheduled job at `as_of`, with its knobs; the job claims the slot
+/// itself. `resume` is the recorded slot of an open run being resumed (billing then bills
+/// that slot's day, whatever instant it first ran at).
 async fn run_slot(
     sh: &Shared,
     db: &Db,
     js: &JobSchedule,
     as_of: DateTime<Utc>,
     resume: Option<DateTime<Utc>>,
-) -> SlotOutcome {
-    if js.job == JobName::DeliverNotifications {
-        return SlotOutcome::Done;
-    }
-    let cfg = js.knobs.apply(js.job, &sh.config);
+) -> Outcome {
     let started = Instant::now();
-    let result = crate::jobs::run_scheduled(db, &cfg, None, js.job, as_of, resume).await;
+    let outcome = js.job.run_scheduled(sh.ctx(db, js), as_of, resume).await;
     let secs = started.elapsed().as_secs_f64();
-    let job = js.job.as_str();
-    match result {
-        Ok(report) => {
-            let skipped = report
-                .get("skipped")
-                .and_then(|s| s.as_str())
-                .map(str::to_string);
-            let held = report.get("held_by").is_some_and(|h| !h.is_null());
-            match skipped {
-                Some(why) if held => {
-                    sh.metrics.record(js.job, "busy", secs);
-                    tracing::debug!(job, as_of = %as_of, why, "slot held by another runner");
-                    SlotOutcome::Busy
-                }
-                Some(why) => {
-                    sh.metrics.record(js.job, "skipped", secs);
-                    tracing::debug!(job, as_of = %as_of, why, "slot skipped");
-                    SlotOutcome::Done
-                }
-                None => {
-                    sh.metrics.record(js.job, "succeeded", secs);
-                    tracing::info!(job, as_of = %as_of, seconds = secs, report = %report, "slot finished");
-                    SlotOutcome::Done
-                }
-            }
+    sh.metrics.record(js.job.name(), outcome.label(), secs);
+    let job = js.job.name().as_str();
+    match &outcome {
+        Outcome::HeldElsewhere { why, .. } => {
+            tracing::debug!(job, as_of = %as_of, why, "slot held by another runner")
         }
-        Err(e @ (JobError::Interrupted | JobError::LeaseLost)) => {
-            sh.metrics.record(js.job, "interrupted", secs);
-            tracing::info!(job, as_of = %as_of, reason = %e, "slot stopped between batches; it is resumed");
-            SlotOutcome::Failed
+        Outcome::Done {
+            did: Did::AlreadyRan,
+            ..
+        } => tracing::debug!(job, as_of = %as_of, "slot skipped: it already ran"),
+        Outcome::Done { report, .. } => {
+            tracing::info!(job, as_of = %as_of, seconds = secs, report = %report, "slot finished")
         }
-        Err(e) => {
-            sh.metrics.record(js.job, "failed", secs);
-            tracing::error!(job, as_of = %as_of, error = %e, "slot failed");
-            SlotOutcome::Failed
+        Outcome::Failed(e @ (JobError::Interrupted | JobError::LeaseLost)) => {
+            tracing::info!(job, as_of = %as_of, reason = %e, "slot stopped between batches; it is resumed")
         }
+        Outcome::Refused(e) => tracing::error!(job, as_of = %as_of, error = %e, "slot failed"),
+        Outcome::Failed(e) => tracing::error!(job, as_of = %as_of, error = %e, "slot failed"),
     }
+    outcome
 }
 
-/// The outbox dispatcher: delivers due notices every `every` (claims are per notice, so every
-/// instance runs it).
-async fn dispatch_loop(
-    sh: Arc<Shared>,
-    db: Db,
-    js: JobSchedule,
-    every: Duration,
-    channels: deliver_notifications::Channels,
-) {
-    let cfg = js.knobs.apply(js.job, &sh.config);
+/// A continuous job (the outbox dispatcher): a pass every `every`, of at most 20 batches
+/// (its claims are per work item, so every instance runs it).
+async fn dispatch_loop(sh: Arc<Shared>, db: Db, js: JobSchedule, every: Duration) {
+    let job = js.job.name();
     let mut backoff = every;
     while !sh.stopping() {
         let started = Instant::now();
-        let opts = deliver_notifications::Options {
-            as_of: sh.clock.now(),
-            dry_run: false,
-            max_batches: 20,
+        let args = RunArgs {
+            max_batches: Some(20),
+            ..RunArgs::scheduled(sh.clock.now(), None)
         };
-        match deliver_notifications::run(&db, &cfg, &channels, &opts).await {
-            Ok(r) => {
-                backoff = every;
-                sh.beat();
-                if r.claimed > 0 {
-                    sh.metrics
-                        .record(js.job, "succeeded", started.elapsed().as_secs_f64());
-                    tracing::info!(
-                        job = "deliver_notifications",
-                        sent = r.sent,
-                        retrying = r.retrying,
-                        dead = r.dead,
-                        "delivered"
-                    );
-                }
+        let outcome = js.job.run(sh.ctx(&db, &js), &args).await;
+        sh.beat();
+        let secs = started.elapsed().as_secs_f64();
+        let failure = match &outcome {
+            Outcome::Done { did: Did::Idle, .. } => None,
+            Outcome::Done { report, .. } | Outcome::HeldElsewhere { report, .. } => {
+                sh.metrics.record(job, outcome.label(), secs);
+                tracing::info!(job = job.as_str(), report = %report, "pass finished");
+                None
             }
-            Err(e) => {
-                sh.beat();
-                sh.metrics
-                    .record(js.job, "failed", started.elapsed().as_secs_f64());
-                tracing::warn!(job = "deliver_notifications", error = %e, "delivery pass failed");
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+            Outcome::Refused(why) => Some(why.clone()),
+            Outcome::Failed(e) => Some(e.to_string()),
+        };
+        backoff = match failure {
+            None => every,
+            Some(e) => {
+                sh.metrics.record(job, outcome.label(), secs);
+                tracing::warn!(job = job.as_str(), error = %e, "pass failed");
+                (backoff * 2).min(Duration::from_secs(30))
             }
-        }
+        };
         sh.pause(backoff).await;
     }
 }
 
-/// Bills batches of billing runs that any instance started, so that two instances finish a
-/// run faster than one.
-async fn batch_loop(sh: Arc<Shared>, db: Db) {
-    let Some(js) = sh
-        .schedule
-        .get(JobName::GenerateBills)
-        .filter(|j| j.enabled)
-    else {
-        return;
-    };
-    let cfg = js.knobs.apply(JobName::GenerateBills, &sh.config);
+/// A job's share of work that any instance's runs left open (billing's batches), so that
+/// two instances finish a run faster than one.
+async fn help_loop(sh: Arc<Shared>, db: Db, js: JobSchedule) {
     let tick = sh.config.service.tick.std();
     while !sh.stopping() {
-        match generate_bills::work_open_batches(&db, &cfg).await {
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(job = "generate_bills", error = %e, "helping with batches failed")
-            }
+        if let Err(e) = js.job.help(sh.ctx(&db, &js)).await {
+            tracing::warn!(job = js.job.name().as_str(), error = %e, "helping with batches failed")
         }
         sh.pause(tick).await;
     }

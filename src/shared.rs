@@ -10,8 +10,10 @@ use chrono::Utc;
 
 use crate::config::Config;
 use crate::db::Db;
+use crate::jobs::deliver_notifications::Channels;
+use crate::jobs::JobCtx;
 use crate::metrics::Metrics;
-use crate::scheduler::{Clock, Schedule};
+use crate::scheduler::{Clock, JobSchedule, Schedule};
 
 /// What the loops and the HTTP handlers share.
 pub struct Shared {
@@ -19,6 +21,8 @@ pub struct Shared {
     pub schedule: Schedule,
     pub clock: Clock,
     pub metrics: Metrics,
+    /// The notification channels, built once at start (a bad setting stops the start).
+    channels: Channels,
     db: OnceLock<Db>,
     /// Unix seconds of the last completed loop pass (the watchdog's proof of life).
     heartbeat: AtomicI64,
@@ -27,16 +31,27 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, schedule: Schedule, clock: Clock) -> Shared {
+    pub fn new(config: Config, schedule: Schedule, clock: Clock, channels: Channels) -> Shared {
         let (stop_tx, _) = tokio::sync::watch::channel(false);
         Shared {
             config,
             schedule,
             clock,
             metrics: Metrics::default(),
+            channels,
             db: OnceLock::new(),
             heartbeat: AtomicI64::new(Utc::now().timestamp()),
             stop_tx,
+        }
+    }
+
+    /// What a run of `js` works with: its knobs, the channels built at start.
+    pub fn ctx<'a>(&'a self, db: &'a Db, js: &'a JobSchedule) -> JobCtx<'a> {
+        JobCtx {
+            db,
+            config: &self.config,
+            channels: Some(&self.channels),
+            knobs: Some(&js.knobs),
         }
     }
 

@@ -25,7 +25,7 @@ use crate::db::{embedded, raw_connect, Db, DbError, MigrationMode};
 use crate::domain::calendar::{billing_day_of, start_of_day};
 use crate::domain::money::format_scaled;
 use crate::domain::policy::Policy;
-use crate::jobs::{deliver_notifications, JobError, JobName};
+use crate::jobs::{deliver_notifications, DynJob, JobCtx, JobError, SimulatedAt, JOBS};
 
 /// The longest simulation: a year of hourly slots.
 pub const MAX_DAYS: u32 = 366;
@@ -217,50 +217,46 @@ fn override_policy(
 }
 
 /// The job slots between `from` (inclusive) and `to` (exclusive), in the order they run:
-/// `generate_bills` at the start of every billing day, then at every whole UTC hour
-/// `send_alerts`, `deliver_notifications`, `enforce_suspensions` and `release_resources`.
-/// The one place that says when jobs run in a simulation (to be replaced by the real
-/// schedule once there is one).
+/// each registered job when its `Job::SIMULATED` says (at the start of every billing day,
+/// or at every whole UTC hour), jobs due at one instant in their `order` (today:
+/// `generate_bills`, then `send_alerts`, `deliver_notifications`, `enforce_suspensions`,
+/// `release_resources`). The one place that says when jobs run in a simulation.
 pub fn slots(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
     config: &Config,
-) -> Vec<(DateTime<Utc>, JobName)> {
-    const HOURLY: [JobName; 4] = [
-        JobName::SendAlerts,
-        JobName::DeliverNotifications,
-        JobName::EnforceSuspensions,
-        JobName::ReleaseResources,
-    ];
+) -> Vec<(DateTime<Utc>, &'static dyn DynJob)> {
     let mut out = Vec::new();
     if from >= to {
         return out;
     }
     let tz = config.billing.time_zone;
+    let mut days = Vec::new();
     let mut day = billing_day_of(from, tz);
     while day <= billing_day_of(to, tz) {
         let t = start_of_day(day, tz);
         if t >= from && t < to {
-            out.push((t, JobName::GenerateBills));
+            days.push(t);
         }
         day += Duration::days(1);
     }
+    let mut hours = Vec::new();
     let mut hour = from.duration_trunc(Duration::hours(1)).unwrap_or(from);
     if hour < from {
         hour += Duration::hours(1);
     }
     while hour < to {
-        out.extend(HOURLY.iter().map(|j| (hour, *j)));
+        hours.push(hour);
         hour += Duration::hours(1);
     }
-    let rank = |j: JobName| match j {
-        JobName::GenerateBills => 0,
-        JobName::SendAlerts => 1,
-        JobName::DeliverNotifications => 2,
-        JobName::EnforceSuspensions => 3,
-        JobName::ReleaseResources => 4,
-    };
-    out.sort_by_key(|(t, j)| (*t, rank(*j)));
+    for job in JOBS {
+        let at = match job.simulated().at {
+            SimulatedAt::BillingDayStart => &days,
+            SimulatedAt::EveryHour => &hours,
+        };
+        out.extend(at.iter().map(|t| (*t, *job)));
+    }
+    out.sort_by_key(|(t, j)| (*t, j.simulated().order));
     out
 }
 
@@ -270,10 +266,15 @@ pub async fn run_slot(
     config: &Config,
     channels: &deliver_notifications::Channels,
     at: DateTime<Utc>,
-    job: JobName,
+    job: &'static dyn DynJob,
 ) -> Result<(), JobError> {
-    crate::jobs::run_scheduled(db, config, Some(channels), job, at, None)
+    let ctx = JobCtx {
+        channels: Some(channels),
+        ..JobCtx::new(db, config)
+    };
+    job.run_scheduled(ctx, at, None)
         .await
+        .into_result()
         .map(|_| ())
 }
 
@@ -534,7 +535,7 @@ fn sandbox(config: &Config, dir: &Path) -> Result<Config, SimulateError> {
 async fn run_copy(
     url: &str,
     config: &Config,
-    plan: &[(DateTime<Utc>, JobName)],
+    plan: &[(DateTime<Utc>, &'static dyn DynJob)],
     windows: &[(DateTime<Utc>, DateTime<Utc>)],
 ) -> Result<(Vec<Counts>, Totals), SimulateError> {
     let db = Db::open_url(url, config.database.pool_size, MigrationMode::Require).await?;
@@ -558,7 +559,7 @@ async fn run_copy(
                 if totals.errors.len() < MAX_ERRORS {
                     totals
                         .errors
-                        .push(format!("{} {}: {e}", at.to_rfc3339(), job.as_str()));
+                        .push(format!("{} {}: {e}", at.to_rfc3339(), job.name()));
                 }
             }
             next += 1;
@@ -801,7 +802,7 @@ mod tests {
         let s = slots(at("2026-11-23T15:30:00Z"), at("2026-11-23T17:00:00Z"), &c);
         let names: Vec<(String, &str)> = s
             .iter()
-            .map(|(t, j)| (t.format("%H:%M").to_string(), j.as_str()))
+            .map(|(t, j)| (t.format("%H:%M").to_string(), j.name().as_str()))
             .collect();
         let want = [
             ("16:00", "generate_bills"),

@@ -547,7 +547,7 @@ async fn a_slot_held_by_a_live_runner_exits_75_and_a_dead_ones_is_taken_over_at_
         .execute(
             "SELECT pg_advisory_lock($1)",
             &[&arrears::jobs::slot_lock_key(
-                arrears::jobs::JobName::EnforceSuspensions,
+                arrears::jobs::JobName::parse("enforce_suspensions").unwrap(),
                 slot,
             )],
         )

@@ -6,7 +6,7 @@ mod common;
 use arrears::config::Config;
 use arrears::jobs::{
     deliver_notifications, enforce_suspensions, generate_bills, release_resources, send_alerts,
-    JobName,
+    DynJob,
 };
 use arrears::simulate::{self, Proposal, SimulateReport};
 use chrono::{DateTime, Duration, Utc};
@@ -159,12 +159,12 @@ async fn simulate_changes_nothing_in_the_database() {
 }
 
 /// The job functions themselves, called directly at each slot, the way a scheduler would.
-async fn run_for_real(t: &TestDb, slots: &[(DateTime<Utc>, JobName)]) {
+async fn run_for_real(t: &TestDb, slots: &[(DateTime<Utc>, &'static dyn DynJob)]) {
     let channels = deliver_notifications::Channels::from_config(&t.config).unwrap();
     for (at, job) in slots {
         let (at, c) = (*at, &t.config);
-        let ok = match job {
-            JobName::GenerateBills => generate_bills::run(
+        let ok = match job.name().as_str() {
+            "generate_bills" => generate_bills::run(
                 &t.db,
                 c,
                 &generate_bills::Options {
@@ -176,7 +176,7 @@ async fn run_for_real(t: &TestDb, slots: &[(DateTime<Utc>, JobName)]) {
             )
             .await
             .map(|_| ()),
-            JobName::SendAlerts => send_alerts::run(
+            "send_alerts" => send_alerts::run(
                 &t.db,
                 c,
                 &send_alerts::Options {
@@ -187,7 +187,7 @@ async fn run_for_real(t: &TestDb, slots: &[(DateTime<Utc>, JobName)]) {
             )
             .await
             .map(|_| ()),
-            JobName::DeliverNotifications => deliver_notifications::run(
+            "deliver_notifications" => deliver_notifications::run(
                 &t.db,
                 c,
                 &channels,
@@ -199,7 +199,7 @@ async fn run_for_real(t: &TestDb, slots: &[(DateTime<Utc>, JobName)]) {
             )
             .await
             .map(|_| ()),
-            JobName::EnforceSuspensions => enforce_suspensions::run(
+            "enforce_suspensions" => enforce_suspensions::run(
                 &t.db,
                 c,
                 &enforce_suspensions::Options {
@@ -210,7 +210,7 @@ async fn run_for_real(t: &TestDb, slots: &[(DateTime<Utc>, JobName)]) {
             )
             .await
             .map(|_| ()),
-            JobName::ReleaseResources => release_resources::run(
+            "release_resources" => release_resources::run(
                 &t.db,
                 c,
                 &release_resources::Options {
@@ -223,8 +223,9 @@ async fn run_for_real(t: &TestDb, slots: &[(DateTime<Utc>, JobName)]) {
             )
             .await
             .map(|_| ()),
+            other => panic!("a job the simulation does not know: {other}"),
         };
-        ok.unwrap_or_else(|e| panic!("{} at {at}: {e}", job.as_str()));
+        ok.unwrap_or_else(|e| panic!("{} at {at}: {e}", job.name()));
     }
 }
 

@@ -97,7 +97,7 @@ pub async fn run(
     opts: &Options,
 ) -> Result<DeliverReport, JobError> {
     let mut report = DeliverReport {
-        job: JobName::DeliverNotifications.as_str(),
+        job: JobName::of::<DeliverNotifications>().as_str(),
         as_of: opts.as_of,
         dry_run: opts.dry_run,
         ..Default::default()
@@ -742,5 +742,87 @@ mod tests {
             let later = backoff(&c, 20, id).num_seconds();
             assert!((2880..=4320).contains(&later), "{later}");
         }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// The job, as registered in `jobs!` (jobs/mod.rs)
+
+use crate::jobs::registry::at_least_one;
+use crate::jobs::{Job, JobCtx, Knobs, RunArgs, Runs, Simulated, SimulatedAt, Skipped};
+
+/// The job (its registration is `deliver_notifications::DeliverNotifications` in `jobs!`).
+pub struct DeliverNotifications;
+
+/// deliver_notifications' knobs (`[knobs]` in jobs/deliver_notifications.toml).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliveryKnobs {
+    /// Notices claimed per pass (`notifications.batch_size`).
+    pub batch_size: Option<usize>,
+    /// Notices sent at once (`notifications.concurrency`).
+    pub concurrency: Option<usize>,
+}
+
+impl Knobs for DeliveryKnobs {
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        at_least_one("batch_size", self.batch_size)?;
+        at_least_one("concurrency", self.concurrency)
+    }
+
+    fn apply(&self, config: &mut Config) {
+        if let Some(n) = self.batch_size {
+            config.notifications.batch_size = n;
+        }
+        if let Some(n) = self.concurrency {
+            config.notifications.concurrency = n;
+        }
+    }
+}
+
+impl Job for DeliverNotifications {
+    const NAME: &'static str = "deliver_notifications";
+    const SCHEDULE: &'static str = include_str!("../../jobs/deliver_notifications.toml");
+    const RUNS: Runs = Runs::Continuously;
+    /// Hourly in a simulation, right after the alerts it delivers.
+    const SIMULATED: Simulated = Simulated {
+        at: SimulatedAt::EveryHour,
+        order: 2,
+    };
+
+    type Options = Options;
+    type Knobs = DeliveryKnobs;
+    type Report = DeliverReport;
+
+    fn options(args: &RunArgs, _: &Config, _: &DeliveryKnobs) -> Options {
+        Options {
+            as_of: args.as_of,
+            dry_run: args.dry_run,
+            max_batches: args.max_batches.unwrap_or(100),
+        }
+    }
+
+    /// With the caller's channels, or channels of its own (built before anything is read,
+    /// so that a bad channel setting fails a dry run too).
+    async fn run(
+        ctx: JobCtx<'_>,
+        opts: &Options,
+        _slot: DateTime<Utc>,
+    ) -> Result<DeliverReport, JobError> {
+        match ctx.channels {
+            Some(channels) => run(ctx.db, ctx.config, channels, opts).await,
+            None => {
+                let channels = Channels::from_config(ctx.config).map_err(JobError::Channels)?;
+                run(ctx.db, ctx.config, &channels, opts).await
+            }
+        }
+    }
+
+    fn skipped(_: &DeliverReport) -> Option<Skipped> {
+        None
+    }
+
+    fn idle(r: &DeliverReport) -> bool {
+        r.claimed == 0
     }
 }

@@ -13,7 +13,11 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::db::Db;
 use crate::domain::lifecycle::evaluate;
-use crate::jobs::{in_slot, JobError, JobName, SlotReport, SlotRun};
+use crate::jobs::registry::LifecycleKnobs;
+use crate::jobs::{
+    in_slot, Job, JobCtx, JobError, JobName, RunArgs, Simulated, SimulatedAt, SlotReport, SlotRun,
+    Skipped,
+};
 use crate::lifecycle::apply::{self, Ctx};
 use crate::lifecycle::effects::Effects;
 use crate::lifecycle::policies::{self, PoliciesReport};
@@ -125,7 +129,7 @@ pub async fn run_in_slot(
     slot: DateTime<Utc>,
 ) -> Result<EnforceReport, JobError> {
     let mut report = EnforceReport {
-        job: JobName::EnforceSuspensions.as_str(),
+        job: EnforceSuspensions::NAME,
         slot,
         as_of: opts.as_of,
         dry_run: opts.dry_run,
@@ -133,7 +137,7 @@ pub async fn run_in_slot(
     };
     let mut client = db.raw_client().await?;
     let run = SlotRun {
-        job: JobName::EnforceSuspensions,
+        job: JobName::of::<EnforceSuspensions>(),
         slot,
         as_of: opts.as_of,
         force: opts.force,
@@ -221,4 +225,36 @@ pub async fn enforce_account(
         Ok(applied)
     })
     .await
+}
+
+/// The job, as registered in `jobs!`.
+pub struct EnforceSuspensions;
+
+impl Job for EnforceSuspensions {
+    const NAME: &'static str = "enforce_suspensions";
+    const SCHEDULE: &'static str = include_str!("../../jobs/enforce_suspensions.toml");
+    const SIMULATED: Simulated = Simulated {
+        at: SimulatedAt::EveryHour,
+        order: 3,
+    };
+
+    type Options = Options;
+    type Knobs = LifecycleKnobs;
+    type Report = EnforceReport;
+
+    fn options(args: &RunArgs, _: &Config, _: &LifecycleKnobs) -> Options {
+        Options {
+            as_of: args.as_of,
+            dry_run: args.dry_run,
+            force: args.force,
+        }
+    }
+
+    async fn run(ctx: JobCtx<'_>, opts: &Options, slot: DateTime<Utc>) -> Result<EnforceReport, JobError> {
+        run_in_slot(ctx.db, ctx.config, opts, slot).await
+    }
+
+    fn skipped(r: &EnforceReport) -> Option<Skipped> {
+        Skipped::from_report(&r.skipped, &r.held_by)
+    }
 }

@@ -132,7 +132,7 @@ pub async fn run(
         )));
     }
     let mut report = GenerateBillsReport {
-        job: JobName::GenerateBills.as_str(),
+        job: GenerateBills::NAME,
         bill_day: day,
         slot,
         as_of: opts.as_of,
@@ -159,7 +159,7 @@ pub async fn run(
         check_order(&client, day, slot).await?;
     }
     let run = SlotRun {
-        job: JobName::GenerateBills,
+        job: JobName::of::<GenerateBills>(),
         slot,
         as_of: opts.as_of,
         force: opts.force,
@@ -978,4 +978,81 @@ async fn bill_batch(
             }));
     }
     Ok(result)
+}
+
+// ------------------------------------------------------------------------------------------
+// The job, as registered in `jobs!` (jobs/mod.rs)
+
+use crate::jobs::registry::at_least_one;
+use crate::jobs::{Job, JobCtx, Knobs, RunArgs, Runs, Simulated, SimulatedAt, Skipped};
+
+/// The job (its registration is `generate_bills::GenerateBills` in `jobs!`).
+pub struct GenerateBills;
+
+/// generate_bills' knobs (`[knobs]` in jobs/generate_bills.toml).
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BillingKnobs {
+    /// Accounts per billing batch, a batch any instance can claim (`billing.batch_size`).
+    pub batch_size: Option<usize>,
+}
+
+impl Knobs for BillingKnobs {
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        at_least_one("batch_size", self.batch_size)
+    }
+
+    fn apply(&self, config: &mut Config) {
+        if let Some(n) = self.batch_size {
+            config.billing.batch_size = n;
+        }
+    }
+}
+
+impl Job for GenerateBills {
+    const NAME: &'static str = "generate_bills";
+    const SCHEDULE: &'static str = include_str!("../../jobs/generate_bills.toml");
+    const RUNS: Runs = Runs::InEverySlot {
+        why: "each missed day gets its bill",
+    };
+    const SIMULATED: Simulated = Simulated {
+        at: SimulatedAt::BillingDayStart,
+        order: 0,
+    };
+    /// Any instance bills batches of a run another instance started.
+    const HELPS: bool = true;
+
+    type Options = Options;
+    type Knobs = BillingKnobs;
+    type Report = GenerateBillsReport;
+
+    fn options(args: &RunArgs, config: &Config, _: &BillingKnobs) -> Options {
+        // A resumed run bills the day its slot closes, whatever instant it acts at now.
+        let resumed = args
+            .resuming
+            .then(|| default_billing_day(args.slot, config.billing.time_zone));
+        Options {
+            as_of: args.as_of,
+            bill_day: args.day.or(resumed),
+            dry_run: args.dry_run,
+            force: args.force,
+        }
+    }
+
+    /// The run names its slot by the billing day it closes (`slot` is not used).
+    async fn run(
+        ctx: JobCtx<'_>,
+        opts: &Options,
+        _slot: DateTime<Utc>,
+    ) -> Result<GenerateBillsReport, JobError> {
+        run(ctx.db, ctx.config, opts).await
+    }
+
+    fn skipped(r: &GenerateBillsReport) -> Option<Skipped> {
+        Skipped::from_report(&r.skipped, &r.held_by)
+    }
+
+    async fn help(ctx: JobCtx<'_>) -> Result<(), JobError> {
+        work_open_batches(ctx.db, ctx.config).await.map(|_| ())
+    }
 }

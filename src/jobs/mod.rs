@@ -1,11 +1,9 @@
-//! The jobs, one module each, named as in jobs/*.toml and on the CLI, and the record of
-//! their runs (job, slot, start, end, status, report, error).
+//! The jobs, one module each, named as in jobs/*.toml and on the CLI; their one registration
+//! list (`jobs!`, read by the CLI, the schedule, the service, `simulate` and `demo`); and the
+//! slot protocol every slotted job runs in: its claim, lease and record in `job_runs` (job,
+//! slot, start, end, status, report, error).
 
-pub mod deliver_notifications;
-pub mod enforce_suspensions;
-pub mod generate_bills;
-pub mod release_resources;
-pub mod send_alerts;
+pub mod registry;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -13,28 +11,35 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::db::{Db, DbError};
 
-/// Every job's one name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-#[value(rename_all = "snake_case")]
-pub enum JobName {
-    GenerateBills,
-    EnforceSuspensions,
-    ReleaseResources,
-    SendAlerts,
-    DeliverNotifications,
+pub use registry::{
+    Did, DynJob, Job, JobCtx, JobKnobs, JobName, Knobs, NoKnobs, Outcome, RunArgs, Runs, Simulated,
+    SimulatedAt, Skipped,
+};
+
+/// Registers jobs: declares each one's module and lists it in `JOBS`, in the order given.
+/// A job's type must be named as its module is (checked at compile time).
+macro_rules! jobs {
+    ($($module:ident :: $job:ident),* $(,)?) => {
+        $(pub mod $module;)*
+
+        /// Every registered job, in the order the schedule lists them.
+        pub static JOBS: &[&dyn DynJob] = &[$(&registry::Registered::<$module::$job>::NEW),*];
+
+        $(const _: () = assert!(
+            registry::same_name(stringify!($module), <$module::$job as Job>::NAME),
+            concat!("the job in src/jobs/", stringify!($module), ".rs must be named ", stringify!($module)),
+        );)*
+    };
 }
 
-impl JobName {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            JobName::GenerateBills => "generate_bills",
-            JobName::EnforceSuspensions => "enforce_suspensions",
-            JobName::ReleaseResources => "release_resources",
-            JobName::SendAlerts => "send_alerts",
-            JobName::DeliverNotifications => "deliver_notifications",
-        }
-    }
+// The registration list: one line per job (its file is src/jobs/NAME.rs, its schedule
+// jobs/NAME.toml).
+jobs! {
+    generate_bills::GenerateBills,
+    send_alerts::SendAlerts,
+    enforce_suspensions::EnforceSuspensions,
+    release_resources::ReleaseResources,
+    deliver_notifications::DeliverNotifications,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -53,107 +58,18 @@ pub enum JobError {
         "the slot's lease was lost; stopped between batches (whoever holds the slot resumes it)"
     )]
     LeaseLost,
+    /// The notification channels could not be built from the configuration.
+    #[error("{0}")]
+    Channels(String),
+    /// The report could not be written as JSON.
+    #[error("cannot write the report: {0}")]
+    Report(serde_json::Error),
 }
 
 impl From<tokio_postgres::Error> for JobError {
     fn from(e: tokio_postgres::Error) -> Self {
         JobError::Db(DbError::Postgres(e))
     }
-}
-
-/// Runs `job` as a scheduled slot at `at` (not a dry run, not forced) and returns its report
-/// as JSON: how the service, the demo and the simulation drive the jobs. The slot is `slot`
-/// when given (an open run being resumed, whatever instant it acts at now), else the instant
-/// itself; `generate_bills` names its slot by the billing day it closes.
-/// `deliver_notifications` needs `channels`; without them it is not run (`null`).
-pub async fn run_scheduled(
-    db: &Db,
-    config: &Config,
-    channels: Option<&deliver_notifications::Channels>,
-    job: JobName,
-    at: DateTime<Utc>,
-    slot: Option<DateTime<Utc>>,
-) -> Result<serde_json::Value, JobError> {
-    fn json<R: Serialize>(r: R) -> serde_json::Value {
-        serde_json::to_value(r).unwrap_or_default()
-    }
-    let tz = config.billing.time_zone;
-    let bill_day = slot.map(|s| crate::domain::calendar::default_billing_day(s, tz));
-    let slot = slot.unwrap_or(at);
-    Ok(match job {
-        JobName::GenerateBills => json(
-            generate_bills::run(
-                db,
-                config,
-                &generate_bills::Options {
-                    as_of: at,
-                    bill_day,
-                    dry_run: false,
-                    force: false,
-                },
-            )
-            .await?,
-        ),
-        JobName::SendAlerts => json(
-            send_alerts::run_in_slot(
-                db,
-                config,
-                &send_alerts::Options {
-                    as_of: at,
-                    dry_run: false,
-                    force: false,
-                },
-                slot,
-            )
-            .await?,
-        ),
-        JobName::EnforceSuspensions => json(
-            enforce_suspensions::run_in_slot(
-                db,
-                config,
-                &enforce_suspensions::Options {
-                    as_of: at,
-                    dry_run: false,
-                    force: false,
-                },
-                slot,
-            )
-            .await?,
-        ),
-        JobName::ReleaseResources => json(
-            release_resources::run_in_slot(
-                db,
-                config,
-                &release_resources::Options {
-                    as_of: at,
-                    // The clock guard compares the real clock with the database's, whatever
-                    // instant the run acts at.
-                    service_now: Utc::now(),
-                    dry_run: false,
-                    force: false,
-                    allow_mass_release: false,
-                },
-                slot,
-            )
-            .await?,
-        ),
-        JobName::DeliverNotifications => match channels {
-            Some(channels) => json(
-                deliver_notifications::run(
-                    db,
-                    config,
-                    channels,
-                    &deliver_notifications::Options {
-                        as_of: at,
-                        dry_run: false,
-                        max_batches: 100,
-                    },
-                )
-                .await?,
-            ),
-            None => serde_json::Value::Null,
-        },
-    })
 }
 
 /// This process's name in slot claims and batch records: `host:pid:start`. The start time

@@ -20,7 +20,11 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::db::schema::resources;
 use crate::db::Db;
-use crate::jobs::{in_slot, JobError, JobName, SlotReport, SlotRun};
+use crate::jobs::registry::LifecycleKnobs;
+use crate::jobs::{
+    in_slot, Job, JobCtx, JobError, JobName, RunArgs, Simulated, SimulatedAt, SlotReport, SlotRun,
+    Skipped,
+};
 use crate::lifecycle::apply::{self, Ctx};
 use crate::lifecycle::effects::Effects;
 use crate::lifecycle::policies::{self, PoliciesReport};
@@ -152,7 +156,7 @@ pub async fn run_in_slot(
         )));
     }
     let mut report = ReleaseReport {
-        job: JobName::ReleaseResources.as_str(),
+        job: ReleaseResources::NAME,
         slot,
         as_of: opts.as_of,
         dry_run: opts.dry_run,
@@ -160,7 +164,7 @@ pub async fn run_in_slot(
     };
     let mut client = db.raw_client().await?;
     let run = SlotRun {
-        job: JobName::ReleaseResources,
+        job: JobName::of::<ReleaseResources>(),
         slot,
         as_of: opts.as_of,
         force: opts.force,
@@ -336,4 +340,40 @@ pub async fn release_account(
         Ok(due)
     })
     .await
+}
+
+/// The job, as registered in `jobs!`.
+pub struct ReleaseResources;
+
+impl Job for ReleaseResources {
+    const NAME: &'static str = "release_resources";
+    const SCHEDULE: &'static str = include_str!("../../jobs/release_resources.toml");
+    const SIMULATED: Simulated = Simulated {
+        at: SimulatedAt::EveryHour,
+        order: 4,
+    };
+
+    type Options = Options;
+    type Knobs = LifecycleKnobs;
+    type Report = ReleaseReport;
+
+    fn options(args: &RunArgs, _: &Config, _: &LifecycleKnobs) -> Options {
+        Options {
+            as_of: args.as_of,
+            // The clock guard compares the real clock with the database's, whatever
+            // instant the run acts at.
+            service_now: Utc::now(),
+            dry_run: args.dry_run,
+            force: args.force,
+            allow_mass_release: args.allow_mass_release,
+        }
+    }
+
+    async fn run(ctx: JobCtx<'_>, opts: &Options, slot: DateTime<Utc>) -> Result<ReleaseReport, JobError> {
+        run_in_slot(ctx.db, ctx.config, opts, slot).await
+    }
+
+    fn skipped(r: &ReleaseReport) -> Option<Skipped> {
+        Skipped::from_report(&r.skipped, &r.held_by)
+    }
 }

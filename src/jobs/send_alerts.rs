@@ -19,7 +19,11 @@ use crate::config::Config;
 use crate::db::Db;
 use crate::domain::alerts::AlertPlan;
 use crate::domain::notice::NoticeKind;
-use crate::jobs::{in_slot, JobError, JobName, SlotReport, SlotRun};
+use crate::jobs::registry::LifecycleKnobs;
+use crate::jobs::{
+    in_slot, Job, JobCtx, JobError, JobName, RunArgs, Simulated, SimulatedAt, SlotReport, SlotRun,
+    Skipped,
+};
 use crate::lifecycle::apply::{self, Ctx};
 use crate::lifecycle::effects::Effects;
 use crate::lifecycle::policies::{self, PoliciesReport};
@@ -155,7 +159,7 @@ pub async fn run_in_slot(
     slot: DateTime<Utc>,
 ) -> Result<AlertsReport, JobError> {
     let mut report = AlertsReport {
-        job: JobName::SendAlerts.as_str(),
+        job: SendAlerts::NAME,
         slot,
         as_of: opts.as_of,
         dry_run: opts.dry_run,
@@ -163,7 +167,7 @@ pub async fn run_in_slot(
     };
     let mut client = db.raw_client().await?;
     let run = SlotRun {
-        job: JobName::SendAlerts,
+        job: JobName::of::<SendAlerts>(),
         slot,
         as_of: opts.as_of,
         force: opts.force,
@@ -207,4 +211,36 @@ async fn alerts(
     report.due = stats?;
     report.errors = errors;
     Ok(())
+}
+
+/// The job, as registered in `jobs!`.
+pub struct SendAlerts;
+
+impl Job for SendAlerts {
+    const NAME: &'static str = "send_alerts";
+    const SCHEDULE: &'static str = include_str!("../../jobs/send_alerts.toml");
+    const SIMULATED: Simulated = Simulated {
+        at: SimulatedAt::EveryHour,
+        order: 1,
+    };
+
+    type Options = Options;
+    type Knobs = LifecycleKnobs;
+    type Report = AlertsReport;
+
+    fn options(args: &RunArgs, _: &Config, _: &LifecycleKnobs) -> Options {
+        Options {
+            as_of: args.as_of,
+            dry_run: args.dry_run,
+            force: args.force,
+        }
+    }
+
+    async fn run(ctx: JobCtx<'_>, opts: &Options, slot: DateTime<Utc>) -> Result<AlertsReport, JobError> {
+        run_in_slot(ctx.db, ctx.config, opts, slot).await
+    }
+
+    fn skipped(r: &AlertsReport) -> Option<Skipped> {
+        Skipped::from_report(&r.skipped, &r.held_by)
+    }
 }

@@ -360,9 +360,23 @@ fn apply_change(
             r.suspension = None;
         }
     }
-    if ch.to == ch.from && !ch.new_suspension {
-        return restored_from_arrears;
+    if ch.to != ch.from || ch.new_suspension {
+        announce_change(l, ch, ctx, fx, &product, old.as_ref(), new_no);
     }
+    restored_from_arrears
+}
+
+/// What a resource's move tells: the audit event, the control-plane order when it stops,
+/// starts serving or goes, and R6's notice when its package ran out or expired.
+fn announce_change(
+    l: &mut Loaded,
+    ch: &ResourceChange,
+    ctx: &Ctx,
+    fx: &mut Effects,
+    product: &str,
+    old: Option<&SuspensionFacts>,
+    new_no: Option<i32>,
+) {
     let why = match ch.to {
         ResourceState::Active => "restored: the cause of the suspension is gone".to_string(),
         ResourceState::Suspended(r) if ch.to == ch.from => {
@@ -389,7 +403,7 @@ fn apply_change(
     );
     // An order when the resource stops or starts serving, or goes (a change of suspension
     // reason is not news to the control plane).
-    let (kind, suspension) = match (ch.from, ch.to, &old, new_no) {
+    let (kind, suspension) = match (ch.from, ch.to, old, new_no) {
         (ResourceState::Active, ResourceState::Suspended(_), _, Some(n)) => (Some("suspend"), n),
         (ResourceState::Suspended(_), ResourceState::Active, Some(s), _) => (Some("restore"), s.no),
         (_, ResourceState::Released, Some(s), _) => (Some("release"), s.no),
@@ -401,7 +415,7 @@ fn apply_change(
             ctx,
             fx,
             &rid,
-            &product,
+            product,
             kind,
             ch.to.reason().or(ch.from.reason()).map(|r| r.as_str()),
             suspension,
@@ -414,7 +428,7 @@ fn apply_change(
         _ => None,
     };
     if let (Some(k), Some(n)) = (package_notice, new_no) {
-        let extra = serde_json::json!({ "resource_id": rid, "suspended_at": at(l, now) });
+        let extra = serde_json::json!({ "resource_id": rid, "suspended_at": at(l, ctx.now) });
         customer_notice(
             l,
             ctx,
@@ -427,7 +441,6 @@ fn apply_change(
             &[],
         );
     }
-    restored_from_arrears
 }
 
 /// Evaluates the account at `ctx.now` and applies the result in memory, appending the writes.

@@ -142,8 +142,23 @@ pub struct Effects {
 }
 
 impl Effects {
-    /// Writes everything in the caller's transaction. Returns how many notices were new.
+    /// Writes everything in the caller's transaction, parents before the rows that refer to
+    /// them. Returns how many notices were new.
     pub async fn write(&self, conn: &mut AsyncPgConnection) -> QueryResult<usize> {
+        self.insert_episodes_and_suspensions(conn).await?;
+        self.update_suspensions(conn).await?;
+        self.update_resources(conn).await?;
+        self.update_episodes(conn).await?;
+        self.update_accounts(conn).await?;
+        self.insert_events_and_orders(conn).await?;
+        self.insert_notices(conn).await
+    }
+
+    /// New episodes and suspensions.
+    async fn insert_episodes_and_suspensions(
+        &self,
+        conn: &mut AsyncPgConnection,
+    ) -> QueryResult<()> {
         for chunk in self.episodes_new.chunks(CHUNK) {
             let rows: Vec<_> = chunk
                 .iter()
@@ -181,6 +196,11 @@ impl Effects {
                 .execute(conn)
                 .await?;
         }
+        Ok(())
+    }
+
+    /// Ended suspensions and moved release instants.
+    async fn update_suspensions(&self, conn: &mut AsyncPgConnection) -> QueryResult<()> {
         if !self.suspensions_end.is_empty() {
             let v = &self.suspensions_end;
             // Raw SQL: an UPDATE ... FROM unnest(...) of many rows is one statement; the query
@@ -213,6 +233,11 @@ impl Effects {
             .execute(conn)
             .await?;
         }
+        Ok(())
+    }
+
+    /// Resource states.
+    async fn update_resources(&self, conn: &mut AsyncPgConnection) -> QueryResult<()> {
         if !self.resources.is_empty() {
             let v = &self.resources;
             // Raw SQL: one UPDATE ... FROM unnest(...) for the whole batch.
@@ -240,6 +265,11 @@ impl Effects {
             .execute(conn)
             .await?;
         }
+        Ok(())
+    }
+
+    /// Episodes suspended or closed.
+    async fn update_episodes(&self, conn: &mut AsyncPgConnection) -> QueryResult<()> {
         if !self.episodes_upd.is_empty() {
             let v = &self.episodes_upd;
             // Raw SQL: one UPDATE ... FROM unnest(...) for the whole batch.
@@ -271,6 +301,11 @@ impl Effects {
             .execute(conn)
             .await?;
         }
+        Ok(())
+    }
+
+    /// Account states and their due-work index.
+    async fn update_accounts(&self, conn: &mut AsyncPgConnection) -> QueryResult<()> {
         if !self.accounts.is_empty() {
             let v = &self.accounts;
             // Raw SQL: one UPDATE ... FROM unnest(...) for the whole batch.
@@ -309,6 +344,11 @@ impl Effects {
             .execute(conn)
             .await?;
         }
+        Ok(())
+    }
+
+    /// The audit trail and the control-plane orders.
+    async fn insert_events_and_orders(&self, conn: &mut AsyncPgConnection) -> QueryResult<()> {
         for chunk in self.events.chunks(CHUNK) {
             let rows: Vec<_> = chunk
                 .iter()
@@ -350,6 +390,11 @@ impl Effects {
                 .execute(conn)
                 .await?;
         }
+        Ok(())
+    }
+
+    /// New notices (a notice already in the outbox is not written twice); returns how many.
+    async fn insert_notices(&self, conn: &mut AsyncPgConnection) -> QueryResult<usize> {
         let mut new_notices = 0;
         for chunk in self.notices.chunks(CHUNK) {
             let rows: Vec<_> = chunk

@@ -223,96 +223,13 @@ pub async fn load_many(
 
     let mut by_account: HashMap<String, Loaded> = HashMap::with_capacity(rows.len());
     for (a, e) in rows {
-        let state = AccountState::parse(&a.state).ok_or_else(|| {
-            LifecycleError::Invalid(format!("account {} state {:?}", a.id, a.state))
-        })?;
-        let account = AccountFacts {
-            cash_balance: a.cash_balance,
-            credit_quota: a.credit_quota,
-            state,
-            arrears_since: a.arrears_since,
-            episode: e.map(|e| EpisodeFacts {
-                no: e.no,
-                opened_at: e.opened_at,
-                first_overdue_alert_at: e.first_overdue_alert_at,
-                suspended_at: e.suspended_at,
-            }),
-            episodes: a.episodes,
-            compliance_locked: a.compliance_locked,
-            legal_hold: a.legal_hold,
-        };
-        by_account.insert(
-            a.id.clone(),
-            Loaded {
-                id: a.id,
-                account,
-                balance: BalanceFacts {
-                    reachable: a.has_email || a.has_phone,
-                    threshold: a.low_balance_threshold,
-                    armed: a.balance_alert_armed,
-                    coupons: Vec::new(),
-                },
-                contact: Contact {
-                    name: a.name,
-                    has_email: a.has_email,
-                    has_phone: a.has_phone,
-                    timezone: a.timezone,
-                },
-                suspensions: a.suspensions,
-                resources: Vec::new(),
-                warnings: Vec::new(),
-                written: HashSet::new(),
-                due: DueAt {
-                    send_alerts: a.alerts_due_at,
-                    enforce_suspensions: a.enforce_due_at,
-                    release_resources: a.release_due_at,
-                },
-            },
-        );
+        by_account.insert(a.id.clone(), loaded_account(a, e)?);
     }
     for (r, s) in res {
         let Some(l) = by_account.get_mut(&r.account_id) else {
             continue;
         };
-        let state = ResourceState::parse(&r.state, r.state_reason.as_deref()).ok_or_else(|| {
-            LifecycleError::Invalid(format!(
-                "resource {} state {:?} {:?}",
-                r.id, r.state, r.state_reason
-            ))
-        })?;
-        let billing_mode = BillingMode::parse(&r.billing_mode).ok_or_else(|| {
-            LifecycleError::Invalid(format!(
-                "resource {} billing mode {:?}",
-                r.id, r.billing_mode
-            ))
-        })?;
-        let suspension = match s {
-            Some(s) => Some(SuspensionFacts {
-                no: s.no,
-                reason: Reason::parse(&s.reason).ok_or_else(|| {
-                    LifecycleError::Invalid(format!("suspension {} reason {:?}", s.no, s.reason))
-                })?,
-                episode: s.episode,
-                started_at: s.started_at,
-                release_at: s.release_at,
-            }),
-            None => None,
-        };
-        l.resources.push((
-            ResourceFacts {
-                id: r.id,
-                billing_mode,
-                state,
-                package_quota: r.package_quota,
-                package_used: r.package_used,
-                package_expires_at: r.package_expires_at,
-                payg_enabled: r.payg_enabled,
-                term_ends_at: r.term_ends_at,
-                suspended_at: r.suspended_at,
-                suspension,
-            },
-            r.product,
-        ));
+        l.resources.push(resource_facts(r, s)?);
     }
     for (account, remaining, expires_at) in cps {
         if let Some(l) = by_account.get_mut(&account) {
@@ -343,4 +260,96 @@ pub async fn load_many(
         }
     }
     Ok(ids.iter().filter_map(|id| by_account.remove(id)).collect())
+}
+
+/// An account's facts as loaded, before its resources, coupons, warnings and notices.
+fn loaded_account(a: AccountRow, e: Option<EpisodeRow>) -> Result<Loaded, LifecycleError> {
+    let state = AccountState::parse(&a.state)
+        .ok_or_else(|| LifecycleError::Invalid(format!("account {} state {:?}", a.id, a.state)))?;
+    let account = AccountFacts {
+        cash_balance: a.cash_balance,
+        credit_quota: a.credit_quota,
+        state,
+        arrears_since: a.arrears_since,
+        episode: e.map(|e| EpisodeFacts {
+            no: e.no,
+            opened_at: e.opened_at,
+            first_overdue_alert_at: e.first_overdue_alert_at,
+            suspended_at: e.suspended_at,
+        }),
+        episodes: a.episodes,
+        compliance_locked: a.compliance_locked,
+        legal_hold: a.legal_hold,
+    };
+    Ok(Loaded {
+        id: a.id,
+        account,
+        balance: BalanceFacts {
+            reachable: a.has_email || a.has_phone,
+            threshold: a.low_balance_threshold,
+            armed: a.balance_alert_armed,
+            coupons: Vec::new(),
+        },
+        contact: Contact {
+            name: a.name,
+            has_email: a.has_email,
+            has_phone: a.has_phone,
+            timezone: a.timezone,
+        },
+        suspensions: a.suspensions,
+        resources: Vec::new(),
+        warnings: Vec::new(),
+        written: HashSet::new(),
+        due: DueAt {
+            send_alerts: a.alerts_due_at,
+            enforce_suspensions: a.enforce_due_at,
+            release_resources: a.release_due_at,
+        },
+    })
+}
+
+/// A resource's facts as loaded, with its product.
+fn resource_facts(
+    r: ResourceRow,
+    s: Option<SuspensionRow>,
+) -> Result<(ResourceFacts, String), LifecycleError> {
+    let state = ResourceState::parse(&r.state, r.state_reason.as_deref()).ok_or_else(|| {
+        LifecycleError::Invalid(format!(
+            "resource {} state {:?} {:?}",
+            r.id, r.state, r.state_reason
+        ))
+    })?;
+    let billing_mode = BillingMode::parse(&r.billing_mode).ok_or_else(|| {
+        LifecycleError::Invalid(format!(
+            "resource {} billing mode {:?}",
+            r.id, r.billing_mode
+        ))
+    })?;
+    let suspension = match s {
+        Some(s) => Some(SuspensionFacts {
+            no: s.no,
+            reason: Reason::parse(&s.reason).ok_or_else(|| {
+                LifecycleError::Invalid(format!("suspension {} reason {:?}", s.no, s.reason))
+            })?,
+            episode: s.episode,
+            started_at: s.started_at,
+            release_at: s.release_at,
+        }),
+        None => None,
+    };
+    Ok((
+        ResourceFacts {
+            id: r.id,
+            billing_mode,
+            state,
+            package_quota: r.package_quota,
+            package_used: r.package_used,
+            package_expires_at: r.package_expires_at,
+            payg_enabled: r.payg_enabled,
+            term_ends_at: r.term_ends_at,
+            suspended_at: r.suspended_at,
+            suspension,
+        },
+        r.product,
+    ))
 }

@@ -20,7 +20,7 @@ use crate::db::{Db, DbError};
 use crate::domain::lifecycle::release_deadline;
 use crate::lifecycle::apply::{self, Ctx};
 use crate::lifecycle::effects::{Effects, SuspensionDeadline};
-use crate::lifecycle::{load, LifecycleError};
+use crate::lifecycle::{load, LifecycleError, Loaded};
 
 /// Arbitrary constant naming the advisory lock that serialises concurrent applies.
 const POLICIES_LOCK: i64 = 0x6172_7265_6172_7302;
@@ -186,55 +186,9 @@ async fn apply_locked(
                     .await?;
                 let loaded = load::load_many(conn, chunk).await?;
                 let mut fx = Effects::default();
-                let mut counts = (0usize, 0usize, BTreeMap::<String, usize>::new());
+                let mut counts: Moved = (0, 0, BTreeMap::new());
                 for mut l in loaded {
-                    for (r, product) in l.resources.iter_mut() {
-                        let (Some(s), Some(p)) = (r.suspension.as_mut(), config.product(product))
-                        else {
-                            continue;
-                        };
-                        let deadline = release_deadline(s.reason, s.started_at, &p.policy);
-                        if deadline != s.release_at {
-                            s.release_at = deadline;
-                            fx.deadlines.push(SuspensionDeadline {
-                                account_id: l.id.clone(),
-                                no: s.no,
-                                release_at: deadline,
-                            });
-                            counts.0 += 1;
-                        }
-                    }
-                    // Warnings migrated without the instant they announced announced this one.
-                    for w in l.warnings.iter_mut().filter(|w| w.release_at.is_none()) {
-                        w.release_at = l
-                            .resources
-                            .iter()
-                            .filter_map(|(r, _)| r.suspension.as_ref())
-                            .find(|s| s.no == w.suspension)
-                            .and_then(|s| s.release_at);
-                    }
-                    let before = l.due;
-                    let after = apply::finish(&l, &ctx, None, false, &mut fx);
-                    if after != before {
-                        counts.1 += 1;
-                        for (job, b, a) in [
-                            ("send_alerts", before.send_alerts, after.send_alerts),
-                            (
-                                "enforce_suspensions",
-                                before.enforce_suspensions,
-                                after.enforce_suspensions,
-                            ),
-                            (
-                                "release_resources",
-                                before.release_resources,
-                                after.release_resources,
-                            ),
-                        ] {
-                            if a != b {
-                                *counts.2.entry(job.to_string()).or_default() += 1;
-                            }
-                        }
-                    }
+                    rederive(&mut l, config, &ctx, &mut fx, &mut counts);
                 }
                 if !dry_run {
                     fx.write(conn).await?;
@@ -286,4 +240,58 @@ async fn apply_locked(
         deadlines_moved = report.release_deadlines_moved, due_moved = report.accounts_due_moved,
         "lifecycle policies applied");
     Ok(report)
+}
+
+/// What moved: release deadlines, accounts whose due instants moved, and those by job.
+type Moved = (usize, usize, BTreeMap<String, usize>);
+
+/// Recomputes what `l`'s policies derive (its suspensions' release deadlines, its due
+/// instants), appending the writes and counting what moved.
+fn rederive(l: &mut Loaded, config: &Config, ctx: &Ctx, fx: &mut Effects, counts: &mut Moved) {
+    for (r, product) in l.resources.iter_mut() {
+        let (Some(s), Some(p)) = (r.suspension.as_mut(), config.product(product)) else {
+            continue;
+        };
+        let deadline = release_deadline(s.reason, s.started_at, &p.policy);
+        if deadline != s.release_at {
+            s.release_at = deadline;
+            fx.deadlines.push(SuspensionDeadline {
+                account_id: l.id.clone(),
+                no: s.no,
+                release_at: deadline,
+            });
+            counts.0 += 1;
+        }
+    }
+    // Warnings migrated without the instant they announced announced this one.
+    for w in l.warnings.iter_mut().filter(|w| w.release_at.is_none()) {
+        w.release_at = l
+            .resources
+            .iter()
+            .filter_map(|(r, _)| r.suspension.as_ref())
+            .find(|s| s.no == w.suspension)
+            .and_then(|s| s.release_at);
+    }
+    let before = l.due;
+    let after = apply::finish(l, ctx, None, false, fx);
+    if after != before {
+        counts.1 += 1;
+        for (job, b, a) in [
+            ("send_alerts", before.send_alerts, after.send_alerts),
+            (
+                "enforce_suspensions",
+                before.enforce_suspensions,
+                after.enforce_suspensions,
+            ),
+            (
+                "release_resources",
+                before.release_resources,
+                after.release_resources,
+            ),
+        ] {
+            if a != b {
+                *counts.2.entry(job.to_string()).or_default() += 1;
+            }
+        }
+    }
 }

@@ -1,0 +1,23 @@
+//! `arrears migrate`: pending migrations, then the configured price list and policies.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use arrears::db::{self, Db, MigrationMode};
+use arrears::lifecycle;
+
+use super::output::print_json;
+use super::{guard_time_travel, Env};
+
+pub async fn run(env: &Env) -> Result<ExitCode> {
+    let config = &env.config;
+    let db = Db::open(config, MigrationMode::Apply).await?;
+    let applied = db.migrate().await?;
+    guard_time_travel(&db, config, env.explicit_as_of).await?;
+    let prices = db::catalog::apply(&mut *db.conn().await?, config, env.as_of, false).await?;
+    let policies = lifecycle::policies::apply(&db, config, env.as_of, false).await?;
+    print_json(&serde_json::json!({
+        "applied": applied, "status": "up to date", "prices": prices, "policies": policies
+    }))?;
+    Ok(ExitCode::SUCCESS)
+}
