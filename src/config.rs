@@ -367,6 +367,8 @@ struct RawBilling {
     minor_unit_digits: u32,
     #[serde(default = "default_batch")]
     batch_size: usize,
+    #[serde(default = "default_billing_workers")]
+    workers: usize,
 }
 
 fn default_digits() -> u32 {
@@ -374,6 +376,9 @@ fn default_digits() -> u32 {
 }
 fn default_batch() -> usize {
     5000
+}
+fn default_billing_workers() -> usize {
+    2
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -440,6 +445,8 @@ pub struct BillingConfig {
     pub currency: String,
     pub minor_unit_digits: u32,
     pub batch_size: usize,
+    /// Connections one instance bills a run's batches on at once.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -692,6 +699,7 @@ fn validate(raw: RawConfig, origin: &str) -> Result<Config, ConfigError> {
             currency: raw.billing.currency,
             minor_unit_digits: raw.billing.minor_unit_digits,
             batch_size: raw.billing.batch_size,
+            workers: raw.billing.workers,
         },
         database: raw.database,
         embedded: raw.embedded,
@@ -733,6 +741,12 @@ fn check_billing_and_lifecycle(raw: &RawConfig) -> Result<(), Invalid> {
         return Err(invalid(
             "billing.batch_size",
             "must be greater than 0".into(),
+        ));
+    }
+    if !(1..=16).contains(&raw.billing.workers) {
+        return Err(invalid(
+            "billing.workers",
+            "must be between 1 and 16".into(),
         ));
     }
     if raw.lifecycle.max_release_percent > 100 {

@@ -292,10 +292,25 @@ mod tests {
     #[test]
     fn exposition_keeps_the_names_and_types_dashboards_read() {
         let m = Metrics::default();
-        m.record(JobName::parse("generate_bills").expect("registered"), "succeeded", 0.3);
-        m.record(JobName::parse("generate_bills").expect("registered"), "succeeded", 42.0);
-        m.record(JobName::parse("send_alerts").expect("registered"), "failed", 0.002);
-        m.dropped(JobName::parse("enforce_suspensions").expect("registered"), 3);
+        m.record(
+            JobName::parse("generate_bills").expect("registered"),
+            "succeeded",
+            0.3,
+        );
+        m.record(
+            JobName::parse("generate_bills").expect("registered"),
+            "succeeded",
+            42.0,
+        );
+        m.record(
+            JobName::parse("send_alerts").expect("registered"),
+            "failed",
+            0.002,
+        );
+        m.dropped(
+            JobName::parse("enforce_suspensions").expect("registered"),
+            3,
+        );
         let gauges = DbGauges {
             outbox: vec![("sent".into(), 9), ("dead".into(), 1)],
             accounts: vec![("good".into(), 1), ("suspended".into(), 2)],

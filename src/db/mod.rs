@@ -54,6 +54,15 @@ pub struct Db {
 
 /// Raw clients per `Db`: the jobs hold one or two each (a run's client, a lease renewal), so
 /// this bounds connections without ever starving a run of the one it waits for.
+/// Every raw connection's session: PostgreSQL checks every 100 ms while it runs a statement
+/// that the client is still there, so that a runner killed mid-statement (SIGKILL, a crash)
+/// releases its slot's advisory lock and its row locks at once, not when the statement ends.
+/// Raw SQL: a DO block, so that a server before PostgreSQL 14 (no such setting) ignores it.
+const RAW_SESSION_SETUP: &str = "DO $$ BEGIN
+  PERFORM set_config('client_connection_check_interval', '100', false);
+EXCEPTION WHEN undefined_object THEN NULL;
+END $$";
+
 fn raw_pool_size(pool_size: usize) -> usize {
     (pool_size * 2).max(16)
 }
@@ -147,15 +156,23 @@ impl Db {
             deadpool_postgres::ManagerConfig {
                 // Not DISCARD ALL: tokio-postgres keeps prepared type lookups on the session.
                 // Raw SQL: session commands (DISCARD, RESET) are no queries diesel can build.
-                recycling_method: deadpool_postgres::RecyclingMethod::Custom(
-                    "DISCARD TEMP; SELECT pg_advisory_unlock_all(); RESET ALL".into(),
-                ),
+                recycling_method: deadpool_postgres::RecyclingMethod::Custom(format!(
+                    "DISCARD TEMP; SELECT pg_advisory_unlock_all(); RESET ALL; {RAW_SESSION_SETUP}"
+                )),
             },
         );
         let raw = deadpool_postgres::Pool::builder(raw_manager)
             .max_size(raw_pool_size(pool_size))
             // A pool exhausted for this long is an error to report, not a hang.
             .wait_timeout(Some(std::time::Duration::from_secs(120)))
+            .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+                Box::pin(async move {
+                    client
+                        .batch_execute(RAW_SESSION_SETUP)
+                        .await
+                        .map_err(deadpool_postgres::HookError::Backend)
+                })
+            }))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| DbError::Pool(e.to_string()))?;

@@ -122,13 +122,7 @@ pub async fn claim_slot(
     // no reason to run the slot twice; the lease stays for a holder that is alive but cut off
     // behind a connection PostgreSQL has not yet seen die: that runner stops itself once it
     // could not renew for a whole lease, and its slot is taken over four leases later.
-    let locked: bool = client
-        .query_one(
-            "SELECT pg_try_advisory_lock($1)",
-            &[&slot_lock_key(job, slot)],
-        )
-        .await?
-        .get(0);
+    let locked = try_lock_slot(client, job, slot).await?;
     // Only the lock's holder claims (the lock first, then the row: two claimers can never
     // both win), except a claim stuck behind a connection that is not yet seen dead.
     let row = if locked {
@@ -199,6 +193,28 @@ pub async fn claim_slot(
 }
 
 /// The advisory-lock key of a slot (64 bits of a hash of its job and instant).
+/// Takes the slot's advisory lock, waiting up to two seconds for a holder that is going away:
+/// a runner killed in the middle of a statement holds the lock until its backend notices the
+/// closed connection (within 100 ms: `client_connection_check_interval`, db::RAW_SESSION_SETUP).
+async fn try_lock_slot(
+    client: &tokio_postgres::Client,
+    job: JobName,
+    slot: DateTime<Utc>,
+) -> Result<bool, JobError> {
+    let key = slot_lock_key(job, slot);
+    for attempt in 0..=20 {
+        let locked: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .await?
+            .get(0);
+        if locked || attempt == 20 {
+            return Ok(locked);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(false)
+}
+
 pub fn slot_lock_key(job: JobName, slot: DateTime<Utc>) -> i64 {
     // FNV-1a: stable across processes and builds (std's hasher is not).
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
