@@ -869,3 +869,121 @@ async fn an_account_that_used_a_retired_meter_is_set_aside_whole_and_billed_once
     );
     t.assert_balances_match_ledger().await;
 }
+
+/// (quantity, included, billed, unbilled) of `account`'s line on `day`, in micro-units.
+async fn line_of(t: &TestDb, account: &str, day: &str) -> (i64, i64, i64, i64) {
+    let c = t.client().await;
+    let r = c
+        .query_one(
+            "SELECT quantity, included_quantity, billed_quantity, unbilled_quantity FROM bill_lines
+             WHERE account_id = $1 AND bill_day = $2::text::date",
+            &[&account, &day],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+const MINUTES: i64 = 1_000_000;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_record_of_a_day_the_package_covered_draws_on_it_after_it_expired() {
+    let t = TestDb::new().await;
+    t.import_accounts(&["pk,Pk,,,en,UTC,100.00,0,"]).await;
+    // 1000 minutes, expiring at the end of the 22nd (Shanghai), pay-as-you-go on
+    t.import_resources(&["p1,pk,lcic,package,1000,2026-11-22T16:00:00Z,true,"])
+        .await;
+    t.import_usage(
+        &["a,pk,p1,classroom_minutes,600,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z"],
+        DAY_END,
+    )
+    .await;
+    t.bill(DAY_END).await;
+    assert_eq!(
+        line_of(&t, "pk", "2026-11-22").await,
+        (600 * MINUTES, 600 * MINUTES, 0, 0)
+    );
+    // The 23rd: a late record of the 22nd (when the package was valid) and one of the 23rd.
+    t.import_usage(
+        &[
+            "b,pk,p1,classroom_minutes,300,2026-11-22T02:00:00Z,2026-11-22T03:00:00Z",
+            "c,pk,p1,classroom_minutes,100,2026-11-23T01:00:00Z,2026-11-23T02:00:00Z",
+        ],
+        "2026-11-23T16:30:00Z",
+    )
+    .await;
+    let r = t.bill("2026-11-23T16:30:00Z").await;
+    assert_eq!(r.late_records, 1);
+    // the late 300 from the package's remaining 400; the 23rd's 100 pay-as-you-go
+    assert_eq!(
+        line_of(&t, "pk", "2026-11-23").await,
+        (400 * MINUTES, 300 * MINUTES, 100 * MINUTES, 0)
+    );
+    // 100 minutes at 0.015
+    assert_eq!(t.balance("pk").await, 10_000 - 150);
+    assert_eq!(
+        t.scalar_i64("SELECT package_used FROM resources WHERE id = 'p1'")
+            .await,
+        900 * MINUTES
+    );
+    t.assert_balances_match_ledger().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewal_keeps_the_old_terms_remainder_for_late_records_of_its_days() {
+    use arrears::lifecycle::{self, OperatorAction};
+    let t = TestDb::new().await;
+    t.import_accounts(&["pk,Pk,,,en,UTC,100.00,0,"]).await;
+    // 1000 minutes, pay-as-you-go off: what no term covers is recorded, not charged
+    t.import_resources(&["p1,pk,lcic,package,1000,2026-12-31T00:00:00Z,false,"])
+        .await;
+    t.import_usage(
+        &["a,pk,p1,classroom_minutes,600,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z"],
+        DAY_END,
+    )
+    .await;
+    t.bill(DAY_END).await;
+    // Renewed at noon on the 23rd (Shanghai): 200 minutes.
+    lifecycle::operator_action(
+        &t.db,
+        &t.config,
+        "pk",
+        OperatorAction::RenewPackage {
+            resource: "p1".into(),
+            quota: 200 * MINUTES,
+            expires_at: at("2027-01-31T00:00:00Z"),
+        },
+        at("2026-11-23T04:00:00Z"),
+        "test",
+    )
+    .await
+    .unwrap();
+    // The 23rd's own 150 minutes draw on the renewed package (it covers its first day); a
+    // late 500 of the 22nd draws on the term that covered the 22nd, which had 400 left.
+    t.import_usage(
+        &[
+            "b,pk,p1,classroom_minutes,150,2026-11-23T05:00:00Z,2026-11-23T06:00:00Z",
+            "c,pk,p1,classroom_minutes,500,2026-11-22T02:00:00Z,2026-11-22T03:00:00Z",
+        ],
+        "2026-11-23T16:30:00Z",
+    )
+    .await;
+    t.bill("2026-11-23T16:30:00Z").await;
+    assert_eq!(
+        line_of(&t, "pk", "2026-11-23").await,
+        (650 * MINUTES, 550 * MINUTES, 0, 100 * MINUTES)
+    );
+    assert_eq!(
+        t.scalar_i64("SELECT package_used FROM resources WHERE id = 'p1'")
+            .await,
+        150 * MINUTES,
+        "the renewed term paid only for its own days"
+    );
+    assert_eq!(
+        t.scalar_i64("SELECT used FROM package_terms WHERE account_id = 'pk' AND resource_id = 'p1' AND no = 1")
+            .await,
+        1000 * MINUTES
+    );
+    assert_eq!(t.balance("pk").await, 10_000);
+    t.assert_balances_match_ledger().await;
+}

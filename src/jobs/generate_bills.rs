@@ -625,8 +625,12 @@ async fn aggregate(
                       OR u.seq > a.billed_through_seq)
                GROUP BY u.account_id, u.resource_id, u.meter, u.usage_day
              ), candidates AS (
+               -- in account order: a batch then reads a few hundred consecutive pages, not a
+               -- page per row scattered over the whole table (at 1,000,000 accounts that was
+               -- 15,000 pages read, hint bits set and written back per batch: 2 s of it)
                INSERT INTO bill_candidates
-               SELECT $2, account_id, resource_id, meter, usage_day, records, quantity, min_seq, max_seq FROM agg
+               SELECT $2, account_id, resource_id, meter, usage_day, records, quantity, min_seq, max_seq
+               FROM agg ORDER BY account_id
              ), billed AS (
                INSERT INTO bill_skipped
                SELECT DISTINCT $2::timestamptz, account_id, 'already_billed' FROM agg WHERE billed AND usage_day <= $3
@@ -951,6 +955,7 @@ WITH d AS (
                                               ELSE min(pt.quota - pt.used) END, 0))::bigint AS included
   FROM t LEFT JOIN package_terms pt ON t.term > 0 AND pt.account_id = t.account_id
                                    AND pt.resource_id = t.resource_id AND pt.no = t.term
+                                   AND pt.account_id >= $1 AND pt.account_id <= $2
   WHERE t.term IS NOT NULL AND t.account_id NOT IN (SELECT account_id FROM unpriced)
   GROUP BY 1, 2, 3, 4
 ), q AS (
@@ -1105,6 +1110,17 @@ async fn bill_batch(
 ) -> Result<BatchResult, JobError> {
     let (lo, hi) = (&p.lo, &p.hi);
     let mut lap = std::time::Instant::now();
+    // The statement joins its CTEs to one another, whose sizes the planner can only guess
+    // (at 1,000,000 accounts it guessed one row where there were 15,000, and a nested loop
+    // over two CTE scans took 2 s of a batch); every join to a large table carries the
+    // batch's account range, so hash joins over range scans serve them all. Room for the
+    // batch's CTEs in memory. No JIT: the penalty that steers the planner away from nested
+    // loops (which the LATERAL probes must stay) makes the statement look expensive enough
+    // for an optimised JIT compilation, 2.5 s of CPU per batch for a statement of 0.3 s.
+    tx.batch_execute(
+        "SET LOCAL enable_nestloop = off; SET LOCAL work_mem = '64MB'; SET LOCAL jit = off",
+    )
+    .await?;
     // Serialise with top-ups, coupon grants and lifecycle decisions on the same accounts;
     // the billing statement's snapshot is taken after this, so it reads what they wrote.
     tx.execute(
