@@ -29,6 +29,10 @@ pub const LIFECYCLE: &[&str] = &[
     "coupons",
 ];
 
+/// The tables whose statistics billing's plans and its pre-pass split rest on (the accounts'
+/// histogram divides the pre-pass among `billing.workers` connections).
+pub const BILLING: &[&str] = &["accounts", "resources"];
+
 /// The tables a delivery claim reads (its staleness check and its contacts).
 pub const DELIVERY: &[&str] = &[
     "notices",

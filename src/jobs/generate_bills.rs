@@ -429,6 +429,7 @@ async fn bill_locked(
         workers: if dry_run { 1 } else { params.workers },
         ..params
     };
+    crate::db::stats::refresh_stale_raw(client, crate::db::stats::BILLING).await;
     prepass(db, client, &params, report).await?;
     lap_mark(&mut report.timings, "prepass", &mut lap);
     let bounds = batch_bounds(client, &params).await?;
