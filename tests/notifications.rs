@@ -68,6 +68,9 @@ impl Smtp {
         }
         if implicit_tls {
             cmd.env("SMTP_IMPLICIT_TLS", "1");
+            // This server answers one command at a time: lettre's own exchange, not our
+            // pipelined one, is what the smtps test sends through.
+            cmd.env("SMTP_NO_PIPELINING", "1");
         }
         let mut child = cmd
             .stdout(Stdio::piped())
@@ -97,6 +100,13 @@ impl Smtp {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Messages whose MAIL, RCPT and DATA came in one write (the server counts them).
+    fn pipelined(&self) -> usize {
+        std::fs::read_to_string(self.dir.join("mail/pipelined"))
+            .map(|s| s.trim().parse().unwrap_or(0))
+            .unwrap_or(0)
     }
 
     fn messages(&self) -> Vec<String> {
@@ -234,6 +244,8 @@ async fn email_over_implicit_tls_with_auth_arrives() {
     let mails = smtp.messages();
     assert_eq!(mails.len(), 1);
     assert!(mails[0].contains("To: ops@acme.example"), "{}", mails[0]);
+    // This server does not announce PIPELINING: one command at a time.
+    assert_eq!(smtp.pipelined(), 0);
     // A wrong password is refused by the server over the same TLS session: a permanent
     // failure named as SMTP's, never a silent success.
     let t2 = TestDb::with_config(config_env(&smtps("wrong"))).await;
@@ -268,6 +280,8 @@ async fn overdue_email_over_starttls_with_auth_arrives_complete() {
     assert_eq!((d.sent, d.retrying, d.dead), (2, 0, 0), "{:?}", d.failures);
     let mails = smtp.messages();
     assert_eq!(mails.len(), 1);
+    // The server announces PIPELINING: MAIL, RCPT and DATA went in one write.
+    assert_eq!(smtp.pipelined(), 1);
     let m = &mails[0];
     assert!(
         m.contains("From: \"Cloud Billing\" <billing@cloud.example>"),

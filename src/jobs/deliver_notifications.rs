@@ -149,6 +149,9 @@ pub async fn run(
             // At most a batch per statement: a write's cost stays that of a batch, so a
             // slow write never snowballs into ever larger ones.
             let most = config.notifications.batch_size.max(1);
+            // Parsed once per run, not per group (a group is about `concurrency` outcomes:
+            // parsing and planning the statement for each cost as much as running it).
+            let statements = RecorderStatements::prepare(&recorder).await?;
             while let Some(first) = done_rx.recv().await {
                 let mut outcomes = vec![first];
                 while outcomes.len() < most {
@@ -157,7 +160,8 @@ pub async fn run(
                         Err(_) => break,
                     }
                 }
-                record_outcomes(&mut recorder, &config, outcomes, as_of, &mut recorded).await?;
+                record_outcomes(&mut recorder, &statements, &config, outcomes, as_of, &mut recorded)
+                    .await?;
             }
             Ok::<DeliverReport, JobError>(recorded)
         })
@@ -227,6 +231,12 @@ async fn claim_batches(
 ) -> Result<(), JobError> {
     let started = std::time::Instant::now();
     let limit = config.notifications.batch_size.max(1) as i64;
+    // Parsed once per run, not per batch.
+    let cancel_stale = client.prepare(CANCEL_STALE).await?;
+    let claim = client.prepare(CLAIM).await?;
+    let contacts_of = client
+        .prepare("SELECT id, email, phone, locale FROM accounts WHERE id = ANY($1)")
+        .await?;
     for batch in 0..opts.max_batches.max(1) {
         // The claim and the staleness check read notices, episodes and suspensions that the
         // lifecycle jobs and this run's recorder keep changing (db::stats).
@@ -241,7 +251,7 @@ async fn claim_batches(
         // One transaction: the due notices whose cause is gone are cancelled, and the rest of
         // the batch is claimed, so that nothing claimed here was untrue at the claim.
         let tx = client.transaction().await?;
-        let cancelled = tx.query(CANCEL_STALE, &[&opts.as_of, &limit]).await?;
+        let cancelled = tx.query(&cancel_stale, &[&opts.as_of, &limit]).await?;
         for r in &cancelled {
             let (id, kind, reason): (i64, String, String) = (r.get(1), r.get(2), r.get(3));
             tracing::info!(
@@ -265,18 +275,7 @@ async fn claim_batches(
         // Oldest due first, in the order of the notices_due index; a claimed notice is due
         // again when its lease runs out (next_attempt_at = the lease's end), for a takeover.
         let rows = tx
-            .query(
-                "UPDATE notices n SET status = 'sending', lease_until = $2, next_attempt_at = $2,
-                        attempts = n.attempts + 1
-                 FROM (SELECT account_id, id FROM notices
-                       WHERE status IN ('pending', 'retrying', 'sending') AND next_attempt_at <= $1
-                         AND (status <> 'sending' OR lease_until <= $1)
-                       ORDER BY next_attempt_at, id LIMIT $3
-                       FOR UPDATE SKIP LOCKED) due
-                 WHERE n.account_id = due.account_id AND n.id = due.id
-                 RETURNING n.account_id, n.id, n.kind, n.channel, n.payload, n.attempts",
-                &[&opts.as_of, &lease_until, &claim_limit],
-            )
+            .query(&claim, &[&opts.as_of, &lease_until, &claim_limit])
             .await?;
         tx.commit().await?;
         if rows.is_empty() {
@@ -299,10 +298,7 @@ async fn claim_batches(
             .collect();
         let ids: Vec<&str> = claimed.iter().map(|n| n.account_id.as_str()).collect();
         let contacts: HashMap<String, Contact> = client
-            .query(
-                "SELECT id, email, phone, locale FROM accounts WHERE id = ANY($1)",
-                &[&ids],
-            )
+            .query(&contacts_of, &[&ids])
             .await?
             .into_iter()
             .map(|r| {
@@ -467,6 +463,20 @@ pub fn backoff(config: &Config, attempts: i32, seed: i64) -> chrono::Duration {
     chrono::Duration::seconds((exp + exp * h / 100).max(1))
 }
 
+/// Claims the oldest due notices (at most $3), in the order of the notices_due index, with a
+/// lease until $2; a claimed notice is due again when its lease runs out (next_attempt_at =
+/// the lease's end), for a takeover. Raw SQL: UPDATE ... FROM a FOR UPDATE SKIP LOCKED
+/// subquery, which the query builder cannot say.
+const CLAIM: &str = "
+UPDATE notices n SET status = 'sending', lease_until = $2, next_attempt_at = $2, attempts = n.attempts + 1
+FROM (SELECT account_id, id FROM notices
+      WHERE status IN ('pending', 'retrying', 'sending') AND next_attempt_at <= $1
+        AND (status <> 'sending' OR lease_until <= $1)
+      ORDER BY next_attempt_at, id LIMIT $3
+      FOR UPDATE SKIP LOCKED) due
+WHERE n.account_id = due.account_id AND n.id = due.id
+RETURNING n.account_id, n.id, n.kind, n.channel, n.payload, n.attempts";
+
 /// Due notices whose cause no longer holds, cancelled with the reason (at most `$2`, the
 /// oldest first, locked so that no other worker claims them meanwhile): an overdue alert,
 /// reminder or suspension-imminent whose arrears episode is over; a release warning whose
@@ -520,6 +530,7 @@ RETURNING n.account_id, n.id, n.kind, n.cancel_reason";
 /// sent again when the lease runs out (at least once).
 async fn record_outcomes(
     client: &mut tokio_postgres::Client,
+    statements: &RecorderStatements,
     config: &Config,
     outcomes: Vec<(Claimed, Result<Sent, SendError>)>,
     now: DateTime<Utc>,
@@ -543,12 +554,9 @@ async fn record_outcomes(
                     || n.attempts >= config.notifications.max_attempts as i32;
                 let status = if dead { "dead" } else { "retrying" };
                 let next = now + backoff(config, n.attempts, n.id);
-                // Only while this claim is still ours: a worker whose lease ran out must not
-                // overwrite what the worker that took the notice over recorded.
                 client
                     .execute(
-                        "UPDATE notices SET status = $3, last_error = $4, lease_until = NULL, next_attempt_at = $5
-                         WHERE account_id = $1 AND id = $2 AND status = 'sending' AND attempts = $6",
+                        &statements.failed,
                         &[&n.account_id, &n.id, &status, &e.to_string(), &next, &n.attempts],
                     )
                     .await?;
@@ -564,7 +572,7 @@ async fn record_outcomes(
             }
         }
     }
-    sent.write(client, now).await?;
+    sent.write(client, statements, now).await?;
     tracing::debug!(
         job = "deliver_notifications",
         outcomes = outcomes.len(),
@@ -633,6 +641,7 @@ impl SentSet {
     async fn write(
         self,
         client: &mut tokio_postgres::Client,
+        statements: &RecorderStatements,
         now: DateTime<Utc>,
     ) -> Result<(), JobError> {
         if self.ids.is_empty() {
@@ -644,14 +653,11 @@ impl SentSet {
             // The accounts the facts touch are locked first, in id order, before their
             // episodes: the order of the lifecycle jobs (account, then episode), so that a
             // recorder and a job (or two recorders) never wait for each other in a circle.
-            tx.execute(
-                "SELECT 1 FROM accounts WHERE id = ANY($1::text[] || $2::text[]) ORDER BY id FOR UPDATE",
-                &[&self.overdue.0, w_accounts],
-            )
-            .await?;
+            tx.execute(&statements.lock_accounts, &[&self.overdue.0, w_accounts])
+                .await?;
         }
         tx.execute(
-            RECORD_SENT,
+            &statements.sent,
             &[
                 &self.accounts,
                 &self.ids,
@@ -672,6 +678,34 @@ impl SentSet {
         .await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// The recorder's statements, prepared on its connection once per run.
+struct RecorderStatements {
+    lock_accounts: tokio_postgres::Statement,
+    sent: tokio_postgres::Statement,
+    failed: tokio_postgres::Statement,
+}
+
+impl RecorderStatements {
+    async fn prepare(client: &tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
+        Ok(RecorderStatements {
+            lock_accounts: client
+                .prepare(
+                    "SELECT 1 FROM accounts WHERE id = ANY($1::text[] || $2::text[]) ORDER BY id FOR UPDATE",
+                )
+                .await?,
+            sent: client.prepare(RECORD_SENT).await?,
+            // Only while this claim is still ours: a worker whose lease ran out must not
+            // overwrite what the worker that took the notice over recorded.
+            failed: client
+                .prepare(
+                    "UPDATE notices SET status = $3, last_error = $4, lease_until = NULL, next_attempt_at = $5
+                     WHERE account_id = $1 AND id = $2 AND status = 'sending' AND attempts = $6",
+                )
+                .await?,
+        })
     }
 }
 

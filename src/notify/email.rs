@@ -202,9 +202,26 @@ pub struct SmtpPool {
     hello: ClientId,
     connect_timeout: Duration,
     /// Open sessions not in use, with when each was last used.
-    idle: std::sync::Mutex<Vec<(AsyncSmtpConnection, Instant)>>,
+    idle: std::sync::Mutex<Vec<(Session, Instant)>>,
     /// One permit per session that may be open at once.
     sessions: tokio::sync::Semaphore,
+}
+
+/// An SMTP session and whether its server pipelines (RFC 2920).
+struct Session {
+    conn: AsyncSmtpConnection,
+    pipelining: bool,
+}
+
+/// The envelope's commands in one write (MAIL, every RCPT, DATA), for a server that
+/// pipelines: lettre's client writes each and waits for its answer, four round trips a
+/// message with the body; pipelined they are two.
+struct Pipelined(String);
+
+impl std::fmt::Display for Pipelined {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 impl SmtpPool {
@@ -212,41 +229,57 @@ impl SmtpPool {
     /// session that failed is closed, never reused. Cancelling this future (the send timeout)
     /// drops the session it was using.
     async fn send(&self, message: &Message) -> Result<(), SendError> {
-        let mut conn = self.checkout().await?;
-        let result = conn
-            .send(message.envelope(), &message.formatted())
-            .await
-            .map(|_| ())
-            .map_err(smtp_error);
-        if conn.has_broken() {
-            conn.abort().await;
+        let mut session = self.checkout().await?;
+        let email = message.formatted();
+        let envelope = message.envelope();
+        // Pipelined when the server says it can and the message needs no SMTPUTF8 / 8BITMIME
+        // parameter (our messages are ASCII: quoted-printable bodies, encoded headers).
+        let pipelined = session.pipelining
+            && email.is_ascii()
+            && envelope
+                .from()
+                .is_none_or(|a| AsRef::<str>::as_ref(a).is_ascii())
+            && envelope
+                .to()
+                .iter()
+                .all(|a| AsRef::<str>::as_ref(a).is_ascii());
+        let result = if pipelined {
+            pipelined_send(&mut session.conn, envelope, &email).await
+        } else {
+            session.conn.send(envelope, &email).await.map(|_| ())
+        }
+        .map_err(smtp_error);
+        // A pipelined exchange that failed part way has answers still unread: the session
+        // is closed, never reused out of step.
+        if session.conn.has_broken() || (pipelined && result.is_err()) {
+            session.conn.abort().await;
         } else {
             self.idle
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .push((conn, Instant::now()));
+                .push((session, Instant::now()));
         }
         result
     }
 
     /// The most recently used idle session (checked first if it sat idle a while), or a new
     /// one.
-    async fn checkout(&self) -> Result<AsyncSmtpConnection, SendError> {
+    async fn checkout(&self) -> Result<Session, SendError> {
         loop {
             let popped = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-            let Some((mut conn, used)) = popped else {
+            let Some((mut session, used)) = popped else {
                 return self.connect().await;
             };
-            if used.elapsed() < CHECK_AFTER_IDLE || conn.test_connected().await {
-                return Ok(conn);
+            if used.elapsed() < CHECK_AFTER_IDLE || session.conn.test_connected().await {
+                return Ok(session);
             }
-            conn.abort().await;
+            session.conn.abort().await;
         }
     }
 
     /// A new session: TCP with TCP_NODELAY, TLS first (smtps) or after STARTTLS (required),
     /// then AUTH when the URL has credentials.
-    async fn connect(&self) -> Result<AsyncSmtpConnection, SendError> {
+    async fn connect(&self) -> Result<Session, SendError> {
         let s = &self.settings;
         let network = |e: std::io::Error| {
             SendError::Temporary(format!("SMTP: connecting to {}:{}: {e}", s.host, s.port))
@@ -289,8 +322,44 @@ impl SmtpPool {
             .await
             .map_err(smtp_error)?;
         }
-        Ok(conn)
+        // lettre keeps only the extensions it uses from the greeting: asked again, once per
+        // session, whether the server pipelines.
+        let ehlo = conn
+            .command(lettre::transport::smtp::commands::Ehlo::new(
+                self.hello.clone(),
+            ))
+            .await
+            .map_err(smtp_error)?;
+        let pipelining = ehlo
+            .message()
+            .any(|line| line.trim().eq_ignore_ascii_case("PIPELINING"));
+        Ok(Session { conn, pipelining })
     }
+}
+
+/// MAIL, RCPT and DATA in one write, their answers read in order, then the body: the
+/// exchange lettre's `send` makes, in two round trips.
+async fn pipelined_send(
+    conn: &mut AsyncSmtpConnection,
+    envelope: &lettre::address::Envelope,
+    email: &[u8],
+) -> Result<(), lettre::transport::smtp::Error> {
+    use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+    let mut commands = Mail::new(envelope.from().cloned(), vec![]).to_string();
+    for to in envelope.to() {
+        commands.push_str(&Rcpt::new(to.clone(), vec![]).to_string());
+    }
+    commands.push_str(&Data.to_string());
+    // `command` writes the lot and reads the first answer (MAIL's); a negative answer is an
+    // error, and the caller closes the session.
+    conn.command(Pipelined(commands)).await?;
+    // every RCPT's answer, then DATA's (354)
+    for _ in envelope.to() {
+        conn.read_response().await?;
+    }
+    conn.read_response().await?;
+    conn.message(email).await?;
+    Ok(())
 }
 
 /// A 5xx answer is permanent (the notice goes dead); anything else may pass on a retry.

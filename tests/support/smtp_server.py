@@ -7,7 +7,8 @@ Prints the port it listens on (127.0.0.1) and serves until killed. Each accepted
 written to MAILDIR as <n>.eml. The first line of MODEFILE, read on every command, picks the
 behaviour: "ok" accepts, "421" answers 421 (try later) to every RCPT, "slow MS" accepts after
 MS milliseconds per message (a deliberately slow server). Recipients whose local
-part starts with "bounce" get 550 (no such user).
+part starts with "bounce" get 550 (no such user). It announces PIPELINING (RFC 2920: aiosmtpd
+reads pipelined commands one by one from its buffer) unless SMTP_NO_PIPELINING=1.
 """
 
 import asyncio
@@ -31,8 +32,28 @@ def main():
         except OSError:
             return "ok"
 
+    pipelining = os.environ.get("SMTP_NO_PIPELINING") != "1"
+
     class Handler:
         count = 0
+        pipelined = 0
+
+        async def handle_EHLO(self, server, session, envelope, hostname, responses):
+            session.host_name = hostname
+            if pipelining:
+                responses.insert(-1, "250-PIPELINING")
+            return responses
+
+        async def handle_MAIL(self, server, session, envelope, address, mail_options):
+            # A pipelining client's RCPT is already in the buffer when its MAIL is read:
+            # counted in MAILDIR/pipelined, so that a test can tell the exchange was pipelined.
+            if b"RCPT" in bytes(getattr(server._reader, "_buffer", b"")):
+                Handler.pipelined += 1
+                with open(os.path.join(maildir, "pipelined"), "w") as f:
+                    f.write(str(Handler.pipelined))
+            envelope.mail_from = address
+            envelope.mail_options.extend(mail_options)
+            return "250 OK"
 
         async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
             if mode() == "421":
