@@ -358,8 +358,24 @@ async fn pipelined_send(
         conn.read_response().await?;
     }
     conn.read_response().await?;
-    conn.message(email).await?;
+    // The content and its end in one write (lettre's `message` makes two), the content being
+    // allowed to start a pipelined group (RFC 2920 3.1). The caller checked it is ASCII.
+    conn.command(Pipelined(with_end_of_data(email))).await?;
     Ok(())
+}
+
+/// `email` as SMTP sends it (RFC 5321 4.5.2): a line that starts with "." gets another, then
+/// the end-of-data line.
+fn with_end_of_data(email: &[u8]) -> String {
+    let mut out = String::with_capacity(email.len() + 16);
+    for line in String::from_utf8_lossy(email).split_inclusive('\n') {
+        if line.starts_with('.') {
+            out.push('.');
+        }
+        out.push_str(line);
+    }
+    out.push_str("\r\n.\r\n");
+    out
 }
 
 /// A 5xx answer is permanent (the notice goes dead); anything else may pass on a retry.
@@ -457,6 +473,15 @@ pub fn build_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn content_is_dot_stuffed_and_ended_as_smtp_wants() {
+        assert_eq!(
+            with_end_of_data(b"Subject: x\r\n\r\n.hidden\r\nok\r\n..two"),
+            "Subject: x\r\n\r\n..hidden\r\nok\r\n...two\r\n.\r\n"
+        );
+        assert_eq!(with_end_of_data(b""), "\r\n.\r\n");
+    }
 
     #[test]
     fn smtp_urls_as_the_spec_names_them() {

@@ -79,7 +79,7 @@ impl Templates {
         Ok(Templates { env })
     }
 
-    fn render(&self, name: &str, vars: &serde_json::Value) -> Result<String, TemplateError> {
+    fn render(&self, name: &str, vars: &minijinja::Value) -> Result<String, TemplateError> {
         let t = self
             .env
             .get_template(name)
@@ -97,6 +97,9 @@ impl Templates {
         vars: &serde_json::Value,
     ) -> Result<RenderedEmail, TemplateError> {
         let base = format!("email/{}/{}", kind.template(), locale_or_default(locale));
+        // Converted once for the three templates.
+        let vars = minijinja::Value::from_serialize(vars);
+        let vars = &vars;
         Ok(RenderedEmail {
             subject: self
                 .render(&format!("{base}/subject.txt"), vars)?
@@ -116,7 +119,7 @@ impl Templates {
         Ok(self
             .render(
                 &format!("sms/{}/{}.txt", kind.template(), locale_or_default(locale)),
-                vars,
+                &minijinja::Value::from_serialize(vars),
             )?
             .trim()
             .to_string())
