@@ -146,7 +146,7 @@ pub struct NotificationsConfig {
 }
 
 fn default_concurrency() -> usize {
-    16
+    32
 }
 
 fn default_imminent() -> PolicyDuration {
@@ -207,7 +207,9 @@ pub struct EmailConfig {
 }
 
 fn default_smtp_pool() -> u32 {
-    4
+    // 8 sessions and 32 sends at once: 0.25-0.27x smtp-source's rate against smtp-sink where
+    // 4 and 16 gave 0.18-0.24x (BENCHMARKS.md); a relay allows far more from one client.
+    8
 }
 
 impl Default for EmailConfig {

@@ -994,8 +994,8 @@ async fn sigkill_mid_batch_against_a_slow_server_resends_at_most_the_sends_in_fl
         let p = e.unwrap().path();
         let text = std::fs::read_to_string(&p).unwrap();
         let text = if p.file_name().unwrap() == "deliver_notifications.toml" {
-            assert!(text.contains("concurrency = 16"), "{text}");
-            text.replace("concurrency = 16", &format!("concurrency = {concurrency}"))
+            assert!(text.contains("concurrency = 32"), "{text}");
+            text.replace("concurrency = 32", &format!("concurrency = {concurrency}"))
         } else {
             text
         };

@@ -737,16 +737,24 @@ impl RecorderStatements {
 /// index lookup per row whatever the statistics say: with the notices' statistics saying that
 /// none is `sending` (as they do after a quiet night), the planner otherwise scanned all the
 /// claimed notices once per outcome (9.7 s for 3,900 outcomes), and the accounts table whole.
+/// The notices by their account only: `account_id = ANY($1) AND id = ANY($2)` descends the
+/// primary key once per (account, id) pair of the two arrays, k² descents for k outcomes
+/// (4.7 ms for a group of 37 where one descent per account takes 0.3). The outcomes are
+/// materialized once: the planner, believing few notices `sending`, loops over the notices
+/// and rescans the outcomes for each, and unnest'ing seven arrays per rescan was 2.6 ms of a
+/// 4.5 ms statement for 45 outcomes.
 ///
 /// Raw SQL: data-modifying CTEs over unnest'ed arrays, which the query builder cannot say.
 const RECORD_SENT: &str = "
-WITH sent AS (
+WITH u AS MATERIALIZED (
+  SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $5::int[], $6::text[], $7::bool[], $8::bool[])
+       AS u(account_id, id, pid, attempts, mid, dev, accepted)
+), sent AS (
   UPDATE notices n SET status = 'sent', provider_message_id = u.pid, message_id = u.mid,
          dev_channel = u.dev, accepted_at = CASE WHEN u.accepted THEN $4::timestamptz END,
          lease_until = NULL, last_error = NULL
-  FROM unnest($1::text[], $2::bigint[], $3::text[], $5::int[], $6::text[], $7::bool[], $8::bool[])
-       AS u(account_id, id, pid, attempts, mid, dev, accepted)
-  WHERE n.account_id = ANY($1) AND n.id = ANY($2)
+  FROM u
+  WHERE n.account_id = ANY($1)
     AND n.account_id = u.account_id AND n.id = u.id AND n.status = 'sending' AND n.attempts = u.attempts
   RETURNING n.id
 ), grace AS (
