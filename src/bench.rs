@@ -169,23 +169,7 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
     let billing_seconds = t.elapsed().as_secs_f64();
     eprintln!("billed in {billing_seconds:.1}s");
 
-    let divisor = 10i64.pow(QUANTITY_DIGITS + PRICE_DIGITS - config.billing.minor_unit_digits);
-    let t = Instant::now();
-    client
-        .execute(
-            "CREATE TEMP TABLE handwritten AS
-             SELECT u.account_id, u.resource_id, u.meter, count(*) AS records, sum(u.quantity) AS quantity,
-                    round(sum(u.quantity) * p.unit_price_nanos / $1::bigint) AS amount
-             FROM usage_records u
-             JOIN resources r ON r.account_id = u.account_id AND r.id = u.resource_id
-             JOIN prices p ON p.product = r.product AND p.meter = u.meter
-             WHERE u.usage_day = $2
-             GROUP BY u.account_id, u.resource_id, u.meter, p.unit_price_nanos",
-            &[&divisor, &bills.bill_day],
-        )
-        .await?;
-    let handwritten_rating_seconds = t.elapsed().as_secs_f64();
-    client.batch_execute("DROP TABLE handwritten").await?;
+    let handwritten_rating_seconds = rating_only(&client, config, bills.bill_day).await?;
 
     let mut days = vec![DayFigures {
         bill_day: bills.bill_day,
@@ -195,42 +179,7 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
         usage_records_in_database: opts.usage as i64,
         billing_phases: bills.timings.clone(),
     }];
-    for d in 1..opts.days.max(1) {
-        let as_of = as_of + chrono::Duration::days(i64::from(d));
-        let file = opts.dir.join(format!("usage-{d}.csv"));
-        generate_usage(&file, opts.accounts, opts.usage, d)?;
-        let t = Instant::now();
-        let rep = import::import_usage(&db, config, &file, as_of).await?;
-        let import_usage_seconds = t.elapsed().as_secs_f64();
-        assert_eq!(
-            rep.inserted, opts.usage,
-            "every generated record is imported"
-        );
-        // What autovacuum would have done during the day (this machine runs with it off):
-        // the day's rows analyzed, the previous night's updates vacuumed.
-        client.batch_execute("VACUUM ANALYZE").await?;
-        admin.batch_execute("CHECKPOINT").await?;
-        let t = Instant::now();
-        let r = bill(&db, config, as_of).await?;
-        let billing_seconds = t.elapsed().as_secs_f64();
-        let in_db: i64 = client
-            .query_one("SELECT count(*) FROM usage_records", &[])
-            .await?
-            .get(0);
-        eprintln!(
-            "day {} ({}): imported in {import_usage_seconds:.1}s, billed in {billing_seconds:.1}s",
-            d + 1,
-            r.bill_day
-        );
-        days.push(DayFigures {
-            bill_day: r.bill_day,
-            import_usage_seconds,
-            billing_seconds,
-            bills_issued: r.bills_issued,
-            usage_records_in_database: in_db,
-            billing_phases: r.timings,
-        });
-    }
+    later_days(&db, &client, &admin, config, opts, as_of, &mut days).await?;
     let last_to_first_day = days.last().map_or(1.0, |l| l.billing_seconds) / billing_seconds;
 
     let rows = opts.usage as f64;
@@ -261,6 +210,81 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
             "embedded".into()
         },
     })
+}
+
+/// The rating-only reference: one statement that rates the day's usage into a scratch table.
+async fn rating_only(
+    client: &tokio_postgres::Client,
+    config: &Config,
+    bill_day: chrono::NaiveDate,
+) -> Result<f64, BenchError> {
+    let divisor = 10i64.pow(QUANTITY_DIGITS + PRICE_DIGITS - config.billing.minor_unit_digits);
+    let t = Instant::now();
+    client
+        .execute(
+            "CREATE TEMP TABLE handwritten AS
+             SELECT u.account_id, u.resource_id, u.meter, count(*) AS records, sum(u.quantity) AS quantity,
+                    round(sum(u.quantity) * p.unit_price_nanos / $1::bigint) AS amount
+             FROM usage_records u
+             JOIN resources r ON r.account_id = u.account_id AND r.id = u.resource_id
+             JOIN prices p ON p.product = r.product AND p.meter = u.meter
+             WHERE u.usage_day = $2
+             GROUP BY u.account_id, u.resource_id, u.meter, p.unit_price_nanos",
+            &[&divisor, &bill_day],
+        )
+        .await?;
+    let seconds = t.elapsed().as_secs_f64();
+    client.batch_execute("DROP TABLE handwritten").await?;
+    Ok(seconds)
+}
+
+/// `--days`: each later day's usage generated, imported and billed, as the nights would.
+async fn later_days(
+    db: &Db,
+    client: &tokio_postgres::Client,
+    admin: &tokio_postgres::Client,
+    config: &Config,
+    opts: &BenchOptions,
+    as_of: DateTime<Utc>,
+    days: &mut Vec<DayFigures>,
+) -> Result<(), BenchError> {
+    for d in 1..opts.days.max(1) {
+        let as_of = as_of + chrono::Duration::days(i64::from(d));
+        let file = opts.dir.join(format!("usage-{d}.csv"));
+        generate_usage(&file, opts.accounts, opts.usage, d)?;
+        let t = Instant::now();
+        let rep = import::import_usage(db, config, &file, as_of).await?;
+        let import_usage_seconds = t.elapsed().as_secs_f64();
+        assert_eq!(
+            rep.inserted, opts.usage,
+            "every generated record is imported"
+        );
+        // What autovacuum would have done during the day (this machine runs with it off):
+        // the day's rows analyzed, the previous night's updates vacuumed.
+        client.batch_execute("VACUUM ANALYZE").await?;
+        admin.batch_execute("CHECKPOINT").await?;
+        let t = Instant::now();
+        let r = bill(db, config, as_of).await?;
+        let billing_seconds = t.elapsed().as_secs_f64();
+        let in_db: i64 = client
+            .query_one("SELECT count(*) FROM usage_records", &[])
+            .await?
+            .get(0);
+        eprintln!(
+            "day {} ({}): imported in {import_usage_seconds:.1}s, billed in {billing_seconds:.1}s",
+            d + 1,
+            r.bill_day
+        );
+        days.push(DayFigures {
+            bill_day: r.bill_day,
+            import_usage_seconds,
+            billing_seconds,
+            bills_issued: r.bills_issued,
+            usage_records_in_database: in_db,
+            billing_phases: r.timings,
+        });
+    }
+    Ok(())
 }
 
 async fn bill(

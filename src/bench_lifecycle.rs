@@ -180,6 +180,76 @@ fn instant(s: &str) -> DateTime<Utc> {
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
 }
 
+/// History, through the real jobs: in arrears since `opened` (opening balances below zero),
+/// frozen 15 days later (sa), half of them warned and released 15 days after that.
+async fn make_history(
+    db: &Db,
+    config: &Config,
+    opened: DateTime<Utc>,
+) -> Result<Vec<Timed>, LifecycleBenchError> {
+    let mut history = Vec::new();
+    history.push(enforce(db, config, opened).await?);
+    history.push(alerts(db, config, opened).await?);
+    let frozen = opened + Duration::days(15);
+    history.push(enforce(db, config, frozen).await?);
+    history.push(alerts(db, config, frozen).await?);
+    let release_at = frozen + Duration::days(15);
+    // The release warnings of half the history, as delivery records them when a channel
+    // accepts them (these accounts have no contact, so no notice is written).
+    let c = db.raw_client().await?;
+    c.execute(
+        "INSERT INTO release_warnings (account_id, suspension, lead_seconds, release_at, accepted_at)
+         SELECT r.account_id, r.suspension, l.lead, s.release_at, s.release_at - make_interval(secs => l.lead)
+         FROM resources r
+         JOIN resource_suspensions s ON s.account_id = r.account_id AND s.no = r.suspension
+         CROSS JOIN (VALUES (604800), (86400)) AS l(lead)
+         WHERE r.account_id LIKE 'h%' AND right(r.account_id, 1) IN ('0', '2', '4', '6', '8')",
+        &[],
+    )
+    .await?;
+    c.execute(
+        "UPDATE accounts SET release_due_at = least(coalesce(release_due_at, 'infinity'), $1)
+         WHERE id LIKE 'h%' AND right(id, 1) IN ('0', '2', '4', '6', '8')",
+        &[&(release_at - Duration::days(7))],
+    )
+    .await?;
+    history.push(alerts(db, config, release_at - Duration::days(7)).await?);
+    history.push(release(db, config, release_at, true).await?);
+    history.push(enforce(db, config, release_at).await?);
+    Ok(history)
+}
+
+/// `hours` hourly slots from `from` of the three lifecycle jobs, their times in `idle` (ms);
+/// with `require_idle`, a slot where an account is due is an error.
+async fn idle_runs(
+    db: &Db,
+    config: &Config,
+    from: DateTime<Utc>,
+    hours: i64,
+    require_idle: bool,
+    idle: &mut BTreeMap<String, Vec<f64>>,
+) -> Result<(), LifecycleBenchError> {
+    for k in 0..hours {
+        let at = from + Duration::hours(k);
+        for r in [
+            alerts(db, config, at).await?,
+            enforce(db, config, at).await?,
+            release(db, config, at, false).await?,
+        ] {
+            if require_idle && r.accounts_due != 0 {
+                return Err(LifecycleBenchError::Setup(format!(
+                    "{} had {} accounts due at {at}; the idle runs need none",
+                    r.job, r.accounts_due
+                )));
+            }
+            idle.entry(r.job.to_string())
+                .or_default()
+                .push(r.seconds * 1000.0);
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(
     config: &Config,
     opts: &LifecycleBenchOptions,
@@ -218,38 +288,10 @@ pub async fn run(
     setup.insert("import_resources".to_string(), t.elapsed().as_secs_f64());
     eprintln!("bench-lifecycle: {} accounts imported", opts.accounts);
 
-    // History, through the real jobs: in arrears since August (opening balances below
-    // zero), frozen 15 days later (sa), half of them warned and released 15 days after that.
+    // History: in arrears since August, frozen, half of them warned and released.
     let t = Instant::now();
-    let mut history = Vec::new();
-    history.push(enforce(&db, &config, opened).await?);
-    history.push(alerts(&db, &config, opened).await?);
-    let frozen = opened + Duration::days(15);
-    history.push(enforce(&db, &config, frozen).await?);
-    history.push(alerts(&db, &config, frozen).await?);
-    let release_at = frozen + Duration::days(15);
-    // The release warnings of half the history, as delivery records them when a channel
-    // accepts them (these accounts have no contact, so no notice is written).
+    let history = make_history(&db, &config, opened).await?;
     let c = db.raw_client().await?;
-    c.execute(
-        "INSERT INTO release_warnings (account_id, suspension, lead_seconds, release_at, accepted_at)
-         SELECT r.account_id, r.suspension, l.lead, s.release_at, s.release_at - make_interval(secs => l.lead)
-         FROM resources r
-         JOIN resource_suspensions s ON s.account_id = r.account_id AND s.no = r.suspension
-         CROSS JOIN (VALUES (604800), (86400)) AS l(lead)
-         WHERE r.account_id LIKE 'h%' AND right(r.account_id, 1) IN ('0', '2', '4', '6', '8')",
-        &[],
-    )
-    .await?;
-    c.execute(
-        "UPDATE accounts SET release_due_at = least(coalesce(release_due_at, 'infinity'), $1)
-         WHERE id LIKE 'h%' AND right(id, 1) IN ('0', '2', '4', '6', '8')",
-        &[&(release_at - Duration::days(7))],
-    )
-    .await?;
-    history.push(alerts(&db, &config, release_at - Duration::days(7)).await?);
-    history.push(release(&db, &config, release_at, true).await?);
-    history.push(enforce(&db, &config, release_at).await?);
     setup.insert("history".to_string(), t.elapsed().as_secs_f64());
     eprintln!("bench-lifecycle: history made");
 
@@ -261,24 +303,15 @@ pub async fn run(
 
     // Nothing is due: the hours before the bill.
     let mut idle: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    for k in 0..5 {
-        let at = instant("2026-11-22T10:05:00Z") + Duration::hours(k);
-        for r in [
-            alerts(&db, &config, at).await?,
-            enforce(&db, &config, at).await?,
-            release(&db, &config, at, false).await?,
-        ] {
-            if r.accounts_due != 0 {
-                return Err(LifecycleBenchError::Setup(format!(
-                    "{} had {} accounts due at {at}; the idle runs need none",
-                    r.job, r.accounts_due
-                )));
-            }
-            idle.entry(r.job.to_string())
-                .or_default()
-                .push(r.seconds * 1000.0);
-        }
-    }
+    idle_runs(
+        &db,
+        &config,
+        instant("2026-11-22T10:05:00Z"),
+        5,
+        true,
+        &mut idle,
+    )
+    .await?;
 
     let t = Instant::now();
     let bills = generate_bills::run(
@@ -329,18 +362,15 @@ pub async fn run(
     slots.push(enforce(&db, &config, slot + Duration::hours(24)).await?);
     slots.push(enforce(&db, &config, bill_at + Duration::days(15)).await?);
     // After the grace slots nothing is due until the first release warnings.
-    for k in 0..3 {
-        let at = bill_at + Duration::days(16) + Duration::hours(k);
-        for r in [
-            alerts(&db, &config, at).await?,
-            enforce(&db, &config, at).await?,
-            release(&db, &config, at, false).await?,
-        ] {
-            idle.entry(r.job.to_string())
-                .or_default()
-                .push(r.seconds * 1000.0);
-        }
-    }
+    idle_runs(
+        &db,
+        &config,
+        bill_at + Duration::days(16),
+        3,
+        false,
+        &mut idle,
+    )
+    .await?;
     let idle_max_ms = idle.values().flatten().copied().fold(0.0, f64::max);
     let slowest_per_second = slots
         .iter()

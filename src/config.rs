@@ -855,7 +855,7 @@ fn check_service_and_channels(raw: &RawConfig) -> Result<(), Invalid> {
         _ => {}
     }
     if let Some(url) = &raw.email.smtp_url {
-        crate::notify::email::SmtpSettings::parse(url).map_err(|e| invalid("email.smtp_url", e))?;
+        crate::smtp_url::SmtpSettings::parse(url).map_err(|e| invalid("email.smtp_url", e))?;
     }
     for product in raw.webhooks.products.keys() {
         if !raw.products.contains_key(product) {

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Duration, Utc};
 use serde::Serialize;
+use tokio_postgres::types::Type;
 
 use crate::config::Config;
 use crate::db::{self, catalog, Db, DbError, MigrationMode};
@@ -541,9 +542,9 @@ async fn deliver_due(
     slot: DateTime<Utc>,
 ) -> Result<bool, DemoError> {
     let pending: bool = client
-        .query_one(
+        .query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM notices WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $1)",
-            &[&slot],
+            &[(&slot, Type::TIMESTAMPTZ)],
         )
         .await?
         .get(0);
@@ -677,10 +678,10 @@ async fn changes(
 ) -> Result<Vec<TimelineEntry>, DemoError> {
     let mut out = Vec::new();
     for r in client
-        .query(
+        .query_typed(
             "SELECT id, account_id, resource_id, from_state, to_state, reason, occurred_at
              FROM lifecycle_events WHERE id > $1 ORDER BY id",
-            &[seen_event],
+            &[(seen_event, Type::INT8)],
         )
         .await?
     {

@@ -23,3 +23,4 @@ pub mod server;
 pub mod service;
 pub mod shared;
 pub mod simulate;
+pub mod smtp_url;

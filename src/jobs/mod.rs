@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::db::{Db, DbError};
+use tokio_postgres::types::Type;
 
 pub use registry::{
     Did, DynJob, Job, JobCtx, JobKnobs, JobName, Knobs, NoKnobs, Outcome, RunArgs, Runs, Simulated,
@@ -127,7 +128,7 @@ pub async fn claim_slot(
     // both win), except a claim stuck behind a connection that is not yet seen dead.
     let row = if locked {
         client
-            .query_opt(
+            .query_typed_opt(
                 "INSERT INTO job_runs (job, slot, status, as_of, started_at, owner, lease_until)
                  VALUES ($1, $2, 'running', $3, clock_timestamp(), $5,
                          clock_timestamp() + make_interval(secs => $6))
@@ -139,18 +140,18 @@ pub async fn claim_slot(
                     OR (job_runs.status = 'succeeded' AND $4)
                  RETURNING attempts",
                 &[
-                    &job.as_str(),
-                    &slot,
-                    &as_of,
-                    &force,
-                    &instance_id(),
-                    &lease_secs,
+                    (&job.as_str(), Type::TEXT),
+                    (&slot, Type::TIMESTAMPTZ),
+                    (&as_of, Type::TIMESTAMPTZ),
+                    (&force, Type::BOOL),
+                    (&instance_id(), Type::TEXT),
+                    (&lease_secs, Type::FLOAT8),
                 ],
             )
             .await?
     } else {
         client
-            .query_opt(
+            .query_typed_opt(
                 "UPDATE job_runs SET
                    status = 'running', attempts = attempts + 1, as_of = $3,
                    started_at = clock_timestamp(), finished_at = NULL, error = NULL, owner = $4,
@@ -158,7 +159,13 @@ pub async fn claim_slot(
                  WHERE job = $1 AND slot = $2 AND status = 'running'
                    AND coalesce(lease_until, '-infinity') < clock_timestamp() - make_interval(secs => 4 * $5::float8)
                  RETURNING attempts",
-                &[&job.as_str(), &slot, &as_of, &instance_id(), &lease_secs],
+                &[
+                    (&job.as_str(), Type::TEXT),
+                    (&slot, Type::TIMESTAMPTZ),
+                    (&as_of, Type::TIMESTAMPTZ),
+                    (&instance_id(), Type::TEXT),
+                    (&lease_secs, Type::FLOAT8),
+                ],
             )
             .await?
     };
@@ -169,9 +176,9 @@ pub async fn claim_slot(
         unlock_slot(client, job, slot).await?;
     }
     let Some(row) = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT status, finished_at, owner, lease_until FROM job_runs WHERE job = $1 AND slot = $2",
-            &[&job.as_str(), &slot],
+            &[(&job.as_str(), Type::TEXT), (&slot, Type::TIMESTAMPTZ)],
         )
         .await?
     else {
@@ -204,7 +211,7 @@ async fn try_lock_slot(
     let key = slot_lock_key(job, slot);
     for attempt in 0..=20 {
         let locked: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+            .query_typed_one("SELECT pg_try_advisory_lock($1)", &[(&key, Type::INT8)])
             .await?
             .get(0);
         if locked || attempt == 20 {
@@ -232,9 +239,9 @@ async fn unlock_slot(
     slot: DateTime<Utc>,
 ) -> Result<(), JobError> {
     client
-        .execute(
+        .execute_typed(
             "SELECT pg_advisory_unlock($1)",
-            &[&slot_lock_key(job, slot)],
+            &[(&slot_lock_key(job, slot), Type::INT8)],
         )
         .await?;
     Ok(())
@@ -256,11 +263,18 @@ pub async fn finish_slot(
         Err(e) => ("failed", None, Some(e.to_string())),
     };
     let n = client
-        .execute(
+        .execute_typed(
             "UPDATE job_runs SET status = $3, report = $4, error = $5, finished_at = clock_timestamp(),
                                  lease_until = NULL
              WHERE job = $1 AND slot = $2 AND owner = $6 AND status = 'running'",
-            &[&job.as_str(), &slot, &status, &report, &error, &instance_id()],
+            &[
+                (&job.as_str(), Type::TEXT),
+                (&slot, Type::TIMESTAMPTZ),
+                (&status, Type::TEXT),
+                (&report, Type::JSONB),
+                (&error, Type::TEXT),
+                (&instance_id(), Type::TEXT),
+            ],
         )
         .await?;
     if n == 0 {
@@ -446,10 +460,15 @@ async fn renew_lease(
         let renewed = async {
             let c = db.raw_client().await?;
             let n = c
-                .execute(
+                .execute_typed(
                     "UPDATE job_runs SET lease_until = clock_timestamp() + make_interval(secs => $4)
                      WHERE job = $1 AND slot = $2 AND owner = $3 AND status = 'running'",
-                    &[&job.as_str(), &slot, &instance_id(), &lease_secs],
+                    &[
+                        (&job.as_str(), Type::TEXT),
+                        (&slot, Type::TIMESTAMPTZ),
+                        (&instance_id(), Type::TEXT),
+                        (&lease_secs, Type::FLOAT8),
+                    ],
                 )
                 .await
                 .map_err(DbError::from)?;
@@ -491,21 +510,18 @@ async fn end_slot<R: Serialize>(
         return result;
     }
     let (job, slot) = (lease.job, lease.slot);
-    let recorded = match &result {
-        Ok(()) => {
-            finish_slot(
-                client,
-                job,
-                slot,
-                Ok(&serde_json::to_value(report).unwrap_or_default()),
-            )
-            .await
-        }
-        Err(e) => finish_slot(client, job, slot, Err(e)).await,
+    let report = serde_json::to_value(report).unwrap_or_default();
+    let outcome = match &result {
+        Ok(()) => Ok(&report),
+        Err(e) => Err(e),
     };
     // The lock goes once the outcome is recorded (never before: a claimer seeing the slot
-    // still running with its lock free would take it over).
-    let _ = unlock_slot(client, job, slot).await;
+    // still running with its lock free would take it over). Both sent at once, one round
+    // trip: the server runs them in order, the record (its own transaction) first.
+    let (recorded, _) = tokio::join!(
+        finish_slot(client, job, slot, outcome),
+        unlock_slot(client, job, slot)
+    );
     result?;
     recorded
 }
