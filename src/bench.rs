@@ -124,6 +124,7 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
     let t = Instant::now();
     import::import_resources(&db, config, &files.resources, as_of).await?;
     let import_resources_seconds = t.elapsed().as_secs_f64();
+    // Raw SQL: CHECKPOINT, a utility command diesel cannot issue (benchmark scaffolding).
     admin.batch_execute("CHECKPOINT").await?;
     let t = Instant::now();
     let rep = import::import_usage(&db, config, &files.usage, as_of).await?;
@@ -135,6 +136,7 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
     eprintln!("imported usage in {import_usage_seconds:.1}s");
 
     let client = db.raw_client().await?;
+    // Raw SQL: benchmark scaffolding (DDL, CHECKPOINT), which diesel cannot issue.
     client
         .batch_execute(
             "DROP TABLE IF EXISTS copy_baseline;
@@ -144,6 +146,7 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
         )
         .await?;
     let t = Instant::now();
+    // Raw SQL: COPY, which diesel cannot issue (the plain-COPY baseline).
     copy_file(
         &client,
         "COPY copy_baseline FROM STDIN (FORMAT csv, HEADER true)",
@@ -151,6 +154,7 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
     )
     .await?;
     let plain_copy_seconds = t.elapsed().as_secs_f64();
+    // Raw SQL: benchmark scaffolding (DDL, VACUUM, CHECKPOINT).
     for sql in [
         "DROP TABLE copy_baseline",
         "VACUUM ANALYZE usage_records",
@@ -220,6 +224,7 @@ async fn rating_only(
 ) -> Result<f64, BenchError> {
     let divisor = 10i64.pow(QUANTITY_DIGITS + PRICE_DIGITS - config.billing.minor_unit_digits);
     let t = Instant::now();
+    // Raw SQL: the hand-written reference, a CREATE TEMP TABLE ... AS SELECT diesel cannot say.
     client
         .execute(
             "CREATE TEMP TABLE handwritten AS
@@ -234,6 +239,7 @@ async fn rating_only(
         )
         .await?;
     let seconds = t.elapsed().as_secs_f64();
+    // Raw SQL: DROP TABLE is DDL, which diesel's query builder does not say.
     client.batch_execute("DROP TABLE handwritten").await?;
     Ok(seconds)
 }
@@ -261,11 +267,13 @@ async fn later_days(
         );
         // What autovacuum would have done during the day (this machine runs with it off):
         // the day's rows analyzed, the previous night's updates vacuumed.
+        // Raw SQL: benchmark scaffolding (VACUUM, CHECKPOINT).
         client.batch_execute("VACUUM ANALYZE").await?;
         admin.batch_execute("CHECKPOINT").await?;
         let t = Instant::now();
         let r = bill(db, config, as_of).await?;
         let billing_seconds = t.elapsed().as_secs_f64();
+        // Raw SQL: a count on the bench's raw client, which diesel does not drive.
         let in_db: i64 = client
             .query_one("SELECT count(*) FROM usage_records", &[])
             .await?
@@ -319,6 +327,7 @@ async fn same_writes(
     day: chrono::NaiveDate,
     as_of: DateTime<Utc>,
 ) -> Result<f64, BenchError> {
+    // Raw SQL: benchmark scaffolding (DDL, VACUUM, CHECKPOINT) for the ref_* copies.
     client
         .batch_execute(
             "DROP TABLE IF EXISTS ref_bill_lines, ref_bills, ref_ledger_entries, ref_accounts;
@@ -336,6 +345,7 @@ async fn same_writes(
     let divisor = 10i64.pow(QUANTITY_DIGITS + PRICE_DIGITS - config.billing.minor_unit_digits);
     let day_start = crate::domain::calendar::start_of_day(day, config.billing.time_zone);
     let t = Instant::now();
+    // Raw SQL: the hand-written reference, over ref_* tables that schema.rs does not declare.
     client.batch_execute("BEGIN").await?;
     client
         .execute(
@@ -377,6 +387,7 @@ async fn same_writes(
         .await?;
     client.batch_execute("COMMIT").await?;
     let seconds = t.elapsed().as_secs_f64();
+    // Raw SQL: benchmark scaffolding (DDL, CHECKPOINT).
     client
         .batch_execute("DROP TABLE ref_bill_lines, ref_bills, ref_ledger_entries, ref_accounts")
         .await?;
@@ -439,12 +450,14 @@ pub async fn run_instances(
         import::import_accounts(&db, config, &files.accounts, as_of).await?;
         import::import_resources(&db, config, &files.resources, as_of).await?;
         import::import_usage(&db, config, &files.usage, as_of).await?;
+        // Raw SQL: VACUUM ANALYZE, a utility command diesel cannot issue.
         db.raw_client()
             .await?
             .batch_execute("VACUUM ANALYZE")
             .await?;
         db.pool.close();
     }
+    // Raw SQL: DROP / CREATE DATABASE ... TEMPLATE are DDL, which diesel does not say.
     for n in &names[1..] {
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
@@ -464,6 +477,7 @@ pub async fn run_instances(
             }
         }
     }
+    // Raw SQL: CHECKPOINT, a utility command diesel cannot issue.
     admin.batch_execute("CHECKPOINT").await?;
     let options = generate_bills::Options {
         as_of,
@@ -482,6 +496,7 @@ pub async fn run_instances(
     let r1 = generate_bills::run(&one, config, &options).await?;
     let one_instance_seconds = t.elapsed().as_secs_f64();
     eprintln!("one instance: {one_instance_seconds:.1}s");
+    // Raw SQL: CHECKPOINT, a utility command diesel cannot issue.
     admin.batch_execute("CHECKPOINT").await?;
 
     let url = db::with_database(&server, names[2])?;
@@ -512,6 +527,7 @@ pub async fn run_instances(
     }
     drop(many);
     for n in names {
+        // Raw SQL: DROP DATABASE is DDL, which diesel's query builder does not say.
         admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {n} WITH (FORCE)"))
             .await?;
@@ -615,6 +631,7 @@ async fn copy_file(
     file: &Path,
 ) -> Result<(), BenchError> {
     use tokio::io::AsyncReadExt;
+    // Raw SQL: COPY FROM STDIN, which diesel cannot issue.
     let sink = client.copy_in::<_, Bytes>(sql).await?;
     futures_util::pin_mut!(sink);
     let mut f = tokio::fs::File::open(file).await?;

@@ -131,6 +131,7 @@ pub async fn run(
     let db = Db::open_url(&url, 8, MigrationMode::Apply).await?;
     let client = db.raw_client().await?;
     let n = opts.count as i64;
+    // Raw SQL: bench accounts from generate_series(), a set diesel has no table for.
     client
         .execute(
             "INSERT INTO accounts (id, name, email, locale, timezone, created_at, updated_at)
@@ -228,6 +229,7 @@ pub async fn run(
     };
     drop(client);
     drop(db);
+    // Raw SQL: DROP DATABASE is DDL, which diesel's query builder does not say.
     admin
         .batch_execute("DROP DATABASE IF EXISTS arrears_bench_email WITH (FORCE)")
         .await?;
@@ -259,6 +261,7 @@ async fn deliver(
     let client = db.raw_client().await?;
     // Each account in its own open arrears episode, so that the overdue alert is still true
     // at delivery and its acceptance writes the episode's first accepted alert (R2).
+    // Raw SQL: benchmark scaffolding (rows from generate_series()) on the bench's raw client.
     client
         .batch_execute(
             "UPDATE arrears_episodes SET closed_at = now(), close_reason = 'paid', closed_by = 'bench' WHERE closed_at IS NULL",
@@ -279,6 +282,7 @@ async fn deliver(
         .await?;
     let mut payload = vars.clone();
     payload["_about"] = serde_json::json!([{"topic": "overdue", "episode": episode}]);
+    // Raw SQL: bench notices from generate_series(), then VACUUM ANALYZE: diesel can say neither.
     client
         .execute(
             "INSERT INTO notices (account_id, kind, channel, dedupe_key, payload, episode, next_attempt_at, created_at)

@@ -197,6 +197,7 @@ async fn make_history(
     // The release warnings of half the history, as delivery records them when a channel
     // accepts them (these accounts have no contact, so no notice is written).
     let c = db.raw_client().await?;
+    // Raw SQL: benchmark scaffolding (INSERT ... SELECT from a VALUES list; least() over nulls).
     c.execute(
         "INSERT INTO release_warnings (account_id, suspension, lead_seconds, release_at, accepted_at)
          SELECT r.account_id, r.suspension, l.lead, s.release_at, s.release_at - make_interval(secs => l.lead)
@@ -299,6 +300,7 @@ pub async fn run(
     let t = Instant::now();
     import::import_usage(&db, &config, &files.2, bill_at).await?;
     setup.insert("import_usage".to_string(), t.elapsed().as_secs_f64());
+    // Raw SQL: VACUUM ANALYZE, a utility command diesel cannot issue.
     c.batch_execute("VACUUM ANALYZE").await?;
 
     // Nothing is due: the hours before the bill.

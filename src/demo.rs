@@ -304,6 +304,7 @@ async fn fresh_database(config: &Config, name: &str) -> Result<Db, DemoError> {
     let admin = db::raw_connect(&db::with_database(&url, "postgres")?).await?;
     // A scratch database: commits need not wait for the disk (a crash loses the demo, never
     // corrupts it), which is most of the demo's time otherwise.
+    // Raw SQL: ALTER DATABASE ... SET is DDL, which diesel's query builder does not say.
     admin
         .batch_execute(&format!(
             "ALTER DATABASE {name} SET synchronous_commit = off"
@@ -377,6 +378,7 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
     for (i, (slot, job)) in slots.iter().enumerate() {
         while let Some((at, who, act)) = acts.next_if(|(at, _, _)| at <= slot) {
             let what = perform(&db, &cfg, act, who, at).await?;
+            // Raw SQL: a read on the demo's raw client, which diesel does not drive.
             let state: String = client
                 .query_one("SELECT state FROM accounts WHERE id = $1", &[&who])
                 .await?
@@ -405,6 +407,7 @@ pub async fn run(config: &Config, opts: &DemoOptions) -> Result<DemoReport, Demo
     timeline.progress.clear();
 
     let accounts = final_accounts(&client, cfg.billing.minor_unit_digits).await?;
+    // Raw SQL: a count on the demo's raw client, which diesel does not drive.
     let notices_sent: i64 = client
         .query_one("SELECT count(*) FROM notices WHERE status = 'sent'", &[])
         .await?
@@ -541,6 +544,7 @@ async fn deliver_due(
     client: &tokio_postgres::Client,
     slot: DateTime<Utc>,
 ) -> Result<bool, DemoError> {
+    // Raw SQL: a typed one-round-trip probe on the demo's raw client, which diesel does not drive.
     let pending: bool = client
         .query_typed_one(
             "SELECT EXISTS (SELECT 1 FROM notices WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $1)",
@@ -566,6 +570,7 @@ async fn final_accounts(
 ) -> Result<Vec<AccountOutcome>, DemoError> {
     let mut accounts = Vec::new();
     for s in STORIES {
+        // Raw SQL: reads on the demo's raw client, which diesel does not drive.
         let row = client
             .query_one(
                 "SELECT state, cash_balance FROM accounts WHERE id = $1",
@@ -677,6 +682,7 @@ async fn changes(
     delivered: bool,
 ) -> Result<Vec<TimelineEntry>, DemoError> {
     let mut out = Vec::new();
+    // Raw SQL: a typed one-round-trip read on the demo's raw client, which diesel does not drive.
     for r in client
         .query_typed(
             "SELECT id, account_id, resource_id, from_state, to_state, reason, occurred_at
@@ -703,6 +709,7 @@ async fn changes(
     if !delivered {
         return Ok(out);
     }
+    // Raw SQL: a read on the demo's raw client, which diesel does not drive.
     for r in client
         .query(
             "SELECT n.id, n.account_id, n.kind, n.channel, n.accepted_at, a.state

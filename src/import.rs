@@ -319,6 +319,7 @@ async fn stream_file(
         }
         Ok((rows, errors))
     });
+    // Raw SQL: COPY FROM STDIN (the parsed rows stream into it), which diesel cannot issue.
     let sink = tx.copy_in::<_, Bytes>(copy_sql).await?;
     futures_util::pin_mut!(sink);
     let mut copy_result: Result<(), tokio_postgres::Error> = Ok(());
@@ -393,6 +394,7 @@ async fn collect_sql_errors(
     sql: &str,
     errors: &mut Errors,
 ) -> Result<(), ImportError> {
+    // Raw SQL: the diagnostics read temp staging tables, which schema.rs does not declare.
     for r in tx.query(sql, &[]).await? {
         let line: i64 = r.get(0);
         let field: String = r.get(1);
@@ -410,6 +412,7 @@ async fn collect_duplicates(
     field: &str,
     errors: &mut Errors,
 ) -> Result<(), ImportError> {
+    // Raw SQL: a window function over a staging table named at run time.
     let sql = format!(
         "SELECT line, '{field}', 'duplicate in this file: same ' || '{field}' || ' as line ' || first_line
          FROM (SELECT line, min(line) OVER (PARTITION BY {key}) AS first_line FROM {table}) d
@@ -427,6 +430,7 @@ pub async fn import_accounts(
     let digits = config.billing.minor_unit_digits;
     let mut client = db.raw_client().await?;
     let tx = begin(&mut client).await?;
+    // Raw SQL: CREATE TEMP TABLE is DDL, which diesel's query builder does not say.
     tx.batch_execute(
         "CREATE TEMP TABLE accounts_staging (line bigint, id text, name text, email text, phone text, locale text,
            timezone text, cash_balance bigint, credit_quota bigint, low_balance_threshold bigint) ON COMMIT DROP",
@@ -496,6 +500,7 @@ pub async fn import_accounts(
             .int(threshold)
             .end();
     });
+    // Raw SQL: COPY into the staging table, which diesel cannot issue.
     let (rows, mut errors) = stream_file(
         &tx,
         "COPY accounts_staging FROM STDIN",
@@ -506,6 +511,7 @@ pub async fn import_accounts(
     .await?;
     collect_duplicates(&tx, "accounts_staging", "id", "id", &mut errors).await?;
     errors.into_result(file)?;
+    // Raw SQL: data-modifying CTEs over the temp staging table, which the query builder cannot say.
     let r = tx
         .query_one(
             "WITH upserted AS (
@@ -532,6 +538,7 @@ pub async fn import_accounts(
     // The due-work index: accounts whose new figures may give the lifecycle jobs work (a debt
     // without a bill, funds below the threshold, a balance alert to re-arm, a raised credit
     // quota that pays an episode) are looked at by the next runs.
+    // Raw SQL: an UPDATE ... FROM the temp staging table; diesel has no UPDATE ... FROM.
     tx.execute(
         "UPDATE accounts a SET alerts_due_at = least(coalesce(a.alerts_due_at, 'infinity'), $1),
                                enforce_due_at = least(coalesce(a.enforce_due_at, 'infinity'), $1)
@@ -561,6 +568,7 @@ pub async fn import_resources(
 ) -> Result<ImportReport, ImportError> {
     let mut client = db.raw_client().await?;
     let tx = begin(&mut client).await?;
+    // Raw SQL: CREATE TEMP TABLE is DDL, which diesel's query builder does not say.
     tx.batch_execute(
         "CREATE TEMP TABLE resources_staging (line bigint, id text, account_id text, product text, billing_mode text,
            package_quota bigint, package_expires_at timestamptz, payg_enabled boolean, term_ends_at timestamptz)
@@ -568,6 +576,7 @@ pub async fn import_resources(
     )
     .await?;
     let parse = resource_parser(config.products.clone());
+    // Raw SQL: COPY into the staging table, which diesel cannot issue.
     let (rows, mut errors) = stream_file(
         &tx,
         "COPY resources_staging FROM STDIN",
@@ -586,6 +595,7 @@ pub async fn import_resources(
     .await?;
     resource_conflicts(&tx, &mut errors).await?;
     errors.into_result(file)?;
+    // Raw SQL: a CTE around an upsert from the temp staging table, counting inserts by xmax = 0.
     let r = tx
         .query_one(
             "WITH upserted AS (
@@ -713,6 +723,7 @@ async fn resource_conflicts(
     tx: &tokio_postgres::Transaction<'_>,
     errors: &mut Errors,
 ) -> Result<(), ImportError> {
+    // Raw SQL: a UNION ALL of diagnostics over the temp staging table, not in schema.rs.
     collect_sql_errors(
         tx,
         &format!(
@@ -745,6 +756,7 @@ async fn mark_resources_due(
     // The due-work index: a package is looked at when it expires (or now, when it has no
     // quota left); an account in the lifecycle (or owing) is looked at now, its new resources
     // being something to act on.
+    // Raw SQL: an UPDATE ... FROM an aggregating CTE over the staging table; diesel has neither.
     tx.execute(
         "WITH due AS (
            SELECT r.account_id,
@@ -834,6 +846,7 @@ fn usage_parser(tz: Tz, as_of: DateTime<Utc>, staging: bool) -> Parser {
     })
 }
 
+// Raw SQL: COPY, which diesel cannot issue.
 const USAGE_COPY: &str =
     "COPY usage_records (account_id, event_id, resource_id, meter, quantity, started_at, ended_at,
                                              usage_day, imported_at) FROM STDIN";
@@ -852,6 +865,7 @@ pub async fn import_usage(
     let mut client = db.raw_client().await?;
     let tx = begin(&mut client).await?;
     // Rows this import inserts get numbers above the sequence's current value.
+    // Raw SQL: the sequence usage_records_seq_seq is a relation schema.rs does not declare.
     let before: i64 = tx
         .query_one(
             "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM usage_records_seq_seq",
@@ -859,6 +873,7 @@ pub async fn import_usage(
         )
         .await?
         .get(0);
+    // Raw SQL: SAVEPOINT is transaction control, not a query diesel builds.
     tx.batch_execute("SAVEPOINT fast_path").await?;
     match stream_file(
         &tx,
@@ -870,6 +885,7 @@ pub async fn import_usage(
     .await
     {
         Ok((rows, errors)) if errors.count == 0 => {
+            // Raw SQL: the shared USAGE_ACCEPTED condition is SQL text, spliced into the statement.
             let bad: i64 = tx
                 .query_one(
                     &format!(
@@ -899,6 +915,7 @@ pub async fn import_usage(
             if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {}
         Err(e) => return Err(e),
     }
+    // Raw SQL: ROLLBACK TO SAVEPOINT is transaction control, not a query diesel builds.
     tx.batch_execute("ROLLBACK TO SAVEPOINT fast_path").await?;
     let (rows, inserted) = import_usage_staged(&tx, file, tz, as_of).await?;
     tx.commit().await?;
@@ -920,11 +937,13 @@ async fn import_usage_staged(
     tz: Tz,
     as_of: DateTime<Utc>,
 ) -> Result<(u64, u64), ImportError> {
+    // Raw SQL: CREATE TEMP TABLE is DDL, which diesel's query builder does not say.
     tx.batch_execute(
         "CREATE TEMP TABLE usage_staging (line bigint, account_id text, event_id text, resource_id text, meter text,
            quantity bigint, started_at timestamptz, ended_at timestamptz, usage_day date) ON COMMIT DROP",
     )
     .await?;
+    // Raw SQL: COPY into the staging table, which diesel cannot issue.
     let (rows, mut errors) = stream_file(
         tx,
         "COPY usage_staging FROM STDIN",
@@ -933,12 +952,14 @@ async fn import_usage_staged(
         usage_parser(tz, as_of, true),
     )
     .await?;
+    // Raw SQL: ANALYZE is a utility command; usage_staging is a temp table not in schema.rs.
     tx.batch_execute("ANALYZE usage_staging").await?;
     let staged: i64 = tx
         .query_one("SELECT count(*) FROM usage_staging", &[])
         .await?
         .get(0);
     let inserted = if errors.count == 0 {
+        // Raw SQL: INSERT ... SELECT from the temp staging table, with the USAGE_ACCEPTED text.
         tx.execute(
             &format!(
                 "INSERT INTO usage_records (account_id, event_id, resource_id, meter, quantity, started_at, ended_at,
@@ -967,6 +988,7 @@ async fn import_usage_staged(
             &mut errors,
         )
         .await?;
+        // Raw SQL: diagnostics over the temp staging table, with the USAGE_ACCEPTED text.
         collect_sql_errors(
             tx,
             &format!(

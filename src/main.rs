@@ -18,26 +18,6 @@ const EXIT_ERROR: u8 = 2;
 const EXIT_SLOT_HELD: u8 = 75;
 
 fn main() -> ExitCode {
-    // The demo and simulate drive thousands of short slots one after the other, each a few
-    // dozen round trips: on one thread, a reply wakes the task that waits for it without a
-    // cross-thread wake-up (on this 2-core VM, 60% of the demo's time was the kernel waking
-    // and parking the other worker). Everything else gets one worker per core.
-    let sequential = matches!(
-        std::env::args().nth(1).as_deref(),
-        Some("demo") | Some("simulate")
-    );
-    let runtime = if sequential {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-    }
-    .enable_all()
-    .build()
-    .expect("the tokio runtime starts");
-    runtime.block_on(run())
-}
-
-async fn run() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -56,6 +36,23 @@ async fn run() -> ExitCode {
             return ExitCode::from(if gate { EXIT_ERROR } else { EXIT_BAD_INPUT });
         }
     };
+    // The demo and simulate drive thousands of short slots one after the other, each a few
+    // dozen round trips: on one thread, a reply wakes the task that waits for it without a
+    // cross-thread wake-up (on this 2-core VM, 60% of the demo's time was the kernel waking
+    // and parking the other worker). Everything else gets one worker per core.
+    let sequential = matches!(cli.command, Command::Demo(_) | Command::Simulate(_));
+    let runtime = if sequential {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    }
+    .enable_all()
+    .build()
+    .expect("the tokio runtime starts");
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
     init_logging(&cli);
     let gate = matches!(cli.command, Command::Gate { .. });
     match cli::run(cli).await {

@@ -135,6 +135,7 @@ async fn readyz(State(sh): State<Arc<Shared>>) -> Response {
             // A pooled client: one that times out mid-ping goes back and is reset on reuse.
             // Raw, not diesel: ready means the raw pool the jobs' set-based SQL runs on answers.
             let c = db.raw_client().await?;
+            // Raw SQL: a ping on that raw pool's client, which diesel does not drive.
             c.execute("SELECT 1", &[]).await?;
             Ok::<(), crate::db::DbError>(())
         })

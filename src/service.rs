@@ -260,6 +260,7 @@ async fn job_step(
     let open = open_slots(sh, c, job).await?;
     // Slots not yet started, counted from the last one handed out (a one-off run with a
     // future --as-of does not hold the schedule back).
+    // Raw SQL: a read on the loop's raw connection, which diesel does not drive.
     let last: Option<DateTime<Utc>> = c
         .query_one(
             "SELECT max(as_of) FROM job_runs WHERE job = $1 AND as_of <= $2",
@@ -327,6 +328,7 @@ async fn open_slots(
 ) -> Result<Vec<OpenSlot>, JobError> {
     let lease = sh.config.service.lease.seconds() as f64;
     let me = crate::jobs::instance_id();
+    // Raw SQL: a CTE and lease arithmetic (clock_timestamp(), make_interval()) diesel cannot say.
     let rows = c
         .query(
             "WITH done AS (SELECT max(slot) AS latest FROM job_runs WHERE job = $1 AND status = 'succeeded')
@@ -393,6 +395,7 @@ async fn close_superseded(
 ) -> Result<(), JobError> {
     let lease = sh.config.service.lease.seconds() as f64;
     let me = crate::jobs::instance_id();
+    // Raw SQL: takeover arithmetic on clock_timestamp() and make_interval(), unknown to diesel.
     c.execute(
         "UPDATE job_runs SET status = 'failed', error = $3, finished_at = clock_timestamp(), lease_until = NULL
          WHERE job = $1 AND slot < $2 AND (status = 'interrupted'

@@ -307,6 +307,7 @@ pub struct Baseline {
 }
 
 pub async fn baseline(client: &tokio_postgres::Client) -> Result<Baseline, DbError> {
+    // Raw SQL: one SELECT of scalar subqueries over two tables, which diesel cannot compose.
     let row = client
         .query_one(
             "SELECT (SELECT coalesce(max(id), 0) FROM notices), (SELECT coalesce(max(id), 0) FROM lifecycle_events)",
@@ -328,6 +329,7 @@ pub async fn measure(
     from: DateTime<Utc>,
     to: DateTime<Utc>,
 ) -> Result<Counts, DbError> {
+    // Raw SQL: a CTE read by scalar subqueries, which the query builder cannot say.
     let row = client
         .query_one(
             "WITH ev AS (
@@ -430,6 +432,7 @@ pub async fn run(
     let dir = std::env::temp_dir().join(&tag);
     let result = run_on_copies(db, config, opts, &admin, &source, &names, &dir).await;
     // Always drop the copies and the scratch folder, whatever happened.
+    // Raw SQL: DROP DATABASE is DDL, which diesel's query builder does not say.
     for name in &names {
         if let Err(e) = admin
             .batch_execute(&format!(
@@ -588,6 +591,7 @@ async fn copy_database(
     // give it up to five seconds to go before settling for a dump.
     let mut others: i64 = 1;
     for attempt in 0..50 {
+        // Raw SQL: pg_stat_activity is a catalog view outside schema.rs.
         others = admin
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
@@ -601,6 +605,7 @@ async fn copy_database(
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     if template_ok && others == 0 {
+        // Raw SQL: CREATE DATABASE ... TEMPLATE is DDL, which diesel's query builder does not say.
         let sql = format!(
             "CREATE DATABASE {} TEMPLATE {}",
             ident(target),
@@ -612,6 +617,7 @@ async fn copy_database(
             Err(e) => tracing::info!(error = %e, "template copy failed; copying with pg_dump"),
         }
     }
+    // Raw SQL: CREATE DATABASE ... TEMPLATE is DDL, which diesel's query builder does not say.
     admin
         .batch_execute(&format!(
             "CREATE DATABASE {} TEMPLATE template0",

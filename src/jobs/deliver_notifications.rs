@@ -103,6 +103,7 @@ pub async fn run(
         ..Default::default()
     };
     let mut client = db.raw_client().await?;
+    // Raw SQL: a count on the run's raw client, which diesel does not drive.
     report.due = client
         .query_one(
             "SELECT count(*) FROM notices
@@ -232,6 +233,7 @@ async fn claim_batches(
     let started = std::time::Instant::now();
     let limit = config.notifications.batch_size.max(1) as i64;
     // Parsed once per run, not per batch.
+    // Raw SQL: prepared once on the claimer's raw connection (CLAIM and CANCEL_STALE say why).
     let cancel_stale = client.prepare(CANCEL_STALE).await?;
     let claim = client.prepare(CLAIM).await?;
     let contacts_of = client
@@ -255,6 +257,7 @@ async fn claim_batches(
         // One transaction: the due notices whose cause is gone are cancelled, and the rest of
         // the batch is claimed, so that nothing claimed here was untrue at the claim.
         let tx = client.transaction().await?;
+        // Raw SQL: the prepared CANCEL_STALE (CTEs with SKIP LOCKED feeding an UPDATE ... FROM).
         let cancelled = tx.query(&cancel_stale, &[&opts.as_of, &limit]).await?;
         for r in &cancelled {
             let (id, kind, reason): (i64, String, String) = (r.get(1), r.get(2), r.get(3));
@@ -278,6 +281,7 @@ async fn claim_batches(
         let claim_limit = limit - cancelled.len() as i64;
         // Oldest due first, in the order of the notices_due index; a claimed notice is due
         // again when its lease runs out (next_attempt_at = the lease's end), for a takeover.
+        // Raw SQL: the prepared CLAIM (an UPDATE ... FROM a FOR UPDATE SKIP LOCKED subquery).
         let rows = tx
             .query(&claim, &[&opts.as_of, &lease_until, &claim_limit])
             .await?;
@@ -301,6 +305,7 @@ async fn claim_batches(
             })
             .collect();
         let ids: Vec<&str> = claimed.iter().map(|n| n.account_id.as_str()).collect();
+        // Raw SQL: the prepared contacts lookup, on the claimer's raw connection.
         let contacts: HashMap<String, Contact> = client
             .query(&contacts_of, &[&ids])
             .await?
@@ -487,6 +492,7 @@ RETURNING n.account_id, n.id, n.kind, n.channel, n.payload, n.attempts";
 /// suspension ended (restored, released, changed reason) or whose release instant moved; a
 /// balance-low alert whose funds are back at or above the threshold. Suspended, restored and
 /// released notices, and webhooks, always go.
+/// Raw SQL: CTEs with FOR UPDATE SKIP LOCKED feeding an UPDATE ... FROM, which diesel cannot say.
 const CANCEL_STALE: &str = "
 WITH due AS (
   SELECT account_id, id FROM notices
@@ -558,6 +564,7 @@ async fn record_outcomes(
                     || n.attempts >= config.notifications.max_attempts as i32;
                 let status = if dead { "dead" } else { "retrying" };
                 let next = now + backoff(config, n.attempts, n.id);
+                // Raw SQL: the `failed` statement, prepared on the recorder's raw connection.
                 client
                     .execute(
                         &statements.failed,
@@ -659,6 +666,7 @@ impl SentSet {
         // the order of the lifecycle jobs (account, then episode), so that a recorder and a
         // job (or two recorders) never wait for each other in a circle.
         let facts = !self.overdue.0.is_empty() || !w_accounts.is_empty();
+        // Raw SQL: BEGIN and COMMIT pipelined with the statements; diesel awaits its BEGIN first.
         let begin = client.batch_execute("BEGIN");
         let lock = async {
             if facts {
@@ -704,6 +712,7 @@ struct RecorderStatements {
 
 impl RecorderStatements {
     async fn prepare(client: &tokio_postgres::Client) -> Result<Self, tokio_postgres::Error> {
+        // Raw SQL: prepared once per run on the recorder's raw connection, not a diesel one.
         Ok(RecorderStatements {
             lock_accounts: client
                 .prepare(
@@ -738,11 +747,10 @@ impl RecorderStatements {
 /// none is `sending` (as they do after a quiet night), the planner otherwise scanned all the
 /// claimed notices once per outcome (9.7 s for 3,900 outcomes), and the accounts table whole.
 /// The notices by their account only: `account_id = ANY($1) AND id = ANY($2)` descends the
-/// primary key once per (account, id) pair of the two arrays, k² descents for k outcomes
-/// (4.7 ms for a group of 37 where one descent per account takes 0.3). The outcomes are
-/// materialized once: the planner, believing few notices `sending`, loops over the notices
-/// and rescans the outcomes for each, and unnest'ing seven arrays per rescan was 2.6 ms of a
-/// 4.5 ms statement for 45 outcomes.
+/// primary key once per (account, id) pair of the two arrays, k² descents for k outcomes. The
+/// outcomes are materialized once: the planner, believing few notices `sending`, loops over
+/// the notices and rescans the outcomes for each, and unnest'ing seven arrays per rescan was
+/// 2.6 ms of a 4.5 ms statement for 45 outcomes (auto_explain).
 ///
 /// Raw SQL: data-modifying CTEs over unnest'ed arrays, which the query builder cannot say.
 const RECORD_SENT: &str = "

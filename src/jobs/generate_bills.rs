@@ -270,6 +270,7 @@ async fn check_order(
     day: NaiveDate,
     slot: DateTime<Utc>,
 ) -> Result<(), JobError> {
+    // Raw SQL: a CTE read by scalar subqueries (with '-infinity'), which diesel cannot say.
     let row = client
         .query_one(
             "WITH done AS (
@@ -318,12 +319,14 @@ async fn bill(
     report: &mut GenerateBillsReport,
 ) -> Result<(), JobError> {
     let params = batch_params(config, day, report.slot, opts.as_of);
+    // Raw SQL: session advisory locks are functions the query builder does not know.
     client
         .execute("SELECT pg_advisory_lock($1)", &[&BILLING_LOCK])
         .await?;
     if opts.dry_run {
         // The same statements on private copies of the work tables: temporary tables come
         // first on the search path, so a dry run writes nothing another session can see.
+        // Raw SQL: CREATE TEMP TABLE (LIKE ...) is DDL, which diesel's query builder does not say.
         client
             .batch_execute(
                 "CREATE TEMP TABLE bill_candidates (LIKE public.bill_candidates INCLUDING INDEXES);
@@ -338,6 +341,7 @@ async fn bill(
         Err(e) => Err(e),
     };
     let cleanup = if opts.dry_run {
+        // Raw SQL: DROP TABLE is DDL, which diesel's query builder does not say.
         client
             .batch_execute("DROP TABLE IF EXISTS pg_temp.bill_candidates, pg_temp.bill_skipped")
             .await
@@ -349,6 +353,7 @@ async fn bill(
     } else {
         Ok(())
     };
+    // Raw SQL: session advisory locks are functions the query builder does not know.
     client
         .execute("SELECT pg_advisory_unlock($1)", &[&BILLING_LOCK])
         .await?;
@@ -366,6 +371,7 @@ async fn clean_up(
     client: &tokio_postgres::Client,
     slot: DateTime<Utc>,
 ) -> Result<(), tokio_postgres::Error> {
+    // Raw SQL: bill_candidates and bill_skipped have no key, so schema.rs cannot describe them.
     let others: bool = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM bill_candidates WHERE slot <> $1)
@@ -378,11 +384,13 @@ async fn clean_up(
         "WITH a AS (DELETE FROM bill_candidates WHERE slot = $1),
               b AS (DELETE FROM bill_skipped WHERE slot = $1)"
     } else {
+        // Raw SQL: TRUNCATE, which diesel's query builder does not say.
         client
             .batch_execute("TRUNCATE bill_candidates, bill_skipped")
             .await?;
         ""
     };
+    // Raw SQL: a DELETE after optional data-modifying CTEs on the keyless work tables.
     client
         .execute(
             &format!("{tables} DELETE FROM job_batches WHERE job = 'generate_bills' AND slot = $1"),
@@ -456,6 +464,7 @@ async fn bill_locked(
     lap = std::time::Instant::now();
     let sums = collect(client, params.slot, report).await?;
     finish_skipped(report, &sums);
+    // Raw SQL: subqueries over bill_candidates and bill_skipped, which schema.rs does not describe.
     client
         .execute(
             "UPDATE billing_cursor SET low_water_seq = greatest(low_water_seq, coalesce(
@@ -488,14 +497,17 @@ async fn prepass(
 ) -> Result<(), JobError> {
     let slot = params.slot;
     let tx = client.transaction().await?;
+    // Raw SQL: bill_candidates and bill_skipped have no key, so schema.rs cannot describe them.
     tx.execute("DELETE FROM bill_candidates WHERE slot = $1", &[&slot])
         .await?;
     tx.execute("DELETE FROM bill_skipped WHERE slot = $1", &[&slot])
         .await?;
     // No import is half way through handing out lower numbers while the low-water mark is
     // read (SHARE).
+    // Raw SQL: diesel has no LOCK TABLE, nor SET LOCAL.
     tx.batch_execute("LOCK TABLE usage_records IN SHARE MODE; SET LOCAL work_mem = '256MB'")
         .await?;
+    // Raw SQL: read under this transaction's SHARE lock, which a diesel connection would not hold.
     let low: i64 = tx
         .query_one("SELECT low_water_seq FROM billing_cursor", &[])
         .await?
@@ -503,6 +515,7 @@ async fn prepass(
     let splits = split_points(&tx, params.workers).await?;
     let mut helpers = Vec::new();
     if !splits.is_empty() {
+        // Raw SQL: pg_export_snapshot() is a function the query builder does not know.
         let snapshot: String = tx
             .query_one("SELECT pg_export_snapshot()", &[])
             .await?
@@ -534,6 +547,7 @@ async fn prepass(
     report.late_records = counts[2];
     report.accounts_already_billed = counts[3];
     // Statistics for the batches' plans: the table was empty when last analyzed.
+    // Raw SQL: ANALYZE is a utility command, which diesel cannot issue.
     client.batch_execute("ANALYZE bill_candidates").await?;
     Ok(())
 }
@@ -559,6 +573,7 @@ async fn split_points(
     let Some(bounds) = bounds else {
         return Ok(Vec::new());
     };
+    // Raw SQL: a cast of the histogram's text to text[], parsed by PostgreSQL's array input.
     let bounds: Vec<String> = tx
         .query_one("SELECT $1::text::text[]", &[&bounds])
         .await?
@@ -653,6 +668,7 @@ async fn batch_bounds(
     client: &tokio_postgres::Client,
     params: &BatchParams,
 ) -> Result<Vec<(String, String)>, JobError> {
+    // Raw SQL: a window function (row_number()) over bill_candidates, which schema.rs lacks.
     Ok(client
         .query(
             "SELECT min(account_id), max(account_id) FROM (
@@ -675,6 +691,7 @@ async fn queue_batches(
     slot: DateTime<Utc>,
     bounds: Vec<(String, String)>,
 ) -> Result<(), JobError> {
+    // Raw SQL: on the run's raw connection; the INSERT is over unnest(...) WITH ORDINALITY.
     client
         .execute(
             "DELETE FROM job_batches WHERE job = 'generate_bills' AND slot = $1 AND status = 'pending'",
@@ -727,6 +744,7 @@ async fn drain(
                 *report.timings.entry(phase).or_insert(0.0) += secs;
             }
         }
+        // Raw SQL: a count on the run's raw connection, which diesel does not drive.
         let pending: i64 = client
             .query_one(
                 "SELECT count(*) FROM job_batches WHERE job = 'generate_bills' AND slot = $1 AND status = 'pending'",
@@ -772,6 +790,7 @@ async fn collect(
     report: &mut GenerateBillsReport,
 ) -> Result<BatchResult, JobError> {
     let mut sums = BatchResult::default();
+    // Raw SQL: a read on the run's raw connection, which diesel does not drive.
     for r in client
         .query(
             "SELECT result, done_by FROM job_batches WHERE job = 'generate_bills' AND slot = $1 AND status = 'done'",
@@ -816,6 +835,7 @@ async fn work_one_batch(
     report: &mut GenerateBillsReport,
 ) -> Result<Option<i32>, JobError> {
     let tx = client.transaction().await?;
+    // Raw SQL: FOR UPDATE OF b SKIP LOCKED over a join; diesel cannot name the locked table.
     let row = tx
         .query_opt(
             "SELECT b.slot, b.batch_no, b.lo, b.hi, r.as_of
@@ -851,6 +871,7 @@ async fn work_one_batch(
         }
     };
     let result = bill_batch(&tx, &p, false, report).await?;
+    // Raw SQL: in the batch's raw transaction, with clock_timestamp() (unknown to diesel).
     tx.execute(
         "UPDATE job_batches SET status = 'done', done_by = $3, done_at = clock_timestamp(), result = $4
          WHERE job = 'generate_bills' AND slot = $1 AND batch_no = $2",
@@ -1118,12 +1139,14 @@ async fn bill_batch(
     // batch's CTEs in memory. No JIT: the penalty that steers the planner away from nested
     // loops (which the LATERAL probes must stay) makes the statement look expensive enough
     // for an optimised JIT compilation, 2.5 s of CPU per batch for a statement of 0.3 s.
+    // Raw SQL: SET LOCAL planner settings are session commands, not queries diesel builds.
     tx.batch_execute(
         "SET LOCAL enable_nestloop = off; SET LOCAL work_mem = '64MB'; SET LOCAL jit = off",
     )
     .await?;
     // Serialise with top-ups, coupon grants and lifecycle decisions on the same accounts;
     // the billing statement's snapshot is taken after this, so it reads what they wrote.
+    // Raw SQL: a FOR UPDATE lock with subqueries over the keyless work tables (not in schema.rs).
     tx.execute(
         "SELECT 1 FROM accounts WHERE id >= $1 AND id <= $2
            AND id IN (SELECT account_id FROM bill_candidates WHERE slot = $4 AND account_id >= $1 AND account_id <= $2

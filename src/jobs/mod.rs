@@ -127,6 +127,7 @@ pub async fn claim_slot(
     // Only the lock's holder claims (the lock first, then the row: two claimers can never
     // both win), except a claim stuck behind a connection that is not yet seen dead.
     let row = if locked {
+        // Raw SQL: a typed upsert on the slot's own connection, where the advisory lock lives.
         client
             .query_typed_opt(
                 "INSERT INTO job_runs (job, slot, status, as_of, started_at, owner, lease_until)
@@ -150,6 +151,7 @@ pub async fn claim_slot(
             )
             .await?
     } else {
+        // Raw SQL: a typed one-round-trip takeover, timed by clock_timestamp() and make_interval().
         client
             .query_typed_opt(
                 "UPDATE job_runs SET
@@ -175,6 +177,7 @@ pub async fn claim_slot(
     if locked {
         unlock_slot(client, job, slot).await?;
     }
+    // Raw SQL: a one-round-trip typed read on the slot's connection, which diesel does not drive.
     let Some(row) = client
         .query_typed_opt(
             "SELECT status, finished_at, owner, lease_until FROM job_runs WHERE job = $1 AND slot = $2",
@@ -210,6 +213,7 @@ async fn try_lock_slot(
 ) -> Result<bool, JobError> {
     let key = slot_lock_key(job, slot);
     for attempt in 0..=20 {
+        // Raw SQL: session advisory locks are functions the query builder does not know.
         let locked: bool = client
             .query_typed_one("SELECT pg_try_advisory_lock($1)", &[(&key, Type::INT8)])
             .await?
@@ -238,6 +242,7 @@ async fn unlock_slot(
     job: JobName,
     slot: DateTime<Utc>,
 ) -> Result<(), JobError> {
+    // Raw SQL: session advisory locks are functions the query builder does not know.
     client
         .execute_typed(
             "SELECT pg_advisory_unlock($1)",
@@ -262,6 +267,7 @@ pub async fn finish_slot(
         }
         Err(e) => ("failed", None, Some(e.to_string())),
     };
+    // Raw SQL: a typed update on the slot's own connection, pipelined with the unlock (end_slot).
     let n = client
         .execute_typed(
             "UPDATE job_runs SET status = $3, report = $4, error = $5, finished_at = clock_timestamp(),
@@ -459,6 +465,7 @@ async fn renew_lease(
         tokio::time::sleep(every).await;
         let renewed = async {
             let c = db.raw_client().await?;
+            // Raw SQL: a typed one-round-trip renewal on the database's clock (clock_timestamp()).
             let n = c
                 .execute_typed(
                     "UPDATE job_runs SET lease_until = clock_timestamp() + make_interval(secs => $4)
