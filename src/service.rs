@@ -17,8 +17,8 @@ use chrono::{DateTime, Utc};
 
 use crate::config::Config;
 use crate::db::{Db, DbError, MigrationMode};
-use crate::jobs::deliver_notifications::Channels;
 use crate::jobs::{Did, JobError, Outcome, RunArgs};
+use crate::notify::Channels;
 use crate::scheduler::{Cadence, CatchUp, Clock, JobSchedule, Schedule};
 use crate::shared::Shared;
 

@@ -10,9 +10,9 @@ use chrono::Utc;
 
 use crate::config::Config;
 use crate::db::Db;
-use crate::jobs::deliver_notifications::Channels;
 use crate::jobs::JobCtx;
 use crate::metrics::Metrics;
+use crate::notify::Channels;
 use crate::scheduler::{Clock, JobSchedule, Schedule};
 
 /// What the loops and the HTTP handlers share.

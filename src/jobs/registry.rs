@@ -17,8 +17,8 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::db::Db;
-use crate::jobs::deliver_notifications::Channels;
 use crate::jobs::{JobError, JOBS};
+use crate::notify::Channels;
 
 /// A job's one name: its file in `src/jobs/` and `jobs/`, `arrears run NAME`, the `job` log
 /// field and metric label, and `job_runs.job`.

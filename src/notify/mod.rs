@@ -171,3 +171,32 @@ impl SendError {
         }
     }
 }
+
+/// The channels, built once per process: what delivery sends through and `check` builds.
+/// Here, not in the delivery job, so that the job registry (whose contexts carry them) and
+/// the job do not import each other.
+pub struct Channels {
+    pub templates: templates::Templates,
+    pub mailer: email::Mailer,
+    pub sms: sms::SmsSender,
+    pub http: reqwest::Client,
+}
+
+impl Channels {
+    pub fn from_config(config: &Config) -> Result<Channels, String> {
+        let templates = templates::Templates::load(config.notifications.templates_dir.as_deref())
+            .map_err(|e| e.to_string())?;
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(
+                config.notifications.send_timeout.seconds() as u64,
+            ))
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Channels {
+            templates,
+            mailer: email::Mailer::from_config(config)?,
+            sms: sms::SmsSender::from_config(config, http.clone()),
+            http,
+        })
+    }
+}
