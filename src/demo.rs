@@ -547,7 +547,7 @@ async fn deliver_due(
     // Raw SQL: a typed one-round-trip probe on the demo's raw client, which diesel does not drive.
     let pending: bool = client
         .query_typed_one(
-            "SELECT EXISTS (SELECT 1 FROM notices WHERE status IN ('pending', 'retrying') AND next_attempt_at <= $1)",
+            "SELECT EXISTS (SELECT 1 FROM notices WHERE queued AND status <> 'sending' AND next_attempt_at <= $1)",
             &[(&slot, Type::TIMESTAMPTZ)],
         )
         .await?

@@ -39,8 +39,14 @@ fn main() -> ExitCode {
     // The demo and simulate drive thousands of short slots one after the other, each a few
     // dozen round trips: on one thread, a reply wakes the task that waits for it without a
     // cross-thread wake-up (on this 2-core VM, 60% of the demo's time was the kernel waking
-    // and parking the other worker). Everything else gets one worker per core.
-    let sequential = matches!(cli.command, Command::Demo(_) | Command::Simulate(_));
+    // and parking the other worker). A one-off job run and the email benchmark wait on the
+    // database and the mail server too, never on arrears' own CPU: one thread spent a tenth
+    // less CPU per notice delivered (bench-email, BENCHMARKS.md). The service keeps one
+    // worker per core, so that its HTTP API answers while a job renders a large batch.
+    let sequential = matches!(
+        cli.command,
+        Command::Demo(_) | Command::Simulate(_) | Command::Run(_) | Command::BenchEmail(_)
+    );
     let runtime = if sequential {
         tokio::runtime::Builder::new_current_thread()
     } else {

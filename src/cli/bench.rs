@@ -36,6 +36,10 @@ pub struct BenchEmailArgs {
     smtp_url: Option<String>,
     #[arg(long, default_value_t = 16)]
     connections: usize,
+    /// Rounds against smtp-sink (arrears, then smtp-source); the median round's ratio is
+    /// judged against the target.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 }
 
 #[derive(clap::Args)]
@@ -104,6 +108,7 @@ pub async fn bench_email(env: &Env, a: BenchEmailArgs) -> Result<ExitCode> {
         count: a.count,
         smtp_url: a.smtp_url,
         connections: a.connections,
+        rounds: a.rounds,
     };
     print_json(&arrears::bench_email::run(&env.config, &opts).await?)?;
     Ok(ExitCode::SUCCESS)

@@ -197,6 +197,7 @@ diesel::table! {
         cancel_reason -> Nullable<Text>,
         message_id -> Nullable<Text>,
         dev_channel -> Bool,
+        queued -> Bool,
     }
 }
 
