@@ -451,7 +451,8 @@ pub fn backoff(config: &Config, attempts: i32, seed: i64) -> chrono::Duration {
 /// so that the new version stays on its page with no new index entry (migration
 /// 2026-12-06-000003); the notices in flight, at most a batch and the sends under way, are
 /// skipped on their rows. Each fact is looked up only for the kinds it decides. The due
-/// notices are scanned and locked once for both (two statements cost 40 % more).
+/// notices are scanned and locked once for both (two statements scanned and locked them
+/// twice: 497 ms against 418-521 ms for one, per 20,000 notices, within the machine's spread).
 /// Raw SQL: CTEs with FOR UPDATE SKIP LOCKED feeding two UPDATE ... FROM, which the query
 /// builder cannot say.
 const CLAIM: &str = "
