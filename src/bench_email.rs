@@ -73,6 +73,25 @@ pub struct Round {
     pub ratio: f64,
 }
 
+impl Comparison {
+    /// The median round's figures (by ratio), with every round.
+    fn of(server: String, reference: String, rounds: Vec<Round>) -> Comparison {
+        let mut by_ratio = rounds.clone();
+        by_ratio.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
+        let median = &by_ratio[by_ratio.len() / 2];
+        Comparison {
+            server,
+            reference,
+            arrears_seconds: median.arrears_seconds,
+            arrears_emails_per_second: median.arrears_emails_per_second,
+            reference_seconds: median.reference_seconds,
+            reference_emails_per_second: median.reference_emails_per_second,
+            ratio: median.ratio,
+            rounds,
+        }
+    }
+}
+
 impl Round {
     fn new(count: u64, arrears_seconds: f64, reference_seconds: f64) -> Round {
         let count = count as f64;
@@ -202,38 +221,31 @@ pub async fn run(
         let tag = format!("sink{round}");
         let (arrears_seconds, channels) =
             deliver(&db, config, &sink_url, &tag, round as i32, n, &vars).await?;
-        // The same message, as bytes: its size for smtp-source, its bytes for the plain
-        // generator.
-        let mail = channels
-            .templates
-            .email(crate::notify::NoticeKind::Overdue, "en", &vars)
-            .map_err(other)?;
-        bytes = crate::notify::email::build_message(
-            "Bench <bench@example.com>",
-            "user@example.com",
-            &mail,
-            "<plain@example.com>",
-        )
-        .map_err(other)?
-        .formatted();
+        if bytes.is_empty() {
+            // The same message, as bytes: its size for smtp-source, its bytes for the plain
+            // generator.
+            let mail = channels
+                .templates
+                .email(crate::notify::NoticeKind::Overdue, "en", &vars)
+                .map_err(other)?;
+            bytes = crate::notify::email::build_message(
+                "Bench <bench@example.com>",
+                "user@example.com",
+                &mail,
+                "<plain@example.com>",
+            )
+            .map_err(other)?
+            .formatted();
+        }
         let source_seconds = smtp_source(opts, sink.port, bytes.len()).await?;
         rounds.push(Round::new(opts.count, arrears_seconds, source_seconds));
     }
     drop(sink);
-    let count = opts.count as f64;
-    let mut by_ratio = rounds.clone();
-    by_ratio.sort_by(|a, b| a.ratio.total_cmp(&b.ratio));
-    let median = by_ratio[by_ratio.len() / 2].clone();
-    let smtp_sink = Comparison {
-        server: "postfix smtp-sink".into(),
-        reference: format!("smtp-source -d -s {}", opts.connections.max(1)),
-        arrears_seconds: median.arrears_seconds,
-        arrears_emails_per_second: count / median.arrears_seconds,
-        reference_seconds: median.reference_seconds,
-        reference_emails_per_second: count / median.reference_seconds,
-        ratio: median.ratio,
+    let smtp_sink = Comparison::of(
+        "postfix smtp-sink".into(),
+        format!("smtp-source -d -s {}", opts.connections.max(1)),
         rounds,
-    };
+    );
 
     let second_server = match &opts.smtp_url {
         None => None,
@@ -261,16 +273,11 @@ pub async fn run(
                 task.await.map_err(other)??;
             }
             let plain_seconds = t.elapsed().as_secs_f64();
-            Some(Comparison {
-                server: url.clone(),
-                reference: format!("a plain SMTP client, {conns} connections"),
-                arrears_seconds,
-                arrears_emails_per_second: count / arrears_seconds,
-                reference_seconds: plain_seconds,
-                reference_emails_per_second: count / plain_seconds,
-                ratio: plain_seconds / arrears_seconds,
-                rounds: vec![Round::new(opts.count, arrears_seconds, plain_seconds)],
-            })
+            Some(Comparison::of(
+                url.clone(),
+                format!("a plain SMTP client, {conns} connections"),
+                vec![Round::new(opts.count, arrears_seconds, plain_seconds)],
+            ))
         }
     };
     drop(client);

@@ -76,7 +76,7 @@ pub async fn run(
         dry_run: opts.dry_run,
         ..Default::default()
     };
-    let mut client = db.raw_client().await?;
+    let client = db.raw_client().await?;
     // Raw SQL: a count on the run's raw client, which diesel does not drive.
     report.due = client
         .query_one(
@@ -113,7 +113,7 @@ pub async fn run(
         let (config, opts) = (shared.clone(), opts.clone());
         tokio::spawn(async move {
             let mut stats = ClaimStats::default();
-            claim_batches(&mut client, &config, &opts, claimed_tx, &mut stats).await?;
+            claim_batches(&client, &config, &opts, claimed_tx, &mut stats).await?;
             Ok::<ClaimStats, JobError>(stats)
         })
     };
@@ -193,12 +193,12 @@ struct ClaimStats {
     cancelled_reasons: Vec<String>,
 }
 
-/// The claimer: batch after batch (at most `max_batches`), in one transaction each, cancels
+/// The claimer: batch after batch (at most `max_batches`), in one statement each, cancels
 /// the due notices whose cause is gone and claims the rest with a lease, then reads their
 /// contacts (a send in flight holds no database connection) and hands them to the senders.
 /// Stops when nothing is due or when the senders stop.
 async fn claim_batches(
-    client: &mut tokio_postgres::Client,
+    client: &tokio_postgres::Client,
     config: &Config,
     opts: &Options,
     out: tokio::sync::mpsc::Sender<(Claimed, Option<Contact>)>,
