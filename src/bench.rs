@@ -36,6 +36,10 @@ pub struct DayFigures {
     pub bill_day: chrono::NaiveDate,
     pub import_usage_seconds: f64,
     pub billing_seconds: f64,
+    /// WAL the cluster wrote while the day was billed, MiB: the day's writes, full-page images
+    /// of the index pages they touched included (each day starts after a CHECKPOINT). Unlike
+    /// the seconds, it does not move with the machine's load.
+    pub billing_wal_mib: f64,
     pub bills_issued: i64,
     /// Usage records in the database when the day was billed (history included).
     pub usage_records_in_database: i64,
@@ -70,6 +74,11 @@ pub struct BenchReport {
     pub days: Vec<DayFigures>,
     /// Billing time of the last day / of the first (target <= 1.1).
     pub last_to_first_day: f64,
+    /// The same ratio read off the least-squares line through every day's billing time: how
+    /// the cost grows with history, less the noise of any one day.
+    pub last_to_first_day_trend: f64,
+    /// WAL written billing the last day / the first.
+    pub last_to_first_day_wal: f64,
     /// Where generate_bills spent its time, by phase.
     pub billing_phases: std::collections::BTreeMap<String, f64>,
     /// Peak resident memory of this process (the arrears code under test), MiB.
@@ -168,10 +177,12 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
     let same_writes_seconds = same_writes(&client, &admin, config, bill_day, as_of).await?;
     eprintln!("same-writes transaction in {same_writes_seconds:.1}s");
 
+    let wal = wal_position(&client).await?;
     let t = Instant::now();
     let bills = bill(&db, config, as_of).await?;
     let billing_seconds = t.elapsed().as_secs_f64();
-    eprintln!("billed in {billing_seconds:.1}s");
+    let billing_wal_mib = wal_since(&client, &wal).await?;
+    eprintln!("billed in {billing_seconds:.1}s ({billing_wal_mib:.0} MiB of WAL)");
 
     let handwritten_rating_seconds = rating_only(&client, config, bills.bill_day).await?;
 
@@ -179,12 +190,16 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
         bill_day: bills.bill_day,
         import_usage_seconds,
         billing_seconds,
+        billing_wal_mib,
         bills_issued: bills.bills_issued,
         usage_records_in_database: opts.usage as i64,
         billing_phases: bills.timings.clone(),
     }];
     later_days(&db, &client, &admin, config, opts, as_of, &mut days).await?;
     let last_to_first_day = days.last().map_or(1.0, |l| l.billing_seconds) / billing_seconds;
+    let seconds: Vec<f64> = days.iter().map(|d| d.billing_seconds).collect();
+    let last_to_first_day_trend = trend_last_to_first(&seconds);
+    let last_to_first_day_wal = days.last().map_or(1.0, |l| l.billing_wal_mib) / billing_wal_mib;
 
     let rows = opts.usage as f64;
     Ok(BenchReport {
@@ -206,6 +221,8 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
         same_writes_ratio: billing_seconds / same_writes_seconds,
         days,
         last_to_first_day,
+        last_to_first_day_trend,
+        last_to_first_day_wal,
         billing_phases: bills.timings.clone(),
         peak_rss_mib: peak_rss_mib(),
         database: if config.database.url.is_some() {
@@ -244,6 +261,48 @@ async fn rating_only(
     Ok(seconds)
 }
 
+/// The cluster's WAL insert position, as text (pg_lsn has no Rust type here).
+async fn wal_position(client: &tokio_postgres::Client) -> Result<String, BenchError> {
+    // Raw SQL: a server function on the bench's raw client.
+    Ok(client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0))
+}
+
+/// MiB of WAL written since `from` (a `wal_position`).
+async fn wal_since(client: &tokio_postgres::Client, from: &str) -> Result<f64, BenchError> {
+    // Raw SQL: a server function on the bench's raw client.
+    let bytes: i64 = client
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), $1::text::pg_lsn)::bigint",
+            &[&from],
+        )
+        .await?
+        .get(0);
+    Ok(bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// The least-squares line through `ys` (one per day), its value at the last day over its value
+/// at the first; 1 for fewer than two days.
+fn trend_last_to_first(ys: &[f64]) -> f64 {
+    let n = ys.len() as f64;
+    if ys.len() < 2 {
+        return 1.0;
+    }
+    let mean_x = (n - 1.0) / 2.0;
+    let mean_y = ys.iter().sum::<f64>() / n;
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for (i, y) in ys.iter().enumerate() {
+        let dx = i as f64 - mean_x;
+        sxy += dx * (y - mean_y);
+        sxx += dx * dx;
+    }
+    let slope = sxy / sxx;
+    let first = mean_y - slope * mean_x;
+    (first + slope * (n - 1.0)) / first
+}
+
 /// `--days`: each later day's usage generated, imported and billed, as the nights would.
 async fn later_days(
     db: &Db,
@@ -270,16 +329,19 @@ async fn later_days(
         // Raw SQL: benchmark scaffolding (VACUUM, CHECKPOINT).
         client.batch_execute("VACUUM ANALYZE").await?;
         admin.batch_execute("CHECKPOINT").await?;
+        let wal = wal_position(client).await?;
         let t = Instant::now();
         let r = bill(db, config, as_of).await?;
         let billing_seconds = t.elapsed().as_secs_f64();
+        let billing_wal_mib = wal_since(client, &wal).await?;
         // Raw SQL: a count on the bench's raw client, which diesel does not drive.
         let in_db: i64 = client
             .query_one("SELECT count(*) FROM usage_records", &[])
             .await?
             .get(0);
         eprintln!(
-            "day {} ({}): imported in {import_usage_seconds:.1}s, billed in {billing_seconds:.1}s",
+            "day {} ({}): imported in {import_usage_seconds:.1}s, billed in {billing_seconds:.1}s \
+             ({billing_wal_mib:.0} MiB of WAL)",
             d + 1,
             r.bill_day
         );
@@ -287,6 +349,7 @@ async fn later_days(
             bill_day: r.bill_day,
             import_usage_seconds,
             billing_seconds,
+            billing_wal_mib,
             bills_issued: r.bills_issued,
             usage_records_in_database: in_db,
             billing_phases: r.timings,
@@ -658,4 +721,20 @@ fn peak_rss_mib() -> f64 {
             })
         })
         .map_or(0.0, |kib| kib / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trend_last_to_first;
+
+    #[test]
+    fn trend_reads_growth_off_the_fitted_line() {
+        assert_eq!(trend_last_to_first(&[4.0]), 1.0);
+        assert!((trend_last_to_first(&[4.0, 4.0, 4.0]) - 1.0).abs() < 1e-12);
+        // A straight line: the fit is the line itself.
+        assert!((trend_last_to_first(&[1.0, 2.0, 3.0]) - 3.0).abs() < 1e-12);
+        // One slow last day moves the fit, not as far as the raw last/first (5/4).
+        let t = trend_last_to_first(&[4.0, 4.0, 4.0, 4.0, 5.0]);
+        assert!(t > 1.0 && t < 1.25, "{t}");
+    }
 }

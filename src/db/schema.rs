@@ -47,7 +47,7 @@ diesel::table! {
 }
 
 diesel::table! {
-    bill_lines (account_id, bill_day, resource_id, meter) {
+    bill_lines (bill_day, account_id, resource_id, meter) {
         account_id -> Text,
         bill_day -> Date,
         resource_id -> Text,
