@@ -166,13 +166,18 @@ async fn read_only_commands_change_nothing_under_another_configuration() {
 async fn a_price_change_takes_effect_from_its_instant_and_only_by_prices_apply() {
     let t = TestDb::with_config(config_with(&[UTC])).await;
     let url = t.url.as_str();
-    t.import_accounts(&["A,Alpha,a@example.com,,en,UTC,100.00,0,"])
+    t.import_accounts(&[
+        "A,Alpha,a@example.com,,en,UTC,100.00,0,",
+        "B,Beta,b@example.com,,en,UTC,100.00,0,",
+    ])
+    .await;
+    t.import_resources(&["A-1,A,lcic,pay_per_use,,,,", "B-1,B,lcic,pay_per_use,,,,"])
         .await;
-    t.import_resources(&["A-1,A,lcic,pay_per_use,,,,"]).await;
     t.import_usage(
         &[
             "e1,A,A-1,classroom_minutes,100,2026-11-21T01:00:00Z,2026-11-21T02:00:00Z",
             "e2,A,A-1,classroom_minutes,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+            "e3,B,B-1,classroom_minutes,40,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
         ],
         "2026-11-22T23:00:00Z",
     )
@@ -296,6 +301,59 @@ async fn a_price_change_takes_effect_from_its_instant_and_only_by_prices_apply()
         totals,
         vec!["2026-11-21=1.50", "2026-11-22=3.00"],
         "{bills}"
+    );
+    // Each bill carries its own day's lines of its own account, whatever the lines' key order
+    // (bill lines are keyed day first): B's line of the 22nd is on B's bill only.
+    let lines = |bills: &serde_json::Value| -> Vec<String> {
+        bills
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|b| {
+                let day = b["bill_day"].as_str().unwrap().to_owned();
+                b["lines"].as_array().unwrap().iter().map(move |l| {
+                    format!(
+                        "{day} {} {} {}@{}={}",
+                        l["resource_id"].as_str().unwrap(),
+                        l["meter"].as_str().unwrap(),
+                        l["quantity"].as_str().unwrap(),
+                        l["unit_price"].as_str().unwrap(),
+                        l["amount"].as_str().unwrap()
+                    )
+                })
+            })
+            .collect()
+    };
+    assert_eq!(
+        lines(&bills),
+        vec![
+            "2026-11-21 A-1 classroom_minutes 100@0.015000000=1.50",
+            "2026-11-22 A-1 classroom_minutes 100@0.030000000=3.00"
+        ],
+        "{bills}"
+    );
+    let b = ok_json(arrears(url, &["bills", "B", "--json"]));
+    assert_eq!(
+        lines(&b),
+        vec!["2026-11-22 B-1 classroom_minutes 40@0.030000000=1.20"],
+        "{b}"
+    );
+    let one_day = ok_json(arrears(
+        url,
+        &[
+            "bills",
+            "A",
+            "--from",
+            "2026-11-22",
+            "--to",
+            "2026-11-22",
+            "--json",
+        ],
+    ));
+    assert_eq!(
+        lines(&one_day),
+        vec!["2026-11-22 A-1 classroom_minutes 100@0.030000000=3.00"],
+        "{one_day}"
     );
 }
 

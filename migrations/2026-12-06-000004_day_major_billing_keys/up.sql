@@ -5,7 +5,8 @@
 -- go to the right-hand edge of the index, in the order billing writes them, whatever the
 -- history. Both indexes stay unique on the same columns; their readers name both the account
 -- and the day (a bill's lines; a day's charge), which a day-first key serves as well.
--- Rebuilt in place: existing rows are kept.
+-- Rebuilt in place: existing rows are kept. The rebuild holds an exclusive lock on both tables
+-- (about 1 s per million bill lines on the project's machine).
 ALTER TABLE bill_lines DROP CONSTRAINT bill_lines_pkey;
 ALTER TABLE bill_lines ADD PRIMARY KEY (bill_day, account_id, resource_id, meter);
 
