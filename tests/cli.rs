@@ -633,3 +633,120 @@ async fn send_alerts_dry_run_prints_the_plan_and_account_show_the_episode_and_ne
     let hist = ok_json(arrears(u, &["account", "history", "D", "--json"]));
     assert_eq!(hist[0]["episode"], 1, "{hist}");
 }
+
+/// R9 when no send_alerts run came in a release warning's window: the warning goes out late,
+/// quoting a release a day after it is sent, and the release waits for its acceptance. (They
+/// used to be dropped once the release instant passed: the account was then due for no job
+/// again and its resources stayed suspended for ever.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_release_warning_missed_in_its_window_goes_out_late_and_the_release_waits_for_it() {
+    let t = TestDb::new().await;
+    let u = Some(t.url.as_str());
+    let accounts = csv(
+        ACCOUNTS_HEADER,
+        &["W,Warned,w@example.com,,en,UTC,-1.00,0,"],
+    );
+    let resources = csv(RESOURCES_HEADER, &["W-1,W,sa,pay_per_use,,,,"]);
+    let p = |c: &Csv| c.path.to_str().unwrap().to_string();
+    let run = |args: &[&str]| ok_json(arrears(u, args));
+    run(&[
+        "import",
+        "accounts",
+        &p(&accounts),
+        "--as-of",
+        "2026-11-20T00:00:00Z",
+    ]);
+    run(&[
+        "import",
+        "resources",
+        &p(&resources),
+        "--as-of",
+        "2026-11-20T00:00:00Z",
+    ]);
+    run(&[
+        "run",
+        "enforce_suspensions",
+        "--as-of",
+        "2026-11-20T01:00:00Z",
+    ]);
+    // sa: 15 days of grace, then 15 of retention.
+    let r = run(&[
+        "run",
+        "enforce_suspensions",
+        "--as-of",
+        "2026-12-06T01:00:00Z",
+    ]);
+    assert_eq!(r["resources_suspended"], 1, "{r}");
+    let w = run(&["account", "show", "W", "--json"]);
+    assert_eq!(
+        w["resources"][0]["release_at"], "2026-12-21T01:00:00Z",
+        "{w}"
+    );
+
+    // No alerts run in either warning's window: kept, not released.
+    let rel = run(&[
+        "run",
+        "release_resources",
+        "--as-of",
+        "2026-12-21T02:00:00Z",
+    ]);
+    assert_eq!(rel["released_count"], 0, "{rel}");
+    assert_eq!(rel["kept"]["release_warning_missing"], 1, "{rel}");
+    // The next alerts run sends both, late, each quoting a release a day after it.
+    let a = run(&["run", "send_alerts", "--as-of", "2026-12-21T03:00:00Z"]);
+    assert_eq!(a["release_warnings"], 2, "{a}");
+    let quoted = t
+        .client()
+        .await
+        .query(
+            "SELECT payload->>'lead', payload->>'release_at' FROM notices
+             WHERE account_id = 'W' AND kind = 'release_warning' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| format!("{}: {}", r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect::<Vec<_>>();
+    assert_eq!(
+        quoted,
+        vec!["24h: 2026-12-22 03:00 (UTC)", "7d: 2026-12-22 03:00 (UTC)"]
+    );
+    // Delivered (with them the overdue alert no run had sent either, and the suspension
+    // notice), and written once: the next alerts run writes nothing more.
+    let d = run(&[
+        "run",
+        "deliver_notifications",
+        "--as-of",
+        "2026-12-21T03:01:00Z",
+    ]);
+    assert_eq!(d["sent"], 4, "{d}");
+    assert_eq!(
+        t.scalar_i64(
+            "SELECT count(*) FROM notices WHERE account_id = 'W' AND kind = 'release_warning'
+               AND status = 'sent' AND accepted_at = '2026-12-21T03:01:00Z'"
+        )
+        .await,
+        2
+    );
+    let again = run(&["run", "send_alerts", "--as-of", "2026-12-21T04:00:00Z"]);
+    assert_eq!(again["notices_written"], 0, "{again}");
+    // Accepted less than a day ago: still kept (release_resources runs daily at 02:00).
+    let rel = run(&[
+        "run",
+        "release_resources",
+        "--as-of",
+        "2026-12-22T02:00:00Z",
+    ]);
+    assert_eq!(rel["released_count"], 0, "{rel}");
+    let w = run(&["account", "show", "W", "--json"]);
+    assert_eq!(w["resources"][0]["state"], "suspended", "{w}");
+    let rel = run(&[
+        "run",
+        "release_resources",
+        "--as-of",
+        "2026-12-23T02:30:00Z",
+    ]);
+    assert_eq!(rel["released_count"], 1, "{rel}");
+    assert_eq!(rel["released"][0]["resource_id"], "W-1");
+}

@@ -75,6 +75,10 @@ pub struct AlertSettings {
     pub imminent_lead: Duration,
     pub currency: String,
     pub minor_unit_digits: u32,
+    /// R9: how long before a release each warning must have been accepted
+    /// (`lifecycle.warning_min_age`): a late warning quotes the release no earlier than this
+    /// after it is sent.
+    pub warning_min_age: Duration,
 }
 
 /// One notice to write now: its kind, the period that makes its dedupe key, the template
@@ -200,6 +204,11 @@ fn windows(
             let Some(release_at) = s.release_at else {
                 continue;
             };
+            // A warning's window stays open past the release instant: a warning that was not
+            // written in time (no send_alerts run in its window, a legal hold lifted after it)
+            // is sent late rather than never, since without it the resource could never be
+            // released (R9); the release then waits for it (`release_check`), and the notice
+            // quotes the later instant (`plan`).
             for lead in &p.release_warnings {
                 out.push(Window {
                     topic: Topic::Warning {
@@ -208,7 +217,7 @@ fn windows(
                         release_at,
                     },
                     start: release_at - lead.to_chrono(),
-                    end: Some(release_at),
+                    end: None,
                 });
             }
         }
@@ -310,6 +319,9 @@ pub fn plan(
             .map(|(r, _)| r.id.as_str())
             .collect();
         let list: Vec<String> = nos.iter().map(|n| format!("s{n}")).collect();
+        // Sent less than warning_min_age before the release instant (late), the warning
+        // quotes when the release can happen: that long after it is sent.
+        let quoted = release_at.max(now + settings.warning_min_age);
         plan.notices.push(PlannedNotice {
             kind: NoticeKind::ReleaseWarning,
             period: format!(
@@ -319,16 +331,24 @@ pub fn plan(
                 list.join(",")
             ),
             vars: serde_json::json!({
-                "release_at": format_instant(release_at, tz),
+                "release_at": format_instant(quoted, tz),
                 "lead": lead,
                 "resources": resources,
             }),
             episode,
             suspension: nos.first().copied(),
-            why: format!(
-                "{} will be released at {release_at}: the {lead} warning",
-                resources.join(", ")
-            ),
+            why: if quoted == release_at {
+                format!(
+                    "{} will be released at {release_at}: the {lead} warning",
+                    resources.join(", ")
+                )
+            } else {
+                format!(
+                    "{} were due for release at {release_at}; the {lead} warning was not sent \
+                     in time, so they are released no earlier than {quoted}",
+                    resources.join(", ")
+                )
+            },
             topics,
         });
     }
@@ -420,6 +440,7 @@ mod tests {
             imminent_lead: h(6),
             currency: "CNY".into(),
             minor_unit_digits: 2,
+            warning_min_age: h(24),
         }
     }
 
@@ -628,6 +649,48 @@ mod tests {
             ..a.clone()
         };
         assert!(plan(&paid, &b, &res, &HashSet::new(), &s, "UTC", r_at - d(7)).is_empty());
+    }
+
+    #[test]
+    fn a_release_warning_missed_in_its_window_is_sent_late_quoting_the_later_release() {
+        let (lcic, _) = policies();
+        let b = reachable();
+        let s = settings();
+        let mut a = debtor(Some(t0()));
+        a.episode.as_mut().unwrap().suspended_at = Some(t0() + d(1));
+        let r_at = t0() + d(61);
+        let res = vec![(suspended("a", 7, t0() + d(1), r_at), &lcic)];
+        let mut written: HashSet<Topic> = [Topic::Overdue { episode: 3 }].into();
+        // The 7-day warning went out on time; no run came in the 1-day window.
+        let p = plan(&a, &b, &res, &written, &s, "UTC", r_at - d(7));
+        assert_eq!(p.notices[0].vars["release_at"], format_instant(r_at, "UTC"));
+        written.extend(p.notices[0].topics.iter().cloned());
+        let late = r_at + h(30);
+        // After the release instant the missing warning is still due (not dropped for good),
+        // and quotes a release no earlier than warning_min_age after it is sent.
+        assert_eq!(next_due(&a, &b, &res, &written, &s, late), Some(late));
+        let p = plan(&a, &b, &res, &written, &s, "UTC", late);
+        assert_eq!(kinds(&p), vec!["release_warning"]);
+        let n = &p.notices[0];
+        assert_eq!(n.vars["lead"], "24h");
+        assert_eq!(n.vars["release_at"], format_instant(late + h(24), "UTC"));
+        // Its dedupe key still names the suspension's own release instant.
+        assert_eq!(n.period, format!("e3:86400:{}:s7", r_at.to_rfc3339()));
+        assert!(n.why.contains("not sent in time"), "{}", n.why);
+        // Written once, it is not planned again.
+        written.extend(n.topics.iter().cloned());
+        assert!(plan(&a, &b, &res, &written, &s, "UTC", late + h(1)).is_empty());
+        assert_eq!(next_due(&a, &b, &res, &written, &s, late + h(1)), None);
+        // Within the window but less than a day before the release: the later instant too.
+        let mut w7: HashSet<Topic> = [Topic::Overdue { episode: 3 }].into();
+        let p7 = plan(&a, &b, &res, &w7, &s, "UTC", r_at - h(2));
+        let seven = p7.notices.iter().find(|n| n.vars["lead"] == "7d").unwrap();
+        assert_eq!(
+            seven.vars["release_at"],
+            format_instant(r_at + h(22), "UTC")
+        );
+        w7.extend(p7.notices.iter().flat_map(|n| n.topics.iter().cloned()));
+        assert!(plan(&a, &b, &res, &w7, &s, "UTC", r_at - h(1)).is_empty());
     }
 
     #[test]

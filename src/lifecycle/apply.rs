@@ -42,6 +42,7 @@ impl<'a> Ctx<'a> {
                 imminent_lead: config.notifications.suspension_imminent_lead.to_chrono(),
                 currency: config.billing.currency.clone(),
                 minor_unit_digits: config.billing.minor_unit_digits,
+                warning_min_age: config.lifecycle.warning_min_age.to_chrono(),
             },
         }
     }
