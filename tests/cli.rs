@@ -750,3 +750,129 @@ async fn a_release_warning_missed_in_its_window_goes_out_late_and_the_release_wa
     assert_eq!(rel["released_count"], 1, "{rel}");
     assert_eq!(rel["released"][0]["resource_id"], "W-1");
 }
+
+/// A one-off billing run that names a later day than the next one bills the missed days
+/// first, each on its own bill (PRODUCT.md: daily billing catches up every missed day): the
+/// missed day's usage is not swept onto the later bill as late records, and that day is not
+/// left for ever without a bill.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_billing_run_past_a_missed_day_bills_that_day_first_on_its_own_bill() {
+    let t = TestDb::new().await;
+    let u = Some(t.url.as_str());
+    let p = |c: &Csv| c.path.to_str().unwrap().to_string();
+    let run = |args: &[&str]| ok_json(arrears(u, args));
+    let accounts = csv(
+        ACCOUNTS_HEADER,
+        &["C,Catch,c@example.com,,en,UTC,100.00,0,"],
+    );
+    let resources = csv(RESOURCES_HEADER, &["C-1,C,lcic,pay_per_use,,,,"]);
+    run(&[
+        "import",
+        "accounts",
+        &p(&accounts),
+        "--as-of",
+        "2026-11-20T00:00:00Z",
+    ]);
+    run(&[
+        "import",
+        "resources",
+        &p(&resources),
+        "--as-of",
+        "2026-11-20T00:00:00Z",
+    ]);
+    // Billing days are Asia/Shanghai's (UTC+8): 01:00Z is 09:00 there, the same day.
+    let day1 = csv(
+        USAGE_HEADER,
+        &["c1,C,C-1,classroom_minutes,100,2026-11-21T01:00:00Z,2026-11-21T02:00:00Z"],
+    );
+    run(&[
+        "import",
+        "usage",
+        &p(&day1),
+        "--as-of",
+        "2026-11-21T12:00:00Z",
+    ]);
+    let r = run(&["run", "generate_bills", "--as-of", "2026-11-21T16:30:00Z"]);
+    assert_eq!(r["bill_day"], "2026-11-21", "{r}");
+    let later = csv(
+        USAGE_HEADER,
+        &[
+            "c2,C,C-1,classroom_minutes,200,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+            "c3,C,C-1,classroom_minutes,300,2026-11-23T01:00:00Z,2026-11-23T02:00:00Z",
+        ],
+    );
+    run(&[
+        "import",
+        "usage",
+        &p(&later),
+        "--as-of",
+        "2026-11-23T12:00:00Z",
+    ]);
+    // The dry run of the later day is refused, naming the missed one.
+    let dry = arrears(
+        u,
+        &[
+            "run",
+            "generate_bills",
+            "--as-of",
+            "2026-11-23T16:30:00Z",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(code(&dry), 1, "{}", String::from_utf8_lossy(&dry.stderr));
+    assert!(
+        String::from_utf8_lossy(&dry.stderr).contains("--day 2026-11-22"),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    // The run of the 23rd bills the 22nd first.
+    let r = run(&["run", "generate_bills", "--as-of", "2026-11-23T16:30:00Z"]);
+    assert_eq!(r["bill_day"], "2026-11-23", "{r}");
+    assert_eq!(r["caught_up"][0]["bill_day"], "2026-11-22", "{r}");
+    assert_eq!(r["caught_up"][0]["bills_issued"], 1, "{r}");
+    assert_eq!(r["caught_up"].as_array().unwrap().len(), 1, "{r}");
+    assert_eq!(r["late_records"], 0, "{r}");
+    let bills = run(&["bills", "C", "--json"]);
+    let days: Vec<String> = bills
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            format!(
+                "{} {} records, {} late",
+                b["bill_day"].as_str().unwrap(),
+                b["records"],
+                b["late_records"]
+            )
+        })
+        .collect();
+    assert_eq!(
+        days,
+        vec![
+            "2026-11-21 1 records, 0 late",
+            "2026-11-22 1 records, 0 late",
+            "2026-11-23 1 records, 0 late"
+        ],
+        "{bills}"
+    );
+    // Each day was billed once: naming the 22nd again is refused, a later day being billed.
+    let again = arrears(
+        u,
+        &[
+            "run",
+            "generate_bills",
+            "--day",
+            "2026-11-22",
+            "--as-of",
+            "2026-11-23T17:00:00Z",
+        ],
+    );
+    assert_eq!(code(&again), 1);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is earlier"));
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM bills WHERE account_id = 'C'")
+            .await,
+        3
+    );
+    t.assert_balances_match_ledger().await;
+}

@@ -93,10 +93,25 @@ pub struct GenerateBillsReport {
     pub entered_arrears: Vec<String>,
     /// Dry run only: the first bills (by account id) that would be issued.
     pub would_issue: Vec<BillPreview>,
+    /// Days before `bill_day` that no run had billed, billed first by this run, in order
+    /// (each in its own slot, as the service would have): one bill per account and day.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub caught_up: Vec<CaughtUpDay>,
     /// Seconds spent per phase, summed over the batches this instance billed.
     pub timings: std::collections::BTreeMap<String, f64>,
     /// Batches billed by each instance (`host:pid`): any instance claims a run's batches.
     pub batches_by_instance: std::collections::BTreeMap<String, i64>,
+}
+
+/// A missed day a run billed before its own.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaughtUpDay {
+    pub bill_day: NaiveDate,
+    pub bills_issued: i64,
+    pub total: String,
+    /// Why nothing was done that day, when nothing was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 impl SlotReport for GenerateBillsReport {
@@ -115,6 +130,11 @@ fn lap_mark(
     *lap = std::time::Instant::now();
 }
 
+/// Bills the day (`opts.bill_day`, else the one before `as_of`'s), after any earlier day no run
+/// has billed since the last one that was (PRODUCT.md: daily billing catches up every missed
+/// day), each in its own slot, oldest first: a one-off run that names a later day does what the
+/// service would have done. A dry run does not catch up (it would preview the later day with
+/// the missed days' records as late ones): it is refused, naming the first missed day.
 pub async fn run(
     db: &Db,
     config: &Config,
@@ -124,6 +144,59 @@ pub async fn run(
     let day = opts
         .bill_day
         .unwrap_or_else(|| default_billing_day(opts.as_of, tz));
+    let mut caught_up = Vec::new();
+    if !opts.dry_run {
+        for missed in missed_days(db, day, tz).await? {
+            let r = run_day(
+                db,
+                config,
+                &Options {
+                    bill_day: Some(missed),
+                    force: false,
+                    ..opts.clone()
+                },
+                missed,
+            )
+            .await?;
+            caught_up.push(CaughtUpDay {
+                bill_day: missed,
+                bills_issued: r.bills_issued,
+                total: r.total,
+                skipped: r.skipped,
+            });
+        }
+    }
+    let mut report = run_day(db, config, opts, day).await?;
+    report.caught_up = caught_up;
+    Ok(report)
+}
+
+/// The days after the last one a run billed and before `day`: none on a database never billed
+/// (its first run starts the sequence) or when `day` follows the last billed one.
+async fn missed_days(db: &Db, day: NaiveDate, tz: chrono_tz::Tz) -> Result<Vec<NaiveDate>, JobError> {
+    let client = db.raw_client().await?;
+    // Raw SQL: one aggregate over job_runs on the raw client this job drives.
+    let latest: Option<DateTime<Utc>> = client
+        .query_one(
+            "SELECT max(slot) FROM job_runs WHERE job = 'generate_bills' AND status = 'succeeded'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let Some(latest) = latest.filter(|l| *l < start_of_day(day, tz)) else {
+        return Ok(Vec::new());
+    };
+    let first = default_billing_day(latest, tz) + chrono::Duration::days(1);
+    Ok(first.iter_days().take_while(|d| *d < day).collect())
+}
+
+async fn run_day(
+    db: &Db,
+    config: &Config,
+    opts: &Options,
+    day: NaiveDate,
+) -> Result<GenerateBillsReport, JobError> {
+    let tz = config.billing.time_zone;
     let slot = end_of_day(day, tz);
     if slot > opts.as_of {
         return Err(JobError::Refused(format!(
@@ -156,7 +229,7 @@ pub async fn run(
     }
     if !opts.dry_run {
         // Checked before the claim, so that a refused run leaves no record behind.
-        check_order(&client, day, slot).await?;
+        check_order(&client, day, slot, config.billing.time_zone).await?;
     }
     let run = SlotRun {
         job: JobName::of::<GenerateBills>(),
@@ -269,6 +342,7 @@ async fn check_order(
     client: &tokio_postgres::Client,
     day: NaiveDate,
     slot: DateTime<Utc>,
+    tz: chrono_tz::Tz,
 ) -> Result<(), JobError> {
     // Raw SQL: a CTE read by scalar subqueries (with '-infinity'), which diesel cannot say.
     let row = client
@@ -305,6 +379,17 @@ async fn check_order(
             "the billing day ending {open} is not finished; it is billed before {day}"
         )));
     }
+    // A day no run ever started (a one-off run that names a later day, an --as-of a day too
+    // late): billed past, its records would go on the later day's bill as late ones and the
+    // day would never have a bill of its own. The service runs every missed slot, oldest first.
+    if let Some(latest) = latest.filter(|l| *l < start_of_day(day, tz)) {
+        let missing = default_billing_day(latest, tz) + chrono::Duration::days(1);
+        return Err(JobError::Refused(format!(
+            "billing day {missing} has not been billed (bills are issued up to the day ending \
+             {latest}); days are billed in order: run `arrears run generate_bills --day {missing}` \
+             first, or let the service catch up"
+        )));
+    }
     Ok(())
 }
 
@@ -335,7 +420,7 @@ async fn bill(
             .await?;
     }
     // Under the lock: a run that waited for another one sees what it did.
-    let result = match check_order(client, day, report.slot).await {
+    let result = match check_order(client, day, report.slot, params.tz).await {
         Ok(()) if opts.dry_run => bill_locked(db, None, client, true, report, params).await,
         Ok(()) => bill_locked(db, Some(lease), client, false, report, params).await,
         Err(e) => Err(e),
