@@ -12,7 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use chrono_tz::Tz;
 use futures_util::SinkExt;
 use serde::Serialize;
@@ -346,12 +346,43 @@ fn parse_time(
     match row.get(field) {
         None => Ok(None),
         Some(s) => match DateTime::parse_from_rfc3339(s) {
+            Ok(t) if !(MIN_YEAR..=MAX_YEAR).contains(&t.year()) => {
+                errors.push(
+                    line,
+                    field,
+                    format!("{s:?} is out of range (years {MIN_YEAR} to {MAX_YEAR})"),
+                );
+                Err(())
+            }
             Ok(t) => Ok(Some(t.with_timezone(&Utc))),
             Err(e) => {
                 errors.push(line, field, format!("{s:?} is not an RFC 3339 time ({e})"));
                 Err(())
             }
         },
+    }
+}
+
+/// The years an imported instant may fall in: PostgreSQL has no year 0, and an instant far
+/// outside billing's lifetime is a typo, not a fact.
+const MIN_YEAR: i32 = 1900;
+const MAX_YEAR: i32 = 9999;
+
+/// The largest magnitude of an imported amount or quantity, scaled (10^15: 10 trillion in a
+/// currency of two decimals, a billion units of a quantity of six): far beyond any real
+/// balance or record, and far enough below i64's limit that the sums billing and the reports
+/// make of them stay exact.
+const MAX_SCALED: i64 = 1_000_000_000_000_000;
+
+/// `v` (scaled by `digits`) if its magnitude is at most `MAX_SCALED`, else the reason.
+fn bounded(v: i64, digits: u32) -> Result<i64, String> {
+    if v.unsigned_abs() <= MAX_SCALED as u64 {
+        Ok(v)
+    } else {
+        Err(format!(
+            "is out of range (at most {} in magnitude)",
+            MAX_SCALED / 10i64.pow(digits)
+        ))
     }
 }
 
@@ -371,8 +402,10 @@ fn parse_amount(
             } else {
                 money::parse_scaled(s, digits)
             };
-            r.map(Some)
-                .map_err(|e| errors.push(line, field, e.to_string()))
+            r.map_err(|e| e.to_string())
+                .and_then(|v| bounded(v, digits))
+                .map(Some)
+                .map_err(|e| errors.push(line, field, e))
         }
     }
 }
@@ -802,7 +835,9 @@ fn usage_parser(tz: Tz, as_of: DateTime<Utc>, staging: bool) -> Parser {
                 None
             }
             Some(q) => money::parse_non_negative(q, QUANTITY_DIGITS)
-                .map_err(|e| errors.push(line, "quantity", e.to_string()))
+                .map_err(|e| e.to_string())
+                .and_then(|v| bounded(v, QUANTITY_DIGITS))
+                .map_err(|e| errors.push(line, "quantity", e))
                 .ok(),
         };
         let started = parse_time(row, "started_at", line, errors).ok().flatten();

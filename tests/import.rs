@@ -229,3 +229,85 @@ async fn bad_resources_file_imports_nothing() {
     assert!(has(&errors, 9, "term_ends_at", "RFC 3339"), "{errors:#?}");
     assert_eq!(t.scalar_i64("SELECT count(*) FROM resources").await, 2);
 }
+
+/// Amounts, quantities and instants that the rest of the product could not carry (a sum past
+/// bigint, PostgreSQL's missing year 0) are refused at import with their line, not met by a
+/// bare database error in billing or a report. The bounds themselves are accepted.
+#[tokio::test(flavor = "multi_thread")]
+async fn out_of_range_numbers_and_instants_are_refused_with_their_line() {
+    let t = setup().await;
+    let usage = csv(
+        USAGE_HEADER,
+        &[
+            "b2,a1,r1,classroom_minutes,9000000000000,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z", // 2
+            "b3,a1,r1,classroom_minutes,1000000000.000001,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z", // 3
+            "b4,a1,r1,classroom_minutes,1,0000-01-01T00:00:00Z,2026-11-22T02:00:00Z", // 4
+            "b5,a1,r1,classroom_minutes,1,1899-12-31T23:59:59Z,2026-11-22T02:00:00Z", // 5
+        ],
+    );
+    let before = t.fingerprint().await;
+    let errors = bad_lines(
+        import_usage(&t.db, &t.config, &usage.path, at("2026-11-23T00:00:00Z"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(has(&errors, 2, "quantity", "out of range"), "{errors:?}");
+    assert!(has(&errors, 3, "quantity", "out of range"), "{errors:?}");
+    assert!(has(&errors, 4, "started_at", "out of range"), "{errors:?}");
+    assert!(has(&errors, 5, "started_at", "out of range"), "{errors:?}");
+    assert_eq!(errors.len(), 4, "{errors:?}");
+    assert_eq!(t.fingerprint().await, before, "nothing imported");
+    let accounts = csv(
+        ACCOUNTS_HEADER,
+        &[
+            "x2,X,,,en,UTC,-92233720368547758.08,0,", // 2: i64's own limit
+            "x3,X,,,en,UTC,10000000000000.01,0,",     // 3: just past the bound
+            "x4,X,,,en,UTC,0,10000000000000.01,",     // 4: credit quota too
+            "x5,X,,,en,UTC,0,0,10000000000000.01",    // 5: threshold too
+        ],
+    );
+    let errors = bad_lines(
+        import_accounts(&t.db, &t.config, &accounts.path, at("2026-11-23T00:00:00Z"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(has(&errors, 2, "cash_balance", ""), "{errors:?}");
+    assert!(
+        has(&errors, 3, "cash_balance", "out of range"),
+        "{errors:?}"
+    );
+    assert!(
+        has(&errors, 4, "credit_quota", "out of range"),
+        "{errors:?}"
+    );
+    assert!(
+        has(&errors, 5, "low_balance_threshold", "out of range"),
+        "{errors:?}"
+    );
+    assert_eq!(t.fingerprint().await, before, "nothing imported");
+    // The bounds themselves go in.
+    import_usage(
+        &t.db,
+        &t.config,
+        &csv(
+            USAGE_HEADER,
+            &["b6,a1,r1,classroom_minutes,1000000000,1900-01-01T00:00:00Z,2026-11-22T02:00:00Z"],
+        )
+        .path,
+        at("2026-11-23T00:00:00Z"),
+    )
+    .await
+    .unwrap();
+    import_accounts(
+        &t.db,
+        &t.config,
+        &csv(
+            ACCOUNTS_HEADER,
+            &["x6,X,,,en,UTC,-10000000000000.00,10000000000000,"],
+        )
+        .path,
+        at("2026-11-23T00:00:00Z"),
+    )
+    .await
+    .unwrap();
+}
