@@ -18,6 +18,23 @@ const EXIT_ERROR: u8 = 2;
 const EXIT_SLOT_HELD: u8 = 75;
 
 fn main() -> ExitCode {
+    // `arrears ... --json | head`: the reader went away. Rust's print macros panic on it (with a
+    // backtrace); a command-line tool stops quietly instead, with the status a shell gives a
+    // process that SIGPIPE ended (128 + 13). The signal itself stays ignored: sockets must
+    // keep failing with an error, not end the process.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

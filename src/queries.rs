@@ -155,6 +155,16 @@ struct AccountRow {
     next_due: NextDue,
 }
 
+/// Whether an account with this id exists (read commands refuse an unknown one).
+pub async fn account_exists(db: &Db, id: &str) -> Result<bool, DbError> {
+    let mut conn = db.conn().await?;
+    Ok(
+        diesel::select(diesel::dsl::exists(accounts::table.find(id)))
+            .get_result(&mut conn)
+            .await?,
+    )
+}
+
 pub async fn account(db: &Db, digits: u32, id: &str) -> Result<Option<AccountView>, DbError> {
     let mut conn = db.conn().await?;
     let row: Option<AccountRow> = accounts::table

@@ -876,3 +876,61 @@ async fn a_billing_run_past_a_missed_day_bills_that_day_first_on_its_own_bill() 
     );
     t.assert_balances_match_ledger().await;
 }
+
+/// Read commands given something that does not exist or cannot be answered exit 1 naming it,
+/// rather than printing an empty answer that looks like "no bills"; a reader that goes away
+/// (`| head`) ends the command quietly.
+#[tokio::test(flavor = "multi_thread")]
+async fn read_commands_refuse_unknown_accounts_bad_filters_and_stop_quietly_on_a_closed_pipe() {
+    let t = TestDb::new().await;
+    let u = Some(t.url.as_str());
+    let accounts = csv(ACCOUNTS_HEADER, &["K,Known,,,en,UTC,1.00,0,"]);
+    ok_json(arrears(
+        u,
+        &[
+            "import",
+            "accounts",
+            accounts.path.to_str().unwrap(),
+            "--as-of",
+            "2026-11-20T00:00:00Z",
+        ],
+    ));
+    let cases: [(&[&str], &str); 5] = [
+        (&["bills", "nobody", "--json"], "unknown account"),
+        (
+            &["notices", "list", "--account", "nobody", "--json"],
+            "unknown account",
+        ),
+        (&["notices", "list", "--status", "bogus"], "bogus"),
+        (
+            &["bills", "K", "--from", "2026-11-05", "--to", "2026-11-01"],
+            "after --to",
+        ),
+        (&["schedule", "--count", "100000000"], "100000000"),
+    ];
+    for (args, says) in cases {
+        let out = arrears(u, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), 1, "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    // The known account answers (no bills yet).
+    assert_eq!(
+        ok_json(arrears(u, &["bills", "K", "--json"])),
+        serde_json::json!([])
+    );
+    // `| head`: the reader closes the pipe before the output is written; no panic.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_arrears"))
+        .args(["schedule", "--count", "10000", "--json"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("ARREARS_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(141), "{err}");
+}

@@ -556,6 +556,22 @@ async fn mass_release_guard_and_clock_guard() {
         .await
         .unwrap();
     assert_eq!(plan.released_count, 60);
+    assert_eq!(plan.would_be_refused, None);
+    // Without the override the dry run still shows the plan, and says the run would be refused.
+    let dry_guarded = release_resources::Options {
+        allow_mass_release: false,
+        ..dry.clone()
+    };
+    let plan = release_resources::run(&t.db, &t.config, &dry_guarded)
+        .await
+        .unwrap();
+    assert_eq!(plan.released_count, 60);
+    assert!(
+        plan.would_be_refused
+            .as_deref()
+            .is_some_and(|w| w.contains("mass release")),
+        "{plan:?}"
+    );
     assert_eq!(
         t.scalar_i64("SELECT count(*) FROM resources WHERE state = 'released'")
             .await,

@@ -7,7 +7,7 @@ use arrears::queries;
 use chrono::NaiveDate;
 
 use super::output::{print_bills, print_json};
-use super::{open, Env};
+use super::{bad_input, open, Env};
 
 #[derive(clap::Args)]
 pub struct BillsArgs {
@@ -21,7 +21,15 @@ pub struct BillsArgs {
 }
 
 pub async fn run(env: &Env, args: BillsArgs) -> Result<ExitCode> {
+    if let (Some(f), Some(t)) = (args.from, args.to) {
+        if f > t {
+            bad_input!("--from {f} is after --to {t}");
+        }
+    }
     let db = open(&env.config).await?;
+    if !queries::account_exists(&db, &args.account).await? {
+        bad_input!("unknown account {:?}", args.account);
+    }
     let bills = queries::bills(&db, env.digits(), &args.account, args.from, args.to).await?;
     if args.json {
         print_json(&bills)?;

@@ -14,11 +14,11 @@ pub enum NoticesAction {
     /// Notices with their kind, channel, status, attempts, last error and provider id.
     List {
         /// pending, sending, sent, retrying, dead or cancelled
-        #[arg(long)]
+        #[arg(long, value_parser = ["pending", "sending", "sent", "retrying", "dead", "cancelled"])]
         status: Option<String>,
         #[arg(long)]
         account: Option<String>,
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
         limit: i64,
         #[arg(long)]
         json: bool,
@@ -36,6 +36,11 @@ pub async fn run(env: &Env, action: NoticesAction) -> Result<ExitCode> {
             json,
         } => {
             let db = open(&env.config).await?;
+            if let Some(id) = &account {
+                if !queries::account_exists(&db, id).await? {
+                    bad_input!("unknown account {id:?}");
+                }
+            }
             let list = queries::notices(&db, status.as_deref(), account.as_deref(), limit).await?;
             if json {
                 print_json(&list)?;

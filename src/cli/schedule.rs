@@ -14,9 +14,9 @@ pub struct ScheduleArgs {
     /// Start after this instant (default: --as-of, or now).
     #[arg(long, value_parser = parse_instant)]
     from: Option<DateTime<Utc>>,
-    /// Slots per job.
-    #[arg(long, default_value_t = 3)]
-    count: usize,
+    /// Slots per job (1 to 10,000).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    count: u64,
     #[arg(long)]
     json: bool,
 }
@@ -28,7 +28,7 @@ pub fn run(env: &Env, args: ScheduleArgs) -> Result<ExitCode> {
         .jobs
         .iter()
         .filter(|j| j.enabled)
-        .map(|j| row(j, from, args.count))
+        .map(|j| row(j, from, args.count as usize))
         .collect();
     if args.json {
         print_json(&rows)?;

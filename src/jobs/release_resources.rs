@@ -70,6 +70,10 @@ pub struct ReleaseReport {
     pub kept: BTreeMap<String, usize>,
     /// Accounts that could not be decided on, with the error; the others went on.
     pub errors: Vec<String>,
+    /// Dry run only: why the run itself would be refused (R10: more due than `cap`, without
+    /// --allow-mass-release); the plan above is what it would release with the override.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub would_be_refused: Option<String>,
 }
 
 impl SlotReport for ReleaseReport {
@@ -221,16 +225,18 @@ async fn release(
     report.cap = (report.live_resources * i64::from(config.lifecycle.max_release_percent) / 100)
         .max(i64::from(config.lifecycle.release_always_allowed));
     let due_count = plan.report.released_count as i64;
-    if due_count > report.cap && !opts.allow_mass_release {
-        return Err(JobError::Refused(format!(
+    let refusal = (due_count > report.cap && !opts.allow_mass_release).then(|| {
+        format!(
             "refusing a mass release: {due_count} resources are due, but one run may release at most {} (max of {}% of {} live \
              resources and {}); check the plan with --dry-run, then rerun with --allow-mass-release",
             report.cap,
             config.lifecycle.max_release_percent,
             report.live_resources,
             config.lifecycle.release_always_allowed
-        )));
-    }
+        )
+    });
+    // A dry run shows the plan even when the run would be refused: the refusal tells the
+    // operator to look at it.
     if opts.dry_run {
         let (live, cap) = (report.live_resources, report.cap);
         *report = ReleaseReport {
@@ -241,9 +247,13 @@ async fn release(
             live_resources: live,
             cap,
             due: planned_stats,
+            would_be_refused: refusal,
             ..plan.report
         };
         return Ok(());
+    }
+    if let Some(refusal) = refusal {
+        return Err(JobError::Refused(refusal));
     }
     let mut work = Release {
         dry_run: false,
