@@ -115,7 +115,7 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
         } else if let Some(d) = cause.downcast_ref::<DbError>() {
             Some(matches!(
                 d,
-                DbError::Prices(PricesError::NotAfterLatest { .. })
+                DbError::Prices(PricesError::NotAfterLatest { .. }) | DbError::MoneyMismatch(_)
             ))
         } else {
             None

@@ -934,3 +934,59 @@ async fn read_commands_refuse_unknown_accounts_bad_filters_and_stop_quietly_on_a
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(141), "{err}");
 }
+
+/// Amounts are counts of the currency's minor unit: a configuration naming another currency or
+/// other digits than the database was priced with is refused by every command (exit 1),
+/// reading or writing, instead of showing 79.90 CNY as 7990 or topping up in the wrong unit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configuration_with_another_currency_or_digits_is_refused() {
+    let t = TestDb::new().await;
+    let u = Some(t.url.as_str());
+    let accounts = csv(ACCOUNTS_HEADER, &["M,Money,,,en,UTC,79.90,0,"]);
+    ok_json(arrears(
+        u,
+        &[
+            "import",
+            "accounts",
+            accounts.path.to_str().unwrap(),
+            "--as-of",
+            "2026-11-20T00:00:00Z",
+        ],
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, from: &str, to: &str| {
+        let path = dir.path().join(name);
+        let text = arrears::config::EXAMPLE_CONFIG.replace(from, to);
+        assert_ne!(text, arrears::config::EXAMPLE_CONFIG, "{from}");
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let jpy = write("jpy.toml", "currency = \"CNY\"", "currency = \"JPY\"");
+    let digits = write(
+        "digits.toml",
+        "minor_unit_digits = 2",
+        "minor_unit_digits = 0",
+    );
+    let before = t.fingerprint().await;
+    for cfg in [&jpy, &digits] {
+        for args in [
+            &["account", "show", "M", "--json"][..],
+            &["topup", "M", "5", "--reference", "pay-1"][..],
+            &["migrate"][..],
+        ] {
+            let mut all = vec!["--config", cfg.as_str()];
+            all.extend_from_slice(args);
+            let out = arrears(u, &all);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(code(&out), 1, "{all:?}: {err}");
+            assert!(
+                err.contains("counts its amounts in CNY with 2 digits"),
+                "{all:?}: {err}"
+            );
+        }
+    }
+    assert_eq!(t.fingerprint().await, before, "nothing written");
+    // The configuration it was set up with still works.
+    let m = ok_json(arrears(u, &["account", "show", "M", "--json"]));
+    assert_eq!(m["cash_balance"], "79.90");
+}

@@ -234,6 +234,20 @@ pub async fn apply(
                 .execute(conn)
                 .await?;
         }
+        if !dry_run {
+            // Prices are nanos of the currency's unit, amounts counts of its minor unit: the
+            // first price list pins both (Db::open refuses a configuration that disagrees).
+            use crate::db::schema::money_settings as m;
+            diesel::insert_into(m::table)
+                .values((
+                    m::currency.eq(&config.billing.currency),
+                    m::minor_unit_digits.eq(config.billing.minor_unit_digits as i32),
+                    m::pinned_at.eq(Utc::now()),
+                ))
+                .on_conflict_do_nothing()
+                .execute(conn)
+                .await?;
+        }
         Ok(PricesReport {
             dry_run,
             up_to_date: changes.is_empty(),

@@ -37,6 +37,8 @@ pub enum DbError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("price list: {0}")]
     Prices(#[from] catalog::PricesError),
+    #[error("{0}")]
+    MoneyMismatch(String),
 }
 
 pub type Conn = Object<AsyncPgConnection>;
@@ -118,10 +120,39 @@ impl Db {
                     catalog::apply(&mut conn, config, chrono::Utc::now(), false).await?;
                 }
                 drop(conn);
+                db.check_money(config).await?;
                 return Ok(db);
             }
         };
-        Self::open_url(&url, config.database.pool_size, mode).await
+        let db = Self::open_url(&url, config.database.pool_size, mode).await?;
+        db.check_money(config).await?;
+        Ok(db)
+    }
+
+    /// Refuses a configuration whose currency or minor-unit digits differ from the ones the
+    /// database's amounts are counted in (`money_settings`, pinned by the first price list
+    /// applied): every amount would be read and written in the wrong unit.
+    pub async fn check_money(&self, config: &Config) -> Result<(), DbError> {
+        let mut conn = self.conn().await?;
+        let pinned: Option<(String, i32)> = schema::money_settings::table
+            .select((
+                schema::money_settings::currency,
+                schema::money_settings::minor_unit_digits,
+            ))
+            .first(&mut conn)
+            .await
+            .optional()?;
+        let (cur, digits) = (&config.billing.currency, config.billing.minor_unit_digits);
+        match pinned {
+            Some((c, d)) if c != *cur || u32::try_from(d).ok() != Some(digits) => {
+                Err(DbError::MoneyMismatch(format!(
+                    "configuration: billing.currency = {cur:?} with {digits} minor-unit digits, \
+                     but this database counts its amounts in {c} with {d} digits (pinned by its \
+                     first price list): use the configuration this database was set up with"
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     pub async fn open_url(url: &str, pool_size: usize, mode: MigrationMode) -> Result<Db, DbError> {

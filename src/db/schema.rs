@@ -177,6 +177,15 @@ diesel::table! {
 }
 
 diesel::table! {
+    money_settings (id) {
+        id -> Bool,
+        currency -> Text,
+        minor_unit_digits -> Int4,
+        pinned_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     notices (account_id, id) {
         account_id -> Text,
         id -> Int8,
@@ -320,6 +329,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     ledger_entries,
     lifecycle_events,
     lifecycle_policies,
+    money_settings,
     notices,
     package_terms,
     payment_references,
