@@ -237,7 +237,10 @@ async fn stream_file(
         let mut rdr = csv::ReaderBuilder::new()
             .has_headers(true)
             .flexible(true)
-            .from_reader(std::io::BufReader::with_capacity(1 << 20, reader));
+            .from_reader(std::io::BufReader::with_capacity(
+                1 << 20,
+                CrlfToLf::new(reader),
+            ));
         let mut errors = Errors::default();
         let headers = rdr
             .headers()
@@ -289,7 +292,16 @@ async fn stream_file(
                     continue;
                 }
             }
-            let line = rec.position().map_or(line, |p| p.line());
+            // The record's own line: the csv reader's position of a record is where its read
+            // began, before any blank lines it skipped; after the read, the reader stands on
+            // the line after the record's last one (its terminator read), less the line ends
+            // inside its quoted fields.
+            let inside: u64 = rec.iter().map(|f| bytecount_lf(f)).sum();
+            let line = rdr
+                .position()
+                .line()
+                .saturating_sub(1 + inside)
+                .max(rec.position().map_or(line, |p| p.line()));
             rows += 1;
             if rec.len() != headers.len() {
                 errors.push(
@@ -335,6 +347,77 @@ async fn stream_file(
     copy_result?;
     sink.as_mut().finish().await?;
     Ok(parsed)
+}
+
+/// Line ends inside a field (a quoted multi-line value).
+fn bytecount_lf(field: &str) -> u64 {
+    field.bytes().filter(|b| *b == b'\n').count() as u64
+}
+
+/// Reads CRLF line ends as LF. The csv reader splits records on either, but counts lines
+/// one behind after each CRLF, so that an error in a file saved on Windows named the line
+/// before the bad one; with LF it names the physical line, blank lines included. A lone CR is
+/// kept; a CRLF inside a quoted field becomes LF.
+struct CrlfToLf<R> {
+    inner: R,
+    /// The chunk read last ended with a CR: kept back until the next byte shows whether a
+    /// LF follows it.
+    pending_cr: bool,
+}
+
+impl<R> CrlfToLf<R> {
+    fn new(inner: R) -> Self {
+        CrlfToLf {
+            inner,
+            pending_cr: false,
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for CrlfToLf<R> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if out.len() < 2 {
+            // Never asked of it by the BufReader in front of it; kept correct anyway.
+            return self.inner.read(out);
+        }
+        loop {
+            let start = usize::from(self.pending_cr);
+            let n = self.inner.read(&mut out[start..])?;
+            if n == 0 {
+                let held = std::mem::take(&mut self.pending_cr);
+                if held {
+                    out[0] = b'\r';
+                }
+                return Ok(usize::from(held));
+            }
+            if self.pending_cr {
+                out[0] = b'\r';
+                self.pending_cr = false;
+            }
+            let total = start + n;
+            if !out[..total].contains(&b'\r') {
+                return Ok(total);
+            }
+            let mut w = 0;
+            for i in 0..total {
+                let b = out[i];
+                if b == b'\r' {
+                    if i + 1 == total {
+                        self.pending_cr = true;
+                        continue;
+                    }
+                    if out[i + 1] == b'\n' {
+                        continue;
+                    }
+                }
+                out[w] = b;
+                w += 1;
+            }
+            if w > 0 {
+                return Ok(w);
+            }
+        }
+    }
 }
 
 fn parse_time(
@@ -1102,5 +1185,50 @@ mod tests {
             .int(Some(-5))
             .end();
         assert_eq!(&b[..], b"a\\tb\\\\c\\nd\t\\N\t-5\n");
+    }
+}
+
+#[cfg(test)]
+mod crlf_tests {
+    use super::CrlfToLf;
+    use std::io::Read;
+
+    /// Reads through the adapter `size` bytes at a time from a reader that hands out `chunk`
+    /// bytes a call, so that CRs fall on every boundary.
+    fn through(input: &[u8], chunk: usize, size: usize) -> Vec<u8> {
+        struct Chunks<'a>(&'a [u8], usize);
+        impl Read for Chunks<'_> {
+            fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+                let n = self.0.len().min(self.1).min(out.len());
+                out[..n].copy_from_slice(&self.0[..n]);
+                self.0 = &self.0[n..];
+                Ok(n)
+            }
+        }
+        let mut r = CrlfToLf::new(Chunks(input, chunk));
+        let mut all = Vec::new();
+        let mut buf = vec![0u8; size];
+        loop {
+            let n = r.read(&mut buf).unwrap();
+            if n == 0 {
+                return all;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[test]
+    fn crlf_becomes_lf_on_every_boundary_and_a_lone_cr_stays() {
+        let input = b"a,b\r\n1,2\r\n\r\nx\ry\r\nend\r";
+        for chunk in 1..8 {
+            for size in 2..8 {
+                assert_eq!(
+                    through(input, chunk, size),
+                    b"a,b\n1,2\n\nx\ry\nend\r".to_vec(),
+                    "chunk {chunk}, size {size}"
+                );
+            }
+        }
+        assert_eq!(through(b"plain\nlines\n", 4, 3), b"plain\nlines\n".to_vec());
     }
 }

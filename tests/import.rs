@@ -311,3 +311,72 @@ async fn out_of_range_numbers_and_instants_are_refused_with_their_line() {
     .await
     .unwrap();
 }
+
+/// An error names the physical line of the file, whatever its line ends (a file saved on
+/// Windows ends lines with CRLF), a byte-order mark or blank lines.
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_name_the_physical_line_with_crlf_a_bom_and_blank_lines() {
+    let t = TestDb::new().await;
+    let good = "g1,Good,g@example.com,,en,UTC,1.00,0,";
+    let bad = "b1,Bad,b@example.com,,en,UTC,1.001,0,"; // three decimals
+    let two_lines = "g2,\"Two\r\nlines\",g2@example.com,,en,UTC,1.00,0,";
+    let cases: [(&str, String, u64); 7] = [
+        ("LF", format!("{ACCOUNTS_HEADER}\n{good}\n{bad}\n"), 3),
+        (
+            "no final line end",
+            format!("{ACCOUNTS_HEADER}\n{good}\n{bad}"),
+            3,
+        ),
+        (
+            "a quoted name on two lines",
+            format!("{ACCOUNTS_HEADER}\r\n{two_lines}\r\n{bad}\r\n"),
+            4,
+        ),
+        (
+            "bad first",
+            format!("{ACCOUNTS_HEADER}\r\n{bad}\r\n{good}\r\n"),
+            2,
+        ),
+        (
+            "CRLF",
+            format!("{ACCOUNTS_HEADER}\r\n{good}\r\n{bad}\r\n"),
+            3,
+        ),
+        (
+            "BOM and CRLF",
+            format!("\u{feff}{ACCOUNTS_HEADER}\r\n{good}\r\n{bad}\r\n"),
+            3,
+        ),
+        (
+            "blank lines",
+            format!("{ACCOUNTS_HEADER}\n\n{good}\r\n\r\n{bad}\r\n"),
+            5,
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text, line) in cases {
+        let path = dir.path().join("accounts.csv");
+        std::fs::write(&path, text).unwrap();
+        let errors = bad_lines(
+            import_accounts(&t.db, &t.config, &path, at("2026-11-23T00:00:00Z"))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(errors.len(), 1, "{name}: {errors:?}");
+        assert!(has(&errors, line, "cash_balance", ""), "{name}: {errors:?}");
+    }
+    assert_eq!(t.scalar_i64("SELECT count(*) FROM accounts").await, 0);
+    // The same file with CRLF and the bad row fixed imports, names intact.
+    let path = dir.path().join("ok.csv");
+    std::fs::write(&path, format!("{ACCOUNTS_HEADER}\r\n{good}\r\n")).unwrap();
+    import_accounts(&t.db, &t.config, &path, at("2026-11-23T00:00:00Z"))
+        .await
+        .unwrap();
+    let c = t.client().await;
+    let name: String = c
+        .query_one("SELECT name FROM accounts WHERE id = 'g1'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(name, "Good");
+}
