@@ -795,6 +795,11 @@ fn resource_parser(products: std::collections::BTreeMap<String, Product>) -> Par
                 None
             }
         };
+        // PRODUCT.md §2: a prepaid resource is paid up front for a term and has a term end;
+        // without one it would keep running in arrears for ever.
+        if mode == Some("prepaid") && term_ends.is_none() && row.get("term_ends_at").is_none() {
+            errors.push(line, "term_ends_at", "is required for a prepaid resource");
+        }
         if mode == Some("package") {
             if quota.is_none() {
                 errors.push(line, "package_quota", "is required for a package resource");

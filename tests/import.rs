@@ -380,3 +380,29 @@ async fn errors_name_the_physical_line_with_crlf_a_bom_and_blank_lines() {
         .get(0);
     assert_eq!(name, "Good");
 }
+
+/// PRODUCT.md §2: a prepaid resource has a term end (without one it would run in arrears for
+/// ever); a resource file without it is refused, naming the line.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prepaid_resource_without_a_term_end_is_refused() {
+    let t = setup().await;
+    let before = t.fingerprint().await;
+    let f = csv(
+        RESOURCES_HEADER,
+        &[
+            "p1,a1,sa,prepaid,,,,2027-06-30T00:00:00Z",
+            "p2,a1,sa,prepaid,,,,",
+        ],
+    );
+    let errors = bad_lines(
+        import_resources(&t.db, &t.config, &f.path, at("2026-11-23T00:00:00Z"))
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        has(&errors, 3, "term_ends_at", "required for a prepaid"),
+        "{errors:?}"
+    );
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(t.fingerprint().await, before, "nothing imported");
+}

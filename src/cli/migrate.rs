@@ -11,8 +11,11 @@ use super::{guard_time_travel, Env};
 
 pub async fn run(env: &Env) -> Result<ExitCode> {
     let config = &env.config;
-    let db = Db::open(config, MigrationMode::Apply).await?;
+    // Migrated here, not by the opening, so that the report lists what this run applied
+    // (the embedded database migrates itself when it is opened: there it lists nothing).
+    let db = Db::open(config, MigrationMode::Caller).await?;
     let applied = db.migrate().await?;
+    db.check_money(config).await?;
     guard_time_travel(&db, config, env.explicit_as_of).await?;
     let prices = db::catalog::apply(&mut *db.conn().await?, config, env.as_of, false).await?;
     let policies = lifecycle::policies::apply(&db, config, env.as_of, false).await?;

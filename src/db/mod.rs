@@ -95,6 +95,9 @@ pub enum MigrationMode {
     Apply,
     /// Refuse to run against a database with pending migrations.
     Require,
+    /// Leave them to the caller (`arrears migrate`, which reports what it applies, then
+    /// checks the money settings itself).
+    Caller,
 }
 
 impl Db {
@@ -125,7 +128,9 @@ impl Db {
             }
         };
         let db = Self::open_url(&url, config.database.pool_size, mode).await?;
-        db.check_money(config).await?;
+        if mode != MigrationMode::Caller {
+            db.check_money(config).await?;
+        }
         Ok(db)
     }
 
@@ -223,6 +228,7 @@ impl Db {
                     return Err(DbError::PendingMigrations(pending));
                 }
             }
+            MigrationMode::Caller => {}
         }
         Ok(db)
     }
