@@ -363,6 +363,11 @@ struct CrlfToLf<R> {
     /// The chunk read last ended with a CR: kept back until the next byte shows whether a
     /// LF follows it.
     pending_cr: bool,
+    /// The last byte handed out, and whether the end of the input was reached: a file whose
+    /// last line has no line end gets one, so that every record ends with one (the line of
+    /// a record is read off the reader's count after it).
+    last: Option<u8>,
+    ended: bool,
 }
 
 impl<R> CrlfToLf<R> {
@@ -370,6 +375,8 @@ impl<R> CrlfToLf<R> {
         CrlfToLf {
             inner,
             pending_cr: false,
+            last: None,
+            ended: false,
         }
     }
 }
@@ -384,11 +391,16 @@ impl<R: std::io::Read> std::io::Read for CrlfToLf<R> {
             let start = usize::from(self.pending_cr);
             let n = self.inner.read(&mut out[start..])?;
             if n == 0 {
-                let held = std::mem::take(&mut self.pending_cr);
-                if held {
+                if std::mem::take(&mut self.pending_cr) {
                     out[0] = b'\r';
+                } else if !self.ended && self.last.is_some_and(|b| b != b'\n') {
+                    out[0] = b'\n';
+                    self.ended = true;
+                } else {
+                    return Ok(0);
                 }
-                return Ok(usize::from(held));
+                self.last = Some(out[0]);
+                return Ok(1);
             }
             if self.pending_cr {
                 out[0] = b'\r';
@@ -396,6 +408,7 @@ impl<R: std::io::Read> std::io::Read for CrlfToLf<R> {
             }
             let total = start + n;
             if !out[..total].contains(&b'\r') {
+                self.last = Some(out[total - 1]);
                 return Ok(total);
             }
             let mut w = 0;
@@ -414,6 +427,7 @@ impl<R: std::io::Read> std::io::Read for CrlfToLf<R> {
                 w += 1;
             }
             if w > 0 {
+                self.last = Some(out[w - 1]);
                 return Ok(w);
             }
         }
@@ -1229,11 +1243,14 @@ mod crlf_tests {
             for size in 2..8 {
                 assert_eq!(
                     through(input, chunk, size),
-                    b"a,b\n1,2\n\nx\ry\nend\r".to_vec(),
+                    b"a,b\n1,2\n\nx\ry\nend\r\n".to_vec(),
                     "chunk {chunk}, size {size}"
                 );
             }
         }
         assert_eq!(through(b"plain\nlines\n", 4, 3), b"plain\nlines\n".to_vec());
+        // A last line without its line end gets one; an empty input stays empty.
+        assert_eq!(through(b"a\nb", 4, 3), b"a\nb\n".to_vec());
+        assert_eq!(through(b"", 4, 3), b"".to_vec());
     }
 }

@@ -320,7 +320,7 @@ async fn errors_name_the_physical_line_with_crlf_a_bom_and_blank_lines() {
     let good = "g1,Good,g@example.com,,en,UTC,1.00,0,";
     let bad = "b1,Bad,b@example.com,,en,UTC,1.001,0,"; // three decimals
     let two_lines = "g2,\"Two\r\nlines\",g2@example.com,,en,UTC,1.00,0,";
-    let cases: [(&str, String, u64); 7] = [
+    let cases: [(&str, String, u64); 8] = [
         ("LF", format!("{ACCOUNTS_HEADER}\n{good}\n{bad}\n"), 3),
         (
             "no final line end",
@@ -336,6 +336,11 @@ async fn errors_name_the_physical_line_with_crlf_a_bom_and_blank_lines() {
             "bad first",
             format!("{ACCOUNTS_HEADER}\r\n{bad}\r\n{good}\r\n"),
             2,
+        ),
+        (
+            "blank lines, no final line end",
+            format!("{ACCOUNTS_HEADER}\n\n{bad}"),
+            3,
         ),
         (
             "CRLF",

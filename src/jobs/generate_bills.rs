@@ -176,17 +176,21 @@ pub async fn run(
 async fn missed_days(db: &Db, day: NaiveDate, tz: chrono_tz::Tz) -> Result<Vec<NaiveDate>, JobError> {
     let client = db.raw_client().await?;
     // Raw SQL: one aggregate over job_runs on the raw client this job drives.
-    let latest: Option<DateTime<Utc>> = client
+    let row = client
         .query_one(
-            "SELECT max(slot) FROM job_runs WHERE job = 'generate_bills' AND status = 'succeeded'",
+            "SELECT (SELECT max(slot) FROM job_runs WHERE job = 'generate_bills' AND status = 'succeeded'),
+                    (SELECT max(billed_through_day) FROM accounts)",
             &[],
         )
-        .await?
-        .get(0);
+        .await?;
+    let (latest, mark): (Option<DateTime<Utc>>, Option<NaiveDate>) = (row.get(0), row.get(1));
     let Some(latest) = latest.filter(|l| *l < start_of_day(day, tz)) else {
         return Ok(Vec::new());
     };
-    let first = default_billing_day(latest, tz) + chrono::Duration::days(1);
+    // Days some accounts are billed past already cannot be billed (days go in order): only
+    // an earlier version's run past a gap leaves such days; they are not caught up.
+    let after = default_billing_day(latest, tz).max(mark.unwrap_or(NaiveDate::MIN));
+    let first = after + chrono::Duration::days(1);
     Ok(first.iter_days().take_while(|d| *d < day).collect())
 }
 
@@ -382,7 +386,10 @@ async fn check_order(
     // A day no run ever started (a one-off run that names a later day, an --as-of a day too
     // late): billed past, its records would go on the later day's bill as late ones and the
     // day would never have a bill of its own. The service runs every missed slot, oldest first.
-    if let Some(latest) = latest.filter(|l| *l < start_of_day(day, tz)) {
+    // (Unless accounts are billed through the day before already: a later day's run that an
+    // earlier version let start past the gap, then failed part way, is resumed.)
+    let gap_billed = mark.is_some_and(|m| m + chrono::Duration::days(1) >= day);
+    if let Some(latest) = latest.filter(|l| *l < start_of_day(day, tz) && !gap_billed) {
         let missing = default_billing_day(latest, tz) + chrono::Duration::days(1);
         return Err(JobError::Refused(format!(
             "billing day {missing} has not been billed (bills are issued up to the day ending \
