@@ -171,8 +171,7 @@ pub async fn run(
     Ok(report)
 }
 
-/// The days after the last one a run billed and before `day`: none on a database never billed
-/// (its first run starts the sequence) or when `day` follows the last billed one.
+/// The days before `day` that no run has billed, oldest first (`first_missed_day`).
 async fn missed_days(db: &Db, day: NaiveDate, tz: chrono_tz::Tz) -> Result<Vec<NaiveDate>, JobError> {
     let client = db.raw_client().await?;
     // Raw SQL: one aggregate over job_runs on the raw client this job drives.
@@ -184,14 +183,26 @@ async fn missed_days(db: &Db, day: NaiveDate, tz: chrono_tz::Tz) -> Result<Vec<N
         )
         .await?;
     let (latest, mark): (Option<DateTime<Utc>>, Option<NaiveDate>) = (row.get(0), row.get(1));
-    let Some(latest) = latest.filter(|l| *l < start_of_day(day, tz)) else {
-        return Ok(Vec::new());
-    };
-    // Days some accounts are billed past already cannot be billed (days go in order): only
-    // an earlier version's run past a gap leaves such days; they are not caught up.
-    let after = default_billing_day(latest, tz).max(mark.unwrap_or(NaiveDate::MIN));
-    let first = after + chrono::Duration::days(1);
-    Ok(first.iter_days().take_while(|d| *d < day).collect())
+    Ok(first_missed_day(latest, mark, day, tz)
+        .map(|first| first.iter_days().take_while(|d| *d < day).collect())
+        .unwrap_or_default())
+}
+
+/// The first day before `day` that no run has billed, given the last slot a run billed
+/// (`latest`) and the furthest day any account is billed through (`mark`): none on a
+/// database never billed (its first run starts the sequence) or when `day` follows on. Days
+/// some accounts are billed past cannot be billed any more (days go in order): only an
+/// earlier version's run past a gap, failed part way, leaves such days, and they are skipped.
+fn first_missed_day(
+    latest: Option<DateTime<Utc>>,
+    mark: Option<NaiveDate>,
+    day: NaiveDate,
+    tz: chrono_tz::Tz,
+) -> Option<NaiveDate> {
+    let latest = latest.filter(|l| *l < start_of_day(day, tz))?;
+    let first =
+        default_billing_day(latest, tz).max(mark.unwrap_or(NaiveDate::MIN)) + chrono::Duration::days(1);
+    (first < day).then_some(first)
 }
 
 async fn run_day(
@@ -386,11 +397,7 @@ async fn check_order(
     // A day no run ever started (a one-off run that names a later day, an --as-of a day too
     // late): billed past, its records would go on the later day's bill as late ones and the
     // day would never have a bill of its own. The service runs every missed slot, oldest first.
-    // (Unless accounts are billed through the day before already: a later day's run that an
-    // earlier version let start past the gap, then failed part way, is resumed.)
-    let gap_billed = mark.is_some_and(|m| m + chrono::Duration::days(1) >= day);
-    if let Some(latest) = latest.filter(|l| *l < start_of_day(day, tz) && !gap_billed) {
-        let missing = default_billing_day(latest, tz) + chrono::Duration::days(1);
+    if let (Some(missing), Some(latest)) = (first_missed_day(latest, mark, day, tz), latest) {
         return Err(JobError::Refused(format!(
             "billing day {missing} has not been billed (bills are issued up to the day ending \
              {latest}); days are billed in order: run `arrears run generate_bills --day {missing}` \
