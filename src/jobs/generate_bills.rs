@@ -33,6 +33,12 @@ use crate::jobs::{in_slot, JobError, JobName, SlotReport, SlotRun};
 
 /// Arbitrary constant naming the billing run's advisory lock.
 const BILLING_LOCK: i64 = 0x6172_7265_6172_7301;
+/// Arbitrary constant naming the lock over `bill_candidates`: each batch holds it shared for
+/// its transaction, a pre-pass exclusive while it rewrites the candidates (its helper
+/// connections commit their ranges after its own transaction). Without it a batch of the same
+/// run (resumed on another instance's helper) could read a helper's new candidates next to the
+/// old ones its transaction had not yet deleted: the same record twice on one bill.
+const CANDIDATES_LOCK: i64 = 0x6172_7265_6172_7302;
 /// At most this many accounts are listed by name in a report.
 const LISTED: usize = 100;
 
@@ -594,6 +600,35 @@ async fn prepass(
     params: &BatchParams,
     report: &mut GenerateBillsReport,
 ) -> Result<(), JobError> {
+    // Session-level, released below whatever happens (and by the pool's recycling, or the
+    // server when the connection dies): a batch (shared, per transaction) reads the candidates
+    // either before the rewrite or after all of it.
+    // Raw SQL: session advisory locks are functions the query builder does not know.
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&CANDIDATES_LOCK])
+        .await?;
+    let done = rewrite_candidates(db, client, params, report).await;
+    // Raw SQL: session advisory locks are functions the query builder does not know.
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&CANDIDATES_LOCK])
+        .await?;
+    done?;
+    // Statistics for the batches' plans: the table was empty when last analyzed.
+    // Raw SQL: ANALYZE is a utility command, which diesel cannot issue.
+    client.batch_execute("ANALYZE bill_candidates").await?;
+    Ok(())
+}
+
+/// The pre-pass under `CANDIDATES_LOCK`. The helpers' transactions commit after the main one:
+/// if this process dies in between, the helpers' ranges have no candidates (a batch then
+/// bills none of them, and the next attempt's pre-pass finds them unbilled) rather than new
+/// ones beside the old ones the main transaction's rollback restored.
+async fn rewrite_candidates(
+    db: &Db,
+    client: &mut tokio_postgres::Client,
+    params: &BatchParams,
+    report: &mut GenerateBillsReport,
+) -> Result<(), JobError> {
     let slot = params.slot;
     let tx = client.transaction().await?;
     // Raw SQL: bill_candidates and bill_skipped have no key, so schema.rs cannot describe them.
@@ -635,19 +670,21 @@ async fn prepass(
     let (mine, theirs) =
         futures_util::future::join(mine, futures_util::future::try_join_all(theirs)).await;
     let mut counts = mine?;
-    for c in theirs? {
+    let mut open = Vec::new();
+    for (helper_tx, c) in theirs? {
+        open.push(helper_tx);
         for (total, part) in counts.iter_mut().zip(c) {
             *total += part;
         }
     }
     tx.commit().await?;
+    for helper_tx in open {
+        helper_tx.commit().await?;
+    }
     report.accounts_with_usage = counts[0];
     report.unbilled_records = counts[1];
     report.late_records = counts[2];
     report.accounts_already_billed = counts[3];
-    // Statistics for the batches' plans: the table was empty when last analyzed.
-    // Raw SQL: ANALYZE is a utility command, which diesel cannot issue.
-    client.batch_execute("ANALYZE bill_candidates").await?;
     Ok(())
 }
 
@@ -687,15 +724,16 @@ async fn split_points(
     Ok(splits)
 }
 
-/// `aggregate` on a helper connection, in the snapshot `snapshot` of the pre-pass.
-async fn aggregate_in(
-    client: &mut tokio_postgres::Client,
+/// `aggregate` on a helper connection, in the snapshot `snapshot` of the pre-pass; its
+/// transaction is returned open, for the caller to commit after its own.
+async fn aggregate_in<'a>(
+    client: &'a mut tokio_postgres::Client,
     snapshot: &str,
     low: i64,
     params: &BatchParams,
     from: &Option<String>,
     to: &Option<String>,
-) -> Result<[i64; 4], JobError> {
+) -> Result<(tokio_postgres::Transaction<'a>, [i64; 4]), JobError> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -711,8 +749,7 @@ async fn aggregate_in(
     ))
     .await?;
     let counts = aggregate(&tx, low, params, from, to).await?;
-    tx.commit().await?;
-    Ok(counts)
+    Ok((tx, counts))
 }
 
 /// The pre-pass of the accounts in `[from, to)`: candidates and already-billed accounts
@@ -934,6 +971,10 @@ async fn work_one_batch(
     report: &mut GenerateBillsReport,
 ) -> Result<Option<i32>, JobError> {
     let tx = client.transaction().await?;
+    // The candidates are not being rewritten while this batch reads them (CANDIDATES_LOCK).
+    // Raw SQL: advisory locks are functions the query builder does not know.
+    tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&CANDIDATES_LOCK])
+        .await?;
     // Raw SQL: FOR UPDATE OF b SKIP LOCKED over a join; diesel cannot name the locked table.
     let row = tx
         .query_opt(

@@ -196,6 +196,10 @@ impl Drop for TestDb {
     fn drop(&mut self) {
         let admin_url = admin_url();
         let name = self.name.clone();
+        if std::thread::panicking() && std::env::var_os("ARREARS_TEST_KEEP_FAILED").is_some() {
+            eprintln!("kept the failed test's database {name}");
+            return;
+        }
         // Async drop is not a thing: drop the database from a short-lived runtime.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
