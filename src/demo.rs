@@ -500,9 +500,8 @@ async fn perform(
     let step = |e: &dyn std::fmt::Display| DemoError::Step(e.to_string());
     Ok(match act {
         Act::Topup(amount, reference) => {
-            let minor =
-                crate::domain::money::parse_non_negative(amount, cfg.billing.minor_unit_digits)
-                    .map_err(|e| step(&e))?;
+            let minor = crate::domain::money::parse_amount(amount, cfg.billing.minor_unit_digits)
+                .map_err(|e| step(&e))?;
             let r = crate::ledger::topup(db, cfg, who, minor, reference, at, "demo:topup")
                 .await
                 .map_err(|e| step(&e))?;

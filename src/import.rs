@@ -465,22 +465,14 @@ fn parse_time(
 const MIN_YEAR: i32 = 1900;
 const MAX_YEAR: i32 = 9999;
 
-/// The largest magnitude of an imported amount or quantity, scaled (10^15: 10 trillion in a
-/// currency of two decimals, a billion units of a quantity of six): far beyond any real
-/// balance or record, and far enough below i64's limit that the sums billing and the reports
-/// make of them stay exact.
-const MAX_SCALED: i64 = 1_000_000_000_000_000;
-
-/// `v` (scaled by `digits`) if its magnitude is at most `MAX_SCALED`, else the reason.
+/// `v` (scaled by `digits`) if its magnitude is at most `money::MAX_SCALED`, else the reason.
 fn bounded(v: i64, digits: u32) -> Result<i64, String> {
-    if v.unsigned_abs() <= MAX_SCALED as u64 {
-        Ok(v)
-    } else {
-        Err(format!(
+    money::bounded("", v, digits).map_err(|_| {
+        format!(
             "is out of range (at most {} in magnitude)",
-            MAX_SCALED / 10i64.pow(digits)
-        ))
-    }
+            money::MAX_SCALED / 10i64.pow(digits)
+        )
+    })
 }
 
 fn parse_amount(

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::domain::lifecycle::{gate, Action};
-use crate::domain::money::parse_non_negative;
+use crate::domain::money::parse_amount;
 use crate::ledger::{self, LedgerError};
 use crate::shared::Shared;
 
@@ -300,7 +300,7 @@ async fn topup(
         ApiError::new(StatusCode::BAD_REQUEST, field, e.inner().to_string())
     })?;
     let digits = sh.config.billing.minor_unit_digits;
-    let amount = parse_non_negative(&parsed.amount, digits)
+    let amount = parse_amount(&parsed.amount, digits)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "amount", e.to_string()))?;
     if parsed.reference.len() > 200 {
         return Err(ApiError::new(

@@ -990,3 +990,96 @@ async fn a_configuration_with_another_currency_or_digits_is_refused() {
     let m = ok_json(arrears(u, &["account", "show", "M", "--json"]));
     assert_eq!(m["cash_balance"], "79.90");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn read_commands_on_a_database_never_migrated_write_nothing_and_say_why() {
+    let admin = arrears::db::raw_connect(&admin_url()).await.unwrap();
+    let name = format!("arrears_unmigrated_{}", std::process::id());
+    for sql in [
+        format!("DROP DATABASE IF EXISTS {name}"),
+        format!("CREATE DATABASE {name}"),
+    ] {
+        admin.batch_execute(&sql).await.unwrap();
+    }
+    let url = arrears::db::with_database(&admin_url(), &name).unwrap();
+    for args in [
+        &["account", "show", "A", "--json"][..],
+        &["bills", "A"][..],
+        &["notices", "list"][..],
+        &["report", "aging"][..],
+        &["run", "send_alerts", "--dry-run"][..],
+    ] {
+        let out = arrears(Some(&url), args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), 2, "{args:?}: {err}");
+        assert!(
+            err.contains("pending migration(s): run `arrears migrate`"),
+            "{args:?}: {err}"
+        );
+    }
+    let db = arrears::db::raw_connect(&url).await.unwrap();
+    let tables: i64 = db
+        .query_one(
+            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    drop(db);
+    assert_eq!(tables, 0, "not even diesel's bookkeeping table");
+    admin
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .unwrap();
+    // A database that does not exist is named as such, not as a bare "db error".
+    let out = arrears(Some(&url), &["account", "show", "A", "--json"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 2, "{err}");
+    assert!(
+        err.contains(&format!("database \"{name}\" does not exist")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn top_ups_and_coupons_beyond_the_amount_bound_are_refused_before_anything_is_written() {
+    let t = TestDb::new().await;
+    let u = Some(t.url.as_str());
+    let accounts = csv(ACCOUNTS_HEADER, &["B,Bound,,,en,UTC,1.00,0,"]);
+    ok_json(arrears(
+        u,
+        &["import", "accounts", accounts.path.to_str().unwrap()],
+    ));
+    let before = t.fingerprint().await;
+    for args in [
+        // 2 * 10^15 minor units: past the bound, within i64
+        &["topup", "B", "20000000000000.00", "--reference", "big-1"][..],
+        &["topup", "B", "99999999999999999999", "--reference", "big-2"][..],
+        &[
+            "coupon",
+            "grant",
+            "B",
+            "20000000000000",
+            "--kind",
+            "cash",
+            "--expires-at",
+            "2030-01-01T00:00:00Z",
+        ][..],
+    ] {
+        let out = arrears(u, args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), 1, "{args:?}: {err}");
+        assert!(err.contains("amount"), "{args:?}: {err}");
+    }
+    assert_eq!(t.fingerprint().await, before, "nothing written");
+    // The bound itself is accepted.
+    let r = ok_json(arrears(
+        u,
+        &["topup", "B", "10000000000000.00", "--reference", "max-1"],
+    ));
+    assert_eq!(r["reference"], "max-1");
+    let b = ok_json(arrears(u, &["account", "show", "B", "--json"]));
+    assert_eq!(b["cash_balance"], "10000000000001.00");
+}

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use arrears::domain::money::parse_non_negative;
+use arrears::domain::money::parse_amount;
 use arrears::domain::settle::CouponKind;
 use arrears::ledger;
 use chrono::{DateTime, Utc};
@@ -39,8 +39,7 @@ pub async fn run(env: &Env, action: CouponAction) -> Result<ExitCode> {
         expires_at,
     } = action;
     let digits = env.digits();
-    let amount =
-        parse_non_negative(&amount, digits).with_context(|| format!("amount {amount:?}"))?;
+    let amount = parse_amount(&amount, digits).with_context(|| format!("amount {amount:?}"))?;
     let kind = match kind {
         CouponKindArg::Cash => CouponKind::Cash,
         CouponKindArg::General => CouponKind::General,

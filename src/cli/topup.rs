@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use arrears::domain::money::parse_non_negative;
+use arrears::domain::money::parse_amount;
 use arrears::ledger;
 
 use super::output::print_json;
@@ -25,7 +25,7 @@ pub async fn run(env: &Env, args: TopupArgs) -> Result<ExitCode> {
         reference,
     } = args;
     let amount =
-        parse_non_negative(&amount, env.digits()).with_context(|| format!("amount {amount:?}"))?;
+        parse_amount(&amount, env.digits()).with_context(|| format!("amount {amount:?}"))?;
     let db = open_to_change(&env.config, env.explicit_as_of).await?;
     let report = ledger::topup(
         &db,

@@ -176,7 +176,7 @@ impl Db {
                     .pg
                     .connect(tls)
                     .await
-                    .map_err(|e| diesel::ConnectionError::BadConnection(e.to_string()))?;
+                    .map_err(|e| diesel::ConnectionError::BadConnection(with_causes(&e)))?;
                 AsyncPgConnection::try_from_client_and_connection(client, conn).await
             })
         });
@@ -246,7 +246,7 @@ impl Db {
         self.pool
             .get()
             .await
-            .map_err(|e| DbError::Pool(e.to_string()))
+            .map_err(|e| DbError::Pool(with_causes(&e)))
     }
 
     /// Applies pending migrations; returns the versions applied.
@@ -263,8 +263,21 @@ impl Db {
         .map_err(|e| DbError::Migration(e.to_string()))?
     }
 
+    /// Pending migrations, read without writing: diesel's harness creates its bookkeeping
+    /// table when it is missing, which a read-only command on a database never migrated must
+    /// not do (every migration is pending there).
     async fn pending_migrations(&self) -> Result<usize, DbError> {
-        let conn = self.conn().await?;
+        let mut conn = self.conn().await?;
+        let tracked: bool = diesel::select(diesel::dsl::sql::<diesel::sql_types::Bool>(
+            "to_regclass('__diesel_schema_migrations') IS NOT NULL",
+        ))
+        .get_result(&mut conn)
+        .await?;
+        if !tracked {
+            return diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
+                .map(|m| m.len())
+                .map_err(|e| DbError::Migration(e.to_string()));
+        }
         tokio::task::spawn_blocking(move || {
             let mut harness = AsyncMigrationHarness::new(conn);
             harness
@@ -279,8 +292,8 @@ impl Db {
     /// A raw tokio-postgres client from the bounded pool (COPY, set-based SQL).
     pub async fn raw_client(&self) -> Result<RawClient, DbError> {
         let client = self.raw.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) => DbError::Connect(e.to_string()),
-            e => DbError::Pool(e.to_string()),
+            deadpool_postgres::PoolError::Backend(e) => DbError::Connect(with_causes(&e)),
+            e => DbError::Pool(with_causes(&e)),
         })?;
         Ok(RawClient { client })
     }
@@ -294,6 +307,22 @@ impl Db {
             .await?;
         Ok(now)
     }
+}
+
+/// An error with the errors that caused it ("db error: FATAL: database \"x\" does not
+/// exist", not only "db error"), each once.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// `url` without its password, for anything printed or logged.

@@ -32,6 +32,32 @@ pub enum DecimalError {
     TooLarge(String),
     #[error("{0:?} is negative")]
     Negative(String),
+    #[error("{value:?} is out of range (at most {max} in magnitude)")]
+    OutOfRange { value: String, max: String },
+}
+
+/// The largest magnitude of an amount or quantity that comes in (an import, a top-up, a
+/// coupon), scaled (10^15: 10 trillion in a currency of two decimals, a billion units of a
+/// quantity of six): far beyond any real balance or record, and far enough below i64's limit
+/// that the sums billing and the reports make of them stay exact.
+pub const MAX_SCALED: i64 = 1_000_000_000_000_000;
+
+/// `v` (scaled by `digits`, parsed from `input`) if its magnitude is at most [`MAX_SCALED`].
+pub fn bounded(input: &str, v: i64, digits: u32) -> Result<i64, DecimalError> {
+    if v.unsigned_abs() <= MAX_SCALED as u64 {
+        Ok(v)
+    } else {
+        Err(DecimalError::OutOfRange {
+            value: input.trim().to_string(),
+            max: format_scaled(MAX_SCALED, digits),
+        })
+    }
+}
+
+/// An amount of money that comes in (a top-up, a coupon grant): a non-negative decimal of at
+/// most `digits` places, at most [`MAX_SCALED`] minor units.
+pub fn parse_amount(input: &str, digits: u32) -> Result<i64, DecimalError> {
+    bounded(input, parse_non_negative(input, digits)?, digits)
 }
 
 /// Parses a plain decimal string ("12.50", "-3", "0.015") into an integer scaled by
