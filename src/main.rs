@@ -102,6 +102,9 @@ fn exit_code_of(e: &anyhow::Error) -> u8 {
             || cause.is::<ConfigError>()
             || cause.is::<DecimalError>()
             || cause.is::<PricesError>()
+            // the jobs folder and the templates are the operator's configuration too
+            || cause.is::<arrears::scheduler::ScheduleError>()
+            || cause.is::<arrears::notify::templates::TemplateError>()
         {
             Some(true)
         } else if let Some(l) = cause.downcast_ref::<LedgerError>() {

@@ -226,9 +226,29 @@ async fn bad_configuration_names_the_key() {
         .env("ARREARS_PRODUCTS__LCIC__POLICY__GRACE", "soon")
         .output()
         .unwrap();
-    assert!(!out.status.success());
+    assert_eq!(code(&out), 1, "bad input");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("products.lcic.policy.grace"), "{err}");
+    // A bad file in the jobs folder is bad input too, named with its key.
+    let jobs = tempfile::tempdir().unwrap();
+    std::fs::write(
+        jobs.path().join("send_alerts.toml"),
+        "cron = \"61 * * * *\"\ntime_zone = \"UTC\"\n",
+    )
+    .unwrap();
+    for args in [&["check"][..], &["schedule", "--count", "1"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_arrears"))
+            .args(args)
+            .env("ARREARS_SERVICE__JOBS_DIR", jobs.path())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), 1, "{args:?}: {err}");
+        assert!(
+            err.contains("send_alerts.toml: key `cron`: minute: 61 is outside 0-59"),
+            "{err}"
+        );
+    }
 }
 
 #[test]
