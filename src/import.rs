@@ -81,6 +81,9 @@ pub struct ImportReport {
     pub updated: u64,
     /// Usage events already imported earlier (re-sent): no-ops.
     pub already_imported: u64,
+    /// A preview (`--dry-run`): the file was checked and imported in a transaction that was
+    /// rolled back; the counts say what a real import would do now.
+    pub dry_run: bool,
 }
 
 const ACCOUNT_COLUMNS: &[&str] = &[
@@ -510,6 +513,61 @@ async fn begin(
     Ok(client.transaction().await?)
 }
 
+/// Commits the import, or rolls it back for a preview.
+async fn finish(tx: tokio_postgres::Transaction<'_>, dry_run: bool) -> Result<(), ImportError> {
+    if dry_run {
+        tx.rollback().await?;
+    } else {
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+/// Imports `file` as `kind`, all of it or nothing; with `dry_run`, checks and imports it in
+/// a transaction that is rolled back (a preview: nothing is written, every bad line is
+/// reported as a real import would).
+pub async fn import_file(
+    db: &Db,
+    config: &Config,
+    kind: ImportKind,
+    file: &Path,
+    as_of: DateTime<Utc>,
+    dry_run: bool,
+) -> Result<ImportReport, ImportError> {
+    match kind {
+        ImportKind::Accounts => accounts(db, config, file, as_of, dry_run).await,
+        ImportKind::Resources => resources(db, config, file, as_of, dry_run).await,
+        ImportKind::Usage => usage(db, config, file, as_of, dry_run).await,
+    }
+}
+
+pub async fn import_accounts(
+    db: &Db,
+    config: &Config,
+    file: &Path,
+    as_of: DateTime<Utc>,
+) -> Result<ImportReport, ImportError> {
+    accounts(db, config, file, as_of, false).await
+}
+
+pub async fn import_resources(
+    db: &Db,
+    config: &Config,
+    file: &Path,
+    as_of: DateTime<Utc>,
+) -> Result<ImportReport, ImportError> {
+    resources(db, config, file, as_of, false).await
+}
+
+pub async fn import_usage(
+    db: &Db,
+    config: &Config,
+    file: &Path,
+    as_of: DateTime<Utc>,
+) -> Result<ImportReport, ImportError> {
+    usage(db, config, file, as_of, false).await
+}
+
 /// Reports every (line, field, reason) row of a diagnostic query.
 async fn collect_sql_errors(
     tx: &tokio_postgres::Transaction<'_>,
@@ -543,11 +601,12 @@ async fn collect_duplicates(
     collect_sql_errors(tx, &sql, errors).await
 }
 
-pub async fn import_accounts(
+async fn accounts(
     db: &Db,
     config: &Config,
     file: &Path,
     as_of: DateTime<Utc>,
+    dry_run: bool,
 ) -> Result<ImportReport, ImportError> {
     let digits = config.billing.minor_unit_digits;
     let mut client = db.raw_client().await?;
@@ -671,7 +730,7 @@ pub async fn import_accounts(
         &[&as_of],
     )
     .await?;
-    tx.commit().await?;
+    finish(tx, dry_run).await?;
     Ok(ImportReport {
         kind: ImportKind::Accounts,
         file: file.display().to_string(),
@@ -679,14 +738,16 @@ pub async fn import_accounts(
         inserted: r.get::<_, i64>(0) as u64,
         updated: r.get::<_, i64>(1) as u64,
         already_imported: 0,
+        dry_run,
     })
 }
 
-pub async fn import_resources(
+async fn resources(
     db: &Db,
     config: &Config,
     file: &Path,
     as_of: DateTime<Utc>,
+    dry_run: bool,
 ) -> Result<ImportReport, ImportError> {
     let mut client = db.raw_client().await?;
     let tx = begin(&mut client).await?;
@@ -737,7 +798,7 @@ pub async fn import_resources(
         )
         .await?;
     mark_resources_due(&tx, as_of).await?;
-    tx.commit().await?;
+    finish(tx, dry_run).await?;
     Ok(ImportReport {
         kind: ImportKind::Resources,
         file: file.display().to_string(),
@@ -745,6 +806,7 @@ pub async fn import_resources(
         inserted: r.get::<_, i64>(0) as u64,
         updated: r.get::<_, i64>(1) as u64,
         already_imported: 0,
+        dry_run,
     })
 }
 
@@ -984,11 +1046,12 @@ const USAGE_COPY: &str =
 /// set-based check of the new rows; any duplicate, unknown reference or bad row rolls the
 /// savepoint back and the slow path stages the file to find and report every bad line (or,
 /// when the only "problem" is events imported before, to skip them).
-pub async fn import_usage(
+async fn usage(
     db: &Db,
     config: &Config,
     file: &Path,
     as_of: DateTime<Utc>,
+    dry_run: bool,
 ) -> Result<ImportReport, ImportError> {
     let tz = config.billing.time_zone;
     let mut client = db.raw_client().await?;
@@ -1028,7 +1091,7 @@ pub async fn import_usage(
                 .await?
                 .get(0);
             if bad == 0 {
-                tx.commit().await?;
+                finish(tx, dry_run).await?;
                 return Ok(ImportReport {
                     kind: ImportKind::Usage,
                     file: file.display().to_string(),
@@ -1036,6 +1099,7 @@ pub async fn import_usage(
                     inserted: rows,
                     updated: 0,
                     already_imported: 0,
+                    dry_run,
                 });
             }
         }
@@ -1047,7 +1111,7 @@ pub async fn import_usage(
     // Raw SQL: ROLLBACK TO SAVEPOINT is transaction control, not a query diesel builds.
     tx.batch_execute("ROLLBACK TO SAVEPOINT fast_path").await?;
     let (rows, inserted) = import_usage_staged(&tx, file, tz, as_of).await?;
-    tx.commit().await?;
+    finish(tx, dry_run).await?;
     Ok(ImportReport {
         kind: ImportKind::Usage,
         file: file.display().to_string(),
@@ -1055,6 +1119,7 @@ pub async fn import_usage(
         inserted,
         updated: 0,
         already_imported: rows - inserted,
+        dry_run,
     })
 }
 

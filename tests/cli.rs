@@ -1103,3 +1103,84 @@ async fn top_ups_and_coupons_beyond_the_amount_bound_are_refused_before_anything
     let b = ok_json(arrears(u, &["account", "show", "B", "--json"]));
     assert_eq!(b["cash_balance"], "10000000000001.00");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn import_dry_run_checks_and_counts_and_writes_nothing() {
+    let t = TestDb::new().await;
+    let u = Some(t.url.as_str());
+    let accounts = csv(
+        ACCOUNTS_HEADER,
+        &["D1,Dry,,,en,UTC,1.00,0,", "D2,Run,,,en,UTC,2.00,0,"],
+    );
+    let resources = csv(RESOURCES_HEADER, &["d1-class,D1,lcic,pay_per_use,,,,"]);
+    let usage = csv(
+        USAGE_HEADER,
+        &["e1,D1,d1-class,classroom_minutes,10,2026-11-20T10:00:00Z,2026-11-20T10:10:00Z"],
+    );
+    let path = |f: &Csv| f.path.to_str().unwrap().to_string();
+    let before = t.fingerprint().await;
+    let r = ok_json(arrears(
+        u,
+        &["import", "accounts", &path(&accounts), "--dry-run"],
+    ));
+    assert_eq!(
+        (r["dry_run"].as_bool(), r["inserted"].as_u64()),
+        (Some(true), Some(2))
+    );
+    assert_eq!(t.fingerprint().await, before, "a preview writes nothing");
+    // A bad line is named in a preview as in a real import.
+    let bad = csv(ACCOUNTS_HEADER, &["D3,Bad,,,en,UTC,1.001,0,"]);
+    let out = arrears(u, &["import", "accounts", &path(&bad), "--dry-run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(code(&out), 1, "{err}");
+    assert!(
+        err.contains("line 2") && err.contains("cash_balance"),
+        "{err}"
+    );
+    assert_eq!(t.fingerprint().await, before);
+    // Once imported for real, a preview of the same usage says it is already there.
+    ok_json(arrears(u, &["import", "accounts", &path(&accounts)]));
+    ok_json(arrears(u, &["import", "resources", &path(&resources)]));
+    let r = ok_json(arrears(
+        u,
+        &[
+            "import",
+            "usage",
+            &path(&usage),
+            "--dry-run",
+            "--as-of",
+            "2026-11-21T00:00:00Z",
+        ],
+    ));
+    assert_eq!(
+        (r["inserted"].as_u64(), r["dry_run"].as_bool()),
+        (Some(1), Some(true))
+    );
+    ok_json(arrears(
+        u,
+        &[
+            "import",
+            "usage",
+            &path(&usage),
+            "--as-of",
+            "2026-11-21T00:00:00Z",
+        ],
+    ));
+    let middle = t.fingerprint().await;
+    let r = ok_json(arrears(
+        u,
+        &[
+            "import",
+            "usage",
+            &path(&usage),
+            "--dry-run",
+            "--as-of",
+            "2026-11-21T00:00:00Z",
+        ],
+    ));
+    assert_eq!(
+        (r["inserted"].as_u64(), r["already_imported"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(t.fingerprint().await, middle);
+}

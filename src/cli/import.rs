@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use arrears::import::{self, ImportError};
+use arrears::import::{self, ImportError, ImportKind};
 use clap::ValueEnum;
 
 use super::output::{print_bad_rows, print_json};
@@ -14,6 +14,9 @@ use super::{open_to_change, Env};
 pub struct ImportArgs {
     kind: ImportWhat,
     file: PathBuf,
+    /// Check the file and report what it would import, writing nothing
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -26,11 +29,12 @@ enum ImportWhat {
 pub async fn run(env: &Env, args: ImportArgs) -> Result<ExitCode> {
     let (config, as_of, file) = (&env.config, env.as_of, &args.file);
     let db = open_to_change(config, env.explicit_as_of).await?;
-    let result = match args.kind {
-        ImportWhat::Accounts => import::import_accounts(&db, config, file, as_of).await,
-        ImportWhat::Resources => import::import_resources(&db, config, file, as_of).await,
-        ImportWhat::Usage => import::import_usage(&db, config, file, as_of).await,
+    let kind = match args.kind {
+        ImportWhat::Accounts => ImportKind::Accounts,
+        ImportWhat::Resources => ImportKind::Resources,
+        ImportWhat::Usage => ImportKind::Usage,
     };
+    let result = import::import_file(&db, config, kind, file, as_of, args.dry_run).await;
     match result {
         Ok(report) => print_json(&report)?,
         Err(ImportError::BadRows {
