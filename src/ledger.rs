@@ -36,6 +36,14 @@ pub enum LedgerError {
         reference: String,
         owner: String,
     },
+    #[error("reference {reference:?} was already used for another coupon grant ({existing}); refusing {asked}")]
+    CouponReferenceReused {
+        reference: String,
+        existing: String,
+        asked: String,
+    },
+    #[error("reference: at most 200 characters")]
+    LongReference,
     #[error("expires_at: {0} is not after the grant instant {1}")]
     AlreadyExpired(DateTime<Utc>, DateTime<Utc>),
     #[error(transparent)]
@@ -207,6 +215,11 @@ pub struct CouponReport {
     pub kind: CouponKind,
     pub amount: String,
     pub expires_at: DateTime<Utc>,
+    /// The operator's reference of the grant, when given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reference: Option<String>,
+    /// The reference's grant existed already: nothing was granted again.
+    pub replayed: bool,
 }
 
 pub async fn grant_coupon(
@@ -218,11 +231,32 @@ pub async fn grant_coupon(
     expires_at: DateTime<Utc>,
     as_of: DateTime<Utc>,
 ) -> Result<CouponReport, LedgerError> {
+    grant_coupon_once(
+        db, digits, account_id, amount, kind, expires_at, as_of, None,
+    )
+    .await
+}
+
+/// Grants a coupon; with a `reference`, once: the same reference, account, kind, amount and
+/// expiry again replays the first grant (`replayed`), anything else under it is refused.
+#[allow(clippy::too_many_arguments)]
+pub async fn grant_coupon_once(
+    db: &Db,
+    digits: u32,
+    account_id: &str,
+    amount: i64,
+    kind: CouponKind,
+    expires_at: DateTime<Utc>,
+    as_of: DateTime<Utc>,
+    reference: Option<&str>,
+) -> Result<CouponReport, LedgerError> {
     if amount <= 0 {
         return Err(LedgerError::NotPositive);
     }
-    if expires_at <= as_of {
-        return Err(LedgerError::AlreadyExpired(expires_at, as_of));
+    match reference {
+        Some(r) if r.trim().is_empty() => return Err(LedgerError::EmptyReference),
+        Some(r) if r.len() > 200 => return Err(LedgerError::LongReference),
+        _ => {}
     }
     let mut conn = db.conn().await?;
     let exists: bool = diesel::select(diesel::dsl::exists(accounts::table.find(account_id)))
@@ -231,31 +265,114 @@ pub async fn grant_coupon(
     if !exists {
         return Err(LedgerError::UnknownAccount(account_id.to_string()));
     }
-    let id: i64 = diesel::insert_into(coupons::table)
-        .values((
-            coupons::account_id.eq(account_id),
-            coupons::kind.eq(kind.as_str()),
-            coupons::amount.eq(amount),
-            coupons::remaining.eq(amount),
-            coupons::expires_at.eq(expires_at),
-            coupons::granted_at.eq(as_of),
-        ))
-        .returning(coupons::id)
-        .get_result(&mut conn)
-        .await?;
-    // R7: the funds rose; the balance alert may re-arm.
-    lifecycle::mark_due(
-        &mut conn,
-        &[account_id.to_string()],
-        &[lifecycle::DueJob::SendAlerts],
-        as_of,
-    )
-    .await?;
-    Ok(CouponReport {
+    let report = |coupon_id: i64, replayed: bool| CouponReport {
         account_id: account_id.to_string(),
-        coupon_id: id,
+        coupon_id,
         kind,
         amount: format_scaled(amount, digits),
         expires_at,
+        reference: reference.map(str::to_string),
+        replayed,
+    };
+    if let Some(r) = reference {
+        // A replay is answered before the expiry check: the first grant was valid when made.
+        let earlier: Option<(String, i64, String, i64, DateTime<Utc>)> = coupons::table
+            .filter(coupons::reference.eq(r))
+            .select((
+                coupons::account_id,
+                coupons::id,
+                coupons::kind,
+                coupons::amount,
+                coupons::expires_at,
+            ))
+            .first(&mut conn)
+            .await
+            .optional()?;
+        if let Some(e) = earlier {
+            return replay(e, (account_id, kind, amount, expires_at), r, digits)
+                .map(|id| report(id, true));
+        }
+    }
+    if expires_at <= as_of {
+        return Err(LedgerError::AlreadyExpired(expires_at, as_of));
+    }
+    let granted = conn
+        .transaction::<_, LedgerError, _>(async move |conn| {
+            {
+                let id: Option<i64> = diesel::insert_into(coupons::table)
+                    .values((
+                        coupons::account_id.eq(account_id),
+                        coupons::kind.eq(kind.as_str()),
+                        coupons::amount.eq(amount),
+                        coupons::remaining.eq(amount),
+                        coupons::expires_at.eq(expires_at),
+                        coupons::granted_at.eq(as_of),
+                        coupons::reference.eq(reference),
+                    ))
+                    .on_conflict(coupons::reference)
+                    .do_nothing()
+                    .returning(coupons::id)
+                    .get_result(conn)
+                    .await
+                    .optional()?;
+                if id.is_some() {
+                    // R7: the funds rose; the balance alert may re-arm.
+                    lifecycle::mark_due(
+                        conn,
+                        &[account_id.to_string()],
+                        &[lifecycle::DueJob::SendAlerts],
+                        as_of,
+                    )
+                    .await?;
+                }
+                Ok(id)
+            }
+        })
+        .await?;
+    match (granted, reference) {
+        (Some(id), _) => Ok(report(id, false)),
+        // Another grant of the same reference committed first.
+        (None, Some(r)) => {
+            let e = coupons::table
+                .filter(coupons::reference.eq(r))
+                .select((
+                    coupons::account_id,
+                    coupons::id,
+                    coupons::kind,
+                    coupons::amount,
+                    coupons::expires_at,
+                ))
+                .first(&mut conn)
+                .await?;
+            replay(e, (account_id, kind, amount, expires_at), r, digits).map(|id| report(id, true))
+        }
+        (None, None) => Err(LedgerError::Db(DbError::Query(
+            diesel::result::Error::NotFound,
+        ))),
+    }
+}
+
+/// The earlier grant's coupon id if it is the one asked for again, else the refusal.
+fn replay(
+    (account, id, kind, amount, expires_at): (String, i64, String, i64, DateTime<Utc>),
+    asked: (&str, CouponKind, i64, DateTime<Utc>),
+    reference: &str,
+    digits: u32,
+) -> Result<i64, LedgerError> {
+    if account == asked.0 && kind == asked.1.as_str() && amount == asked.2 && expires_at == asked.3
+    {
+        return Ok(id);
+    }
+    let say = |account: &str, kind: &str, amount: i64, expires_at: DateTime<Utc>| {
+        format!(
+            "a {kind} coupon of {} for account {account} expiring at {}",
+            format_scaled(amount, digits),
+            expires_at.to_rfc3339()
+        )
+    };
+    Err(LedgerError::CouponReferenceReused {
+        reference: reference.to_string(),
+        existing: say(&account, &kind, amount, expires_at),
+        asked: say(asked.0, asked.1.as_str(), asked.2, asked.3),
     })
 }

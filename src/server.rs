@@ -327,7 +327,7 @@ async fn topup(
         LedgerError::NotPositive | LedgerError::TooLarge => {
             ApiError::new(StatusCode::BAD_REQUEST, "amount", e.to_string())
         }
-        LedgerError::EmptyReference => {
+        LedgerError::EmptyReference | LedgerError::LongReference => {
             ApiError::new(StatusCode::BAD_REQUEST, "reference", e.to_string())
         }
         LedgerError::ReferenceReused { .. } => ApiError::new(
@@ -342,7 +342,9 @@ async fn topup(
                 "this reference already credited account {owner}: one payment credits one account"
             ),
         ),
-        LedgerError::AlreadyExpired(..) | LedgerError::Db(_) => ApiError::unavailable(),
+        LedgerError::AlreadyExpired(..)
+        | LedgerError::CouponReferenceReused { .. }
+        | LedgerError::Db(_) => ApiError::unavailable(),
     })?;
     let status = if report.replayed {
         StatusCode::OK

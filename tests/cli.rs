@@ -1184,3 +1184,89 @@ async fn import_dry_run_checks_and_counts_and_writes_nothing() {
     );
     assert_eq!(t.fingerprint().await, middle);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_coupon_grant_with_a_reference_is_granted_once_however_often_it_is_retried() {
+    let t = TestDb::new().await;
+    let u = Some(t.url.as_str());
+    let accounts = csv(
+        ACCOUNTS_HEADER,
+        &["C1,Coupon,,,en,UTC,1.00,0,", "C2,Other,,,en,UTC,1.00,0,"],
+    );
+    ok_json(arrears(
+        u,
+        &["import", "accounts", accounts.path.to_str().unwrap()],
+    ));
+    let grant = |account: &'static str, amount: &'static str, reference: &'static str| {
+        arrears(
+            u,
+            &[
+                "coupon",
+                "grant",
+                account,
+                amount,
+                "--kind",
+                "cash",
+                "--expires-at",
+                "2030-01-01T00:00:00Z",
+                "--reference",
+                reference,
+            ],
+        )
+    };
+    let first = ok_json(grant("C1", "5.00", "promo-1"));
+    assert_eq!(first["replayed"], false);
+    let again = ok_json(grant("C1", "5.00", "promo-1"));
+    assert_eq!(again["replayed"], true);
+    assert_eq!(again["coupon_id"], first["coupon_id"]);
+    let before = t.fingerprint().await;
+    // The same reference for another amount or account is refused, naming both grants.
+    for (account, amount) in [("C1", "6.00"), ("C2", "5.00")] {
+        let out = grant(account, amount, "promo-1");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(code(&out), 1, "{err}");
+        assert!(
+            err.contains("reference \"promo-1\" was already used"),
+            "{err}"
+        );
+    }
+    assert_eq!(t.fingerprint().await, before, "nothing granted");
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM coupons WHERE account_id = 'C1'")
+            .await,
+        1
+    );
+    // Concurrent retries of one grant: one coupon.
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let url = t.url.clone();
+            std::thread::spawn(move || {
+                ok_json(arrears(
+                    Some(&url),
+                    &[
+                        "coupon",
+                        "grant",
+                        "C2",
+                        "3.00",
+                        "--kind",
+                        "general",
+                        "--expires-at",
+                        "2030-01-01T00:00:00Z",
+                        "--reference",
+                        "promo-2",
+                    ],
+                ))
+            })
+        })
+        .collect();
+    let replays: Vec<bool> = handles
+        .into_iter()
+        .map(|h| h.join().unwrap()["replayed"].as_bool().unwrap())
+        .collect();
+    assert_eq!(replays.iter().filter(|r| !**r).count(), 1, "{replays:?}");
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM coupons WHERE account_id = 'C2'")
+            .await,
+        1
+    );
+}

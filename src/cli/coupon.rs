@@ -22,6 +22,10 @@ pub enum CouponAction {
         kind: CouponKindArg,
         #[arg(long, value_parser = parse_instant)]
         expires_at: DateTime<Utc>,
+        /// The operator's reference of this grant: granted once, however often the command is
+        /// retried (the same reference with other values is refused)
+        #[arg(long)]
+        reference: Option<String>,
     },
 }
 
@@ -37,6 +41,7 @@ pub async fn run(env: &Env, action: CouponAction) -> Result<ExitCode> {
         amount,
         kind,
         expires_at,
+        reference,
     } = action;
     let digits = env.digits();
     let amount = parse_amount(&amount, digits).with_context(|| format!("amount {amount:?}"))?;
@@ -45,8 +50,17 @@ pub async fn run(env: &Env, action: CouponAction) -> Result<ExitCode> {
         CouponKindArg::General => CouponKind::General,
     };
     let db = open_to_change(&env.config, env.explicit_as_of).await?;
-    let report =
-        ledger::grant_coupon(&db, digits, &account, amount, kind, expires_at, env.as_of).await?;
+    let report = ledger::grant_coupon_once(
+        &db,
+        digits,
+        &account,
+        amount,
+        kind,
+        expires_at,
+        env.as_of,
+        reference.as_deref(),
+    )
+    .await?;
     print_json(&report)?;
     Ok(ExitCode::SUCCESS)
 }

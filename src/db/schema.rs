@@ -106,6 +106,7 @@ diesel::table! {
         remaining -> Int8,
         expires_at -> Timestamptz,
         granted_at -> Timestamptz,
+        reference -> Nullable<Text>,
     }
 }
 
