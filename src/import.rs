@@ -81,6 +81,9 @@ pub struct ImportReport {
     pub updated: u64,
     /// Usage events already imported earlier (re-sent): no-ops.
     pub already_imported: u64,
+    /// Of those, the ones whose fields differ from the record imported first (usage only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub already_imported_differing: Option<Differing>,
     /// A preview (`--dry-run`): the file was checked and imported in a transaction that was
     /// rolled back; the counts say what a real import would do now.
     pub dry_run: bool,
@@ -738,6 +741,7 @@ async fn accounts(
         inserted: r.get::<_, i64>(0) as u64,
         updated: r.get::<_, i64>(1) as u64,
         already_imported: 0,
+        already_imported_differing: None,
         dry_run,
     })
 }
@@ -806,6 +810,7 @@ async fn resources(
         inserted: r.get::<_, i64>(0) as u64,
         updated: r.get::<_, i64>(1) as u64,
         already_imported: 0,
+        already_imported_differing: None,
         dry_run,
     })
 }
@@ -1099,6 +1104,7 @@ async fn usage(
                     inserted: rows,
                     updated: 0,
                     already_imported: 0,
+                    already_imported_differing: Some(Differing::default()),
                     dry_run,
                 });
             }
@@ -1110,8 +1116,15 @@ async fn usage(
     }
     // Raw SQL: ROLLBACK TO SAVEPOINT is transaction control, not a query diesel builds.
     tx.batch_execute("ROLLBACK TO SAVEPOINT fast_path").await?;
-    let (rows, inserted) = import_usage_staged(&tx, file, tz, as_of).await?;
+    let (rows, inserted, differing) = import_usage_staged(&tx, file, tz, as_of).await?;
     finish(tx, dry_run).await?;
+    if differing.count > 0 {
+        tracing::warn!(
+            events = differing.count,
+            first_lines = ?differing.lines,
+            "re-sent usage events differ from the records imported first; the first records stand"
+        );
+    }
     Ok(ImportReport {
         kind: ImportKind::Usage,
         file: file.display().to_string(),
@@ -1119,6 +1132,7 @@ async fn usage(
         inserted,
         updated: 0,
         already_imported: rows - inserted,
+        already_imported_differing: Some(differing),
         dry_run,
     })
 }
@@ -1130,7 +1144,7 @@ async fn import_usage_staged(
     file: &Path,
     tz: Tz,
     as_of: DateTime<Utc>,
-) -> Result<(u64, u64), ImportError> {
+) -> Result<(u64, u64, Differing), ImportError> {
     // Raw SQL: CREATE TEMP TABLE is DDL, which diesel's query builder does not say.
     tx.batch_execute(
         "CREATE TEMP TABLE usage_staging (line bigint, account_id text, event_id text, resource_id text, meter text,
@@ -1207,7 +1221,40 @@ async fn import_usage_staged(
         .await?;
         errors.into_result(file)?;
     }
-    Ok((rows, inserted))
+    let differing = if inserted < staged as u64 {
+        differing_resends(tx).await?
+    } else {
+        Differing::default()
+    };
+    Ok((rows, inserted, differing))
+}
+
+/// Re-sent events (an `event_id` the account already has) whose fields differ from the
+/// record imported first: still no-ops (the first record stands, PRODUCT.md §2), but counted
+/// and their lines listed, so that a meter that re-sends corrected records is noticed.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Differing {
+    pub count: u64,
+    /// The first lines (up to 100).
+    pub lines: Vec<u64>,
+}
+
+async fn differing_resends(tx: &tokio_postgres::Transaction<'_>) -> Result<Differing, ImportError> {
+    // Raw SQL: a join of the temp staging table, which schema.rs does not declare.
+    let row = tx
+        .query_one(
+            "SELECT count(*), coalesce((array_agg(line ORDER BY line))[1:100], '{}')
+             FROM usage_staging s JOIN usage_records u ON u.account_id = s.account_id AND u.event_id = s.event_id
+             WHERE (u.resource_id, u.meter, u.quantity, u.started_at, u.ended_at)
+                   IS DISTINCT FROM (s.resource_id, s.meter, s.quantity, s.started_at, s.ended_at)",
+            &[],
+        )
+        .await?;
+    let lines: Vec<i64> = row.get(1);
+    Ok(Differing {
+        count: row.get::<_, i64>(0) as u64,
+        lines: lines.into_iter().map(|l| l as u64).collect(),
+    })
 }
 /// An address with a dotted domain that lettre (the mailer) also accepts: anything it would
 /// refuse at delivery is refused here, at its line.

@@ -1182,7 +1182,44 @@ async fn import_dry_run_checks_and_counts_and_writes_nothing() {
         (r["inserted"].as_u64(), r["already_imported"].as_u64()),
         (Some(0), Some(1))
     );
+    assert_eq!(r["already_imported_differing"]["count"], 0);
     assert_eq!(t.fingerprint().await, middle);
+    // An event re-sent with another quantity is still a no-op, but counted, with its line.
+    let changed = csv(
+        USAGE_HEADER,
+        &[
+            "e2,D1,d1-class,classroom_minutes,5,2026-11-20T11:00:00Z,2026-11-20T11:05:00Z",
+            "e1,D1,d1-class,classroom_minutes,99,2026-11-20T10:00:00Z,2026-11-20T10:10:00Z",
+        ],
+    );
+    let out = arrears(
+        u,
+        &[
+            "import",
+            "usage",
+            &path(&changed),
+            "--as-of",
+            "2026-11-21T00:00:00Z",
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    let r = ok_json(out);
+    assert_eq!(
+        (r["inserted"].as_u64(), r["already_imported"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(r["already_imported_differing"]["count"], 1);
+    assert_eq!(
+        r["already_imported_differing"]["lines"],
+        serde_json::json!([3])
+    );
+    assert!(err.contains("re-sent usage events differ"), "{err}");
+    assert_eq!(
+        t.scalar_i64("SELECT quantity FROM usage_records WHERE event_id = 'e1'")
+            .await,
+        10_000_000,
+        "the first record stands"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
