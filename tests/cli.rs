@@ -1307,3 +1307,100 @@ async fn a_coupon_grant_with_a_reference_is_granted_once_however_often_it_is_ret
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_one_off_delivery_run_delivers_every_notice_due_however_many_batches() {
+    let t = TestDb::new().await;
+    let u = Some(t.url.as_str());
+    let n = 150;
+    let rows: Vec<String> = (0..n)
+        .map(|i| format!("o{i:03},Owes {i},o{i}@example.com,,en,UTC,0.00,0,"))
+        .collect();
+    let accounts = csv(
+        ACCOUNTS_HEADER,
+        &rows.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let rows: Vec<String> = (0..n)
+        .map(|i| format!("o{i:03}-class,o{i:03},lcic,pay_per_use,,,,"))
+        .collect();
+    let resources = csv(
+        RESOURCES_HEADER,
+        &rows.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let at = "2026-11-20T08:00:00Z";
+    ok_json(arrears(
+        u,
+        &[
+            "import",
+            "accounts",
+            accounts.path.to_str().unwrap(),
+            "--as-of",
+            at,
+        ],
+    ));
+    ok_json(arrears(
+        u,
+        &[
+            "import",
+            "resources",
+            resources.path.to_str().unwrap(),
+            "--as-of",
+            at,
+        ],
+    ));
+    // A day's use each (1.50) on nothing: every account is in arrears on its first bill.
+    let rows: Vec<String> = (0..n)
+        .map(|i| {
+            format!("u{i},o{i:03},o{i:03}-class,classroom_minutes,100,2026-11-19T10:00:00Z,2026-11-19T11:40:00Z")
+        })
+        .collect();
+    let usage = csv(
+        USAGE_HEADER,
+        &rows.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    ok_json(arrears(
+        u,
+        &[
+            "import",
+            "usage",
+            usage.path.to_str().unwrap(),
+            "--as-of",
+            at,
+        ],
+    ));
+    ok_json(arrears(u, &["run", "generate_bills", "--as-of", at]));
+    let alerts = ok_json(arrears(u, &["run", "send_alerts", "--as-of", at]));
+    assert_eq!(alerts["overdue"], n, "{alerts}");
+    // Batches of one notice: the 150 notices take 150 batches, more than any fixed cap of
+    // a pass would let one run take.
+    let jobs = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/jobs")).unwrap() {
+        let f = f.unwrap().path();
+        let text = std::fs::read_to_string(&f).unwrap();
+        let text = text.replace("batch_size = 200", "batch_size = 1");
+        std::fs::write(jobs.path().join(f.file_name().unwrap()), text).unwrap();
+    }
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arrears"));
+    let out = cmd
+        .args([
+            "run",
+            "deliver_notifications",
+            "--as-of",
+            "2026-11-20T08:01:00Z",
+            "--allow-future",
+        ])
+        .env("DATABASE_URL", &t.url)
+        .env("ARREARS_SERVICE__JOBS_DIR", jobs.path())
+        .env("ARREARS_EMBEDDED__STATE_DIR", jobs.path())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("ARREARS_CONFIG")
+        .output()
+        .unwrap();
+    let d = ok_json(out);
+    assert_eq!(d["sent"], n, "{d}");
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM notices WHERE status <> 'sent'")
+            .await,
+        0
+    );
+}

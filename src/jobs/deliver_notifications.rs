@@ -833,7 +833,10 @@ impl Job for DeliverNotifications {
         Options {
             as_of: args.as_of,
             dry_run: args.dry_run,
-            max_batches: args.max_batches.unwrap_or(100),
+            // A one-off run delivers everything due at its instant, batch after batch (a
+            // notice that fails waits for a later instant, so the run ends); the service's
+            // passes are bounded (RunArgs::max_batches) and come every few seconds.
+            max_batches: args.max_batches.unwrap_or(usize::MAX),
         }
     }
 
