@@ -162,6 +162,42 @@ async fn wait_until(t: &TestDb, sql: &str, want: i64, services: &[&Service]) {
     }
 }
 
+/// `arrears run JOB --as-of AS_OF`'s report; `None` when it was a billing run refused
+/// (exit 1, nothing claimed) because the services' clocks, six hours a second, had already
+/// billed past its day: on a loaded machine the CLI's start can lag them by more than the
+/// half day it is given.
+fn cli_run(
+    db_url: &str,
+    job: &str,
+    as_of: &str,
+    env: &[(&str, &str)],
+) -> Option<serde_json::Value> {
+    let mut cmd = Command::new(bin());
+    cmd.args(["run", job, "--as-of", as_of])
+        .env("DATABASE_URL", db_url)
+        .env(
+            "ARREARS_NOTIFICATIONS__DEV_CHANNELS_COUNT_AS_ACCEPTED",
+            "true",
+        );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    if job == "generate_bills"
+        && out.status.code() == Some(1)
+        && err
+            .contains("is earlier (late usage of an earlier day is billed on the next day's bill)")
+    {
+        return None;
+    }
+    assert!(
+        out.status.success(),
+        "arrears run {job} --as-of {as_of}: {err}"
+    );
+    Some(serde_json::from_slice(&out.stdout).unwrap())
+}
+
 fn cli(db_url: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
     let mut cmd = Command::new(bin());
     cmd.args(args).env("DATABASE_URL", db_url).env(
@@ -310,8 +346,10 @@ async fn two_services_and_the_cli_run_each_slot_once_across_a_dst_change() {
         // A while behind the services' clocks, so that days are billed in order.
         let as_of = (sim_now - Days::hours(12)).to_rfc3339();
         for job in ["send_alerts", "enforce_suspensions", "generate_bills"] {
-            let r = cli(&t.url, &["run", job, "--as-of", &as_of], &env);
             cli_runs += 1;
+            let Some(r) = cli_run(&t.url, job, &as_of, &env) else {
+                continue;
+            };
             if r["skipped"].is_null() {
                 cli_ran += 1;
             }
