@@ -162,6 +162,19 @@ async fn wait_until(t: &TestDb, sql: &str, want: i64, services: &[&Service]) {
     }
 }
 
+/// `arrears ARGS` against `db_url`, with `env`.
+fn cli_output(db_url: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(bin());
+    cmd.args(args).env("DATABASE_URL", db_url).env(
+        "ARREARS_NOTIFICATIONS__DEV_CHANNELS_COUNT_AS_ACCEPTED",
+        "true",
+    );
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
 /// `arrears run JOB --as-of AS_OF`'s report; `None` when it was a billing run refused
 /// (exit 1, nothing claimed) because the services' clocks, six hours a second, had already
 /// billed past its day: on a loaded machine the CLI's start can lag them by more than the
@@ -172,17 +185,7 @@ fn cli_run(
     as_of: &str,
     env: &[(&str, &str)],
 ) -> Option<serde_json::Value> {
-    let mut cmd = Command::new(bin());
-    cmd.args(["run", job, "--as-of", as_of])
-        .env("DATABASE_URL", db_url)
-        .env(
-            "ARREARS_NOTIFICATIONS__DEV_CHANNELS_COUNT_AS_ACCEPTED",
-            "true",
-        );
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
+    let out = cli_output(db_url, &["run", job, "--as-of", as_of], env);
     let err = String::from_utf8_lossy(&out.stderr);
     if job == "generate_bills"
         && out.status.code() == Some(1)
@@ -199,15 +202,7 @@ fn cli_run(
 }
 
 fn cli(db_url: &str, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
-    let mut cmd = Command::new(bin());
-    cmd.args(args).env("DATABASE_URL", db_url).env(
-        "ARREARS_NOTIFICATIONS__DEV_CHANNELS_COUNT_AS_ACCEPTED",
-        "true",
-    );
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
+    let out = cli_output(db_url, args, env);
     assert!(
         out.status.success(),
         "arrears {args:?}: {}",
