@@ -1404,3 +1404,120 @@ async fn a_one_off_delivery_run_delivers_every_notice_due_however_many_batches()
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_billing_run_waits_for_an_earlier_day_held_by_a_live_runner_and_resumes_an_interrupted_one(
+) {
+    let t = TestDb::new().await;
+    let u = Some(t.url.as_str());
+    let p = |c: &Csv| c.path.to_str().unwrap().to_string();
+    let accounts = csv(ACCOUNTS_HEADER, &["H,Held,,,en,UTC,100.00,0,"]);
+    let resources = csv(RESOURCES_HEADER, &["H-1,H,lcic,pay_per_use,,,,"]);
+    let usage = csv(
+        USAGE_HEADER,
+        &[
+            "h1,H,H-1,classroom_minutes,100,2026-11-21T01:00:00Z,2026-11-21T02:00:00Z",
+            "h2,H,H-1,classroom_minutes,200,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
+            "h3,H,H-1,classroom_minutes,300,2026-11-23T01:00:00Z,2026-11-23T02:00:00Z",
+        ],
+    );
+    let at = "2026-11-20T00:00:00Z";
+    ok_json(arrears(
+        u,
+        &["import", "accounts", &p(&accounts), "--as-of", at],
+    ));
+    ok_json(arrears(
+        u,
+        &["import", "resources", &p(&resources), "--as-of", at],
+    ));
+    ok_json(arrears(
+        u,
+        &[
+            "import",
+            "usage",
+            &p(&usage),
+            "--as-of",
+            "2026-11-23T12:00:00Z",
+        ],
+    ));
+    let r = ok_json(arrears(
+        u,
+        &["run", "generate_bills", "--as-of", "2026-11-21T16:30:00Z"],
+    ));
+    assert_eq!(r["bill_day"], "2026-11-21", "{r}");
+    // The 22nd's run is under way on a live runner: its slot's row and its lock (the day
+    // ends at 16:00Z, midnight in Asia/Shanghai).
+    let slot: chrono::DateTime<chrono::Utc> = "2026-11-22T16:00:00Z".parse().unwrap();
+    let holder = t.client().await;
+    holder
+        .execute(
+            "INSERT INTO job_runs (job, slot, status, as_of, started_at, owner, lease_until)
+             VALUES ('generate_bills', $1, 'running', $1, now(), 'other-host:4242:1', now() + interval '1 hour')",
+            &[&slot],
+        )
+        .await
+        .unwrap();
+    let key = arrears::jobs::slot_lock_key(
+        arrears::jobs::JobName::parse("generate_bills").unwrap(),
+        slot,
+    );
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await
+        .unwrap();
+    let before = t.fingerprint().await;
+    let out = arrears(
+        u,
+        &["run", "generate_bills", "--as-of", "2026-11-23T16:30:00Z"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        code(&out),
+        75,
+        "the 23rd waits for the 22nd's live runner: {err}"
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["held_by"], "other-host:4242:1", "{r}");
+    assert!(
+        r["skipped"]
+            .as_str()
+            .unwrap()
+            .contains("billing day 2026-11-22 is being billed"),
+        "{r}"
+    );
+    assert_eq!(
+        t.fingerprint().await,
+        before,
+        "nothing billed, nothing claimed"
+    );
+    // The runner dies (its connection, and so its lock, goes): the 23rd's run resumes the
+    // 22nd first, in its own slot, then bills its own day.
+    drop(holder);
+    let r = ok_json(arrears(
+        u,
+        &["run", "generate_bills", "--as-of", "2026-11-23T16:30:00Z"],
+    ));
+    assert_eq!(r["bill_day"], "2026-11-23", "{r}");
+    assert_eq!(r["caught_up"][0]["bill_day"], "2026-11-22", "{r}");
+    assert_eq!(r["caught_up"][0]["bills_issued"], 1, "{r}");
+    assert_eq!(r["bills_issued"], 1, "{r}");
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM bills WHERE account_id = 'H'")
+            .await,
+        3
+    );
+    assert_eq!(
+        t.scalar_i64(
+            "SELECT count(*) FROM job_runs WHERE job = 'generate_bills' AND status = 'succeeded'"
+        )
+        .await,
+        3
+    );
+    // Each day's bill carries its own day's use: 1.50, 3.00, 4.50.
+    assert_eq!(
+        t.scalar_i64("SELECT sum(total * extract(day FROM bill_day))::bigint FROM bills")
+            .await,
+        150 * 21 + 300 * 22 + 450 * 23
+    );
+    t.assert_balances_match_ledger().await;
+}

@@ -650,9 +650,10 @@ async fn a_day_waits_while_an_earlier_day_is_open() {
         DAY_END,
     )
     .await;
-    // 2026-11-21's run is held by another instance (or failed and waits for its retry).
-    t.client()
-        .await
+    // 2026-11-21's run is held by another instance: its row, and its slot lock on a live
+    // connection.
+    let holder = t.client().await;
+    holder
         .execute(
             "INSERT INTO job_runs (job, slot, status, as_of, started_at, owner, lease_until)
              VALUES ('generate_bills', '2026-11-21T00:00:00+08:00', 'running', '2026-11-21T00:30:00+08:00',
@@ -661,34 +662,42 @@ async fn a_day_waits_while_an_earlier_day_is_open() {
         )
         .await
         .unwrap();
-    let err = run(
-        &t.db,
-        &t.config,
-        &Options {
-            as_of: at(DAY_END),
-            bill_day: None,
-            dry_run: false,
-            force: false,
-        },
-    )
-    .await
-    .unwrap_err();
-    assert!(err.to_string().contains("is not finished"), "{err}");
+    let key = arrears::jobs::slot_lock_key(
+        arrears::jobs::JobName::parse("generate_bills").unwrap(),
+        at("2026-11-21T00:00:00+08:00"),
+    );
+    holder
+        .execute("SELECT pg_advisory_lock($1)", &[&key])
+        .await
+        .unwrap();
+    let opts = Options {
+        as_of: at(DAY_END),
+        bill_day: None,
+        dry_run: false,
+        force: false,
+    };
+    let r = run(&t.db, &t.config, &opts).await.unwrap();
+    assert_eq!(r.held_by.as_deref(), Some("elsewhere:1:0"), "{r:?}");
+    assert!(
+        r.skipped
+            .as_deref()
+            .unwrap_or_default()
+            .contains("billing day 2026-11-20 is being billed"),
+        "{r:?}"
+    );
     assert_eq!(t.scalar_i64("SELECT count(*) FROM bills").await, 0);
     assert_eq!(
         t.scalar_i64("SELECT count(*) FROM job_runs").await,
         1,
         "nothing claimed"
     );
-    // Once that day is done, the next one bills.
-    t.client()
-        .await
-        .batch_execute(
-            "UPDATE job_runs SET status = 'succeeded', finished_at = now(), lease_until = NULL",
-        )
-        .await
-        .unwrap();
-    assert_eq!(t.bill(DAY_END).await.bills_issued, 1);
+    // Its runner dies: the next run resumes that day first, then bills its own.
+    drop(holder);
+    let r = run(&t.db, &t.config, &opts).await.unwrap();
+    // (and the 21st, which no run had billed)
+    let days: Vec<String> = r.caught_up.iter().map(|c| c.bill_day.to_string()).collect();
+    assert_eq!(days, ["2026-11-20", "2026-11-21"], "{r:?}");
+    assert_eq!(r.bills_issued, 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -164,12 +164,25 @@ pub async fn run(
                 missed,
             )
             .await?;
+            let held_by = r.held_by.clone();
             caught_up.push(CaughtUpDay {
                 bill_day: missed,
                 bills_issued: r.bills_issued,
                 total: r.total,
                 skipped: r.skipped,
             });
+            if let Some(owner) = held_by {
+                // A live runner is billing the earlier day: this one waits for it (days go in
+                // order), as a run whose own slot is held does (the CLI exits 75).
+                let mut report = unrun(config, opts, day);
+                report.skipped = Some(format!(
+                    "billing day {missed} is being billed by {owner}; billing day {day} follows \
+                     it: try again when it is done"
+                ));
+                report.held_by = Some(owner);
+                report.caught_up = caught_up;
+                return Ok(report);
+            }
         }
     }
     let mut report = run_day(db, config, opts, day).await?;
@@ -177,21 +190,77 @@ pub async fn run(
     Ok(report)
 }
 
-/// The days before `day` that no run has billed, oldest first (`first_missed_day`).
+/// The report of a run of `day` that did nothing (yet).
+fn unrun(config: &Config, opts: &Options, day: NaiveDate) -> GenerateBillsReport {
+    let mut report = GenerateBillsReport {
+        job: GenerateBills::NAME,
+        bill_day: day,
+        slot: end_of_day(day, config.billing.time_zone),
+        as_of: opts.as_of,
+        dry_run: opts.dry_run,
+        currency: config.billing.currency.clone(),
+        ..Default::default()
+    };
+    finish_amounts(&mut report, &BatchResult::default(), config);
+    report
+}
+
+/// The days before `day` that are not billed, oldest first: a day whose run was interrupted
+/// or failed (resumed, as the service would) and the days no run has billed
+/// (`first_missed_day`).
 async fn missed_days(db: &Db, day: NaiveDate, tz: chrono_tz::Tz) -> Result<Vec<NaiveDate>, JobError> {
     let client = db.raw_client().await?;
-    // Raw SQL: one aggregate over job_runs on the raw client this job drives.
-    let row = client
-        .query_one(
-            "SELECT (SELECT max(slot) FROM job_runs WHERE job = 'generate_bills' AND status = 'succeeded'),
-                    (SELECT max(billed_through_day) FROM accounts)",
-            &[],
-        )
-        .await?;
-    let (latest, mark): (Option<DateTime<Utc>>, Option<NaiveDate>) = (row.get(0), row.get(1));
-    Ok(first_missed_day(latest, mark, day, tz)
+    let facts = BillingFacts::read(&client, end_of_day(day, tz)).await?;
+    let open = facts.open.map(|slot| slot_day(slot, tz));
+    let first = match (open, first_missed_day(facts.latest, facts.mark, day, tz)) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(first
         .map(|first| first.iter_days().take_while(|d| *d < day).collect())
         .unwrap_or_default())
+}
+
+/// The billing day whose end is `slot`.
+fn slot_day(slot: DateTime<Utc>, tz: chrono_tz::Tz) -> NaiveDate {
+    (slot - chrono::Duration::seconds(1))
+        .with_timezone(&tz)
+        .date_naive()
+}
+
+/// What decides which days a run may bill: the last slot billed (`latest`), the furthest day
+/// any account is billed through (`mark`), and the first run of an earlier day after `latest`
+/// that did not finish (`open`: running elsewhere, interrupted or failed).
+struct BillingFacts {
+    latest: Option<DateTime<Utc>>,
+    mark: Option<NaiveDate>,
+    open: Option<DateTime<Utc>>,
+}
+
+impl BillingFacts {
+    async fn read(
+        client: &tokio_postgres::Client,
+        slot: DateTime<Utc>,
+    ) -> Result<BillingFacts, JobError> {
+        // Raw SQL: a CTE read by scalar subqueries (with '-infinity'), which diesel cannot say.
+        let row = client
+            .query_one(
+                "WITH done AS (
+                   SELECT max(slot) AS latest FROM job_runs WHERE job = 'generate_bills' AND status = 'succeeded')
+                 SELECT (SELECT latest FROM done),
+                        (SELECT max(billed_through_day) FROM accounts),
+                        (SELECT min(slot) FROM job_runs, done
+                         WHERE job = 'generate_bills' AND status <> 'succeeded' AND slot < $1
+                           AND slot > coalesce(done.latest, '-infinity'))",
+                &[&slot],
+            )
+            .await?;
+        Ok(BillingFacts {
+            latest: row.get(0),
+            mark: row.get(1),
+            open: row.get(2),
+        })
+    }
 }
 
 /// The first day before `day` that no run has billed, given the last slot a run billed
@@ -225,17 +294,8 @@ async fn run_day(
             opts.as_of
         )));
     }
-    let mut report = GenerateBillsReport {
-        job: GenerateBills::NAME,
-        bill_day: day,
-        slot,
-        as_of: opts.as_of,
-        dry_run: opts.dry_run,
-        currency: config.billing.currency.clone(),
-        ..Default::default()
-    };
     // Zero amounts until a run says otherwise (a skipped run reports them so).
-    finish_amounts(&mut report, &BatchResult::default(), config);
+    let mut report = unrun(config, opts, day);
     let mut client = db.raw_client().await?;
     if !opts.dry_run && !config.lifecycle.allow_future {
         // Bills are append-only and days are billed in order: a bill for a day that has not
@@ -365,24 +425,7 @@ async fn check_order(
     slot: DateTime<Utc>,
     tz: chrono_tz::Tz,
 ) -> Result<(), JobError> {
-    // Raw SQL: a CTE read by scalar subqueries (with '-infinity'), which diesel cannot say.
-    let row = client
-        .query_one(
-            "WITH done AS (
-               SELECT max(slot) AS latest FROM job_runs WHERE job = 'generate_bills' AND status = 'succeeded')
-             SELECT (SELECT latest FROM done),
-                    (SELECT max(billed_through_day) FROM accounts),
-                    (SELECT min(slot) FROM job_runs, done
-                     WHERE job = 'generate_bills' AND status <> 'succeeded' AND slot < $1
-                       AND slot > coalesce(done.latest, '-infinity'))",
-            &[&slot],
-        )
-        .await?;
-    let (latest, mark, open): (
-        Option<DateTime<Utc>>,
-        Option<NaiveDate>,
-        Option<DateTime<Utc>>,
-    ) = (row.get(0), row.get(1), row.get(2));
+    let BillingFacts { latest, mark, open } = BillingFacts::read(client, slot).await?;
     if let Some(latest) = latest.filter(|l| *l > slot) {
         return Err(JobError::Refused(format!(
             "bills are issued up to the day ending {latest}; billing day {day} is earlier (late usage of an \
@@ -396,8 +439,11 @@ async fn check_order(
         )));
     }
     if let Some(open) = open {
+        let open_day = slot_day(open, tz);
         return Err(JobError::Refused(format!(
-            "the billing day ending {open} is not finished; it is billed before {day}"
+            "billing day {open_day} is not finished (its run was interrupted, failed or is \
+             still running); days are billed in order: run `arrears run generate_bills --day \
+             {open_day}` first, or let the service resume it"
         )));
     }
     // A day no run ever started (a one-off run that names a later day, an --as-of a day too
@@ -999,7 +1045,7 @@ async fn work_one_batch(
             params.clone()
         } else {
             // Another instance's run: its day and instant come with the batch.
-            let day = params_day(bslot, params);
+            let day = slot_day(bslot, params.tz);
             BatchParams {
                 slot: bslot,
                 day,
@@ -1027,12 +1073,6 @@ async fn work_one_batch(
     Ok(Some(batch_no))
 }
 
-/// The billing day whose end is `slot`.
-fn params_day(slot: DateTime<Utc>, params: &BatchParams) -> NaiveDate {
-    (slot - chrono::Duration::seconds(1))
-        .with_timezone(&params.tz)
-        .date_naive()
-}
 
 /// Bills pending batches of billing runs that other instances (or this one) started, until
 /// none is free or the service stops. Returns how many this call billed.
