@@ -976,19 +976,10 @@ async fn a_channel_that_reaches_nobody_is_sent_but_never_accepted_unless_configu
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigkill_mid_batch_against_a_slow_server_resends_at_most_the_sends_in_flight() {
-    let dir = tempfile::tempdir().unwrap();
-    let smtp = Smtp::start(dir.path(), None);
-    smtp.set_mode("slow 150");
-    let env = smtp.env();
-    let t = TestDb::with_config(config_env(&env)).await;
-    let n = 40;
-    debtors(&t, n).await;
-    assert_eq!(alerts(&t, at("2026-11-23T04:05:00Z")).await.overdue, n);
-    // The shipped schedule, with deliver_notifications sending 4 at a time.
-    let concurrency = 4;
-    let jobs = dir.path().join("jobs");
+/// The shipped schedule in `dir/jobs`, with deliver_notifications sending `concurrency` at a
+/// time.
+fn delivery_jobs(dir: &Path, concurrency: usize) -> std::path::PathBuf {
+    let jobs = dir.join("jobs");
     std::fs::create_dir_all(&jobs).unwrap();
     for e in std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("jobs")).unwrap() {
         let p = e.unwrap().path();
@@ -1001,20 +992,127 @@ async fn sigkill_mid_batch_against_a_slow_server_resends_at_most_the_sends_in_fl
         };
         std::fs::write(jobs.join(p.file_name().unwrap()), text).unwrap();
     }
-    let run = |as_of: &str| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_arrears"));
-        cmd.args(["run", "deliver_notifications", "--as-of", as_of])
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env_remove("ARREARS_CONFIG")
-            .env("DATABASE_URL", &t.url)
-            .env("ARREARS_SERVICE__JOBS_DIR", &jobs)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in &env {
-            cmd.env(k, v);
+    jobs
+}
+
+/// `arrears run deliver_notifications --as-of AS_OF` on `t` with the schedule `jobs`.
+fn delivery_run(t: &TestDb, jobs: &Path, env: &[(String, String)], as_of: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_arrears"));
+    cmd.args(["run", "deliver_notifications", "--as-of", as_of])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("ARREARS_CONFIG")
+        .env("DATABASE_URL", &t.url)
+        .env("ARREARS_SERVICE__JOBS_DIR", jobs)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// Message-ID -> copies received.
+fn copies_per_message(smtp: &Smtp) -> std::collections::BTreeMap<String, usize> {
+    let mut per_id: std::collections::BTreeMap<String, usize> = Default::default();
+    for m in smtp.messages() {
+        let id = m
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("Message-ID: ")
+                    .or_else(|| l.strip_prefix("Message-Id: "))
+            })
+            .expect("a Message-ID")
+            .trim()
+            .to_string();
+        *per_id.entry(id).or_default() += 1;
+    }
+    per_id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn runs_at_instants_an_hour_apart_never_take_each_others_live_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(dir.path(), None);
+    smtp.set_mode("slow 100");
+    let env = smtp.env();
+    let t = TestDb::with_config(config_env(&env)).await;
+    let n = 40;
+    debtors(&t, n).await;
+    assert_eq!(alerts(&t, at("2026-11-23T04:05:00Z")).await.overdue, n);
+    let jobs = delivery_jobs(dir.path(), 4);
+    // The first run's claims carry a lease of 5 minutes on its own clock, 04:07; the second
+    // run's clock is an hour later, where that lease has long run out.
+    let first = delivery_run(&t, &jobs, &env, "2026-11-23T04:07:00Z")
+        .spawn()
+        .unwrap();
+    for _ in 0..400 {
+        if !smtp.messages().is_empty() {
+            break;
         }
-        cmd
-    };
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let second = delivery_run(&t, &jobs, &env, "2026-11-23T05:07:00Z")
+        .output()
+        .unwrap();
+    let first = first.wait_with_output().unwrap();
+    for out in [&first, &second] {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let per_id = copies_per_message(&smtp);
+    assert_eq!(per_id.len(), n, "{per_id:?}");
+    assert!(
+        per_id.values().all(|c| *c == 1),
+        "each notice once: {per_id:?}"
+    );
+    assert_eq!(
+        t.scalar_i64("SELECT count(*) FROM notices WHERE status = 'sent'")
+            .await,
+        n as i64
+    );
+    // A run that died leaves its claims to the next run at once, at its own instant.
+    t.client()
+        .await
+        .execute(
+            "UPDATE notices SET status = 'sending', claimed_by = 7, lease_until = '2026-11-23T06:00:00Z',
+                                next_attempt_at = '2026-11-23T04:00:00Z'
+             WHERE id = (SELECT min(id) FROM notices WHERE channel = 'email')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let again = delivery_run(&t, &jobs, &env, "2026-11-23T04:08:00Z")
+        .output()
+        .unwrap();
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        smtp.messages().len(),
+        n + 1,
+        "the dead run's claim is sent again"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_batch_against_a_slow_server_resends_at_most_the_sends_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let smtp = Smtp::start(dir.path(), None);
+    smtp.set_mode("slow 150");
+    let env = smtp.env();
+    let t = TestDb::with_config(config_env(&env)).await;
+    let n = 40;
+    debtors(&t, n).await;
+    assert_eq!(alerts(&t, at("2026-11-23T04:05:00Z")).await.overdue, n);
+    // The shipped schedule, with deliver_notifications sending 4 at a time.
+    let concurrency = 4;
+    let jobs = delivery_jobs(dir.path(), concurrency);
+    let run = |as_of: &str| delivery_run(&t, &jobs, &env, as_of);
     let mut first = run("2026-11-23T04:07:00Z").spawn().unwrap();
     // Killed with some messages delivered and most not.
     for _ in 0..400 {
@@ -1054,19 +1152,7 @@ async fn sigkill_mid_batch_against_a_slow_server_resends_at_most_the_sends_in_fl
         n as i64
     );
     // Every notice arrived; copies only of the in-flight ones, under the same Message-ID.
-    let mut per_id: std::collections::BTreeMap<String, usize> = Default::default();
-    for m in smtp.messages() {
-        let id = m
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("Message-ID: ")
-                    .or_else(|| l.strip_prefix("Message-Id: "))
-            })
-            .expect("a Message-ID")
-            .trim()
-            .to_string();
-        *per_id.entry(id).or_default() += 1;
-    }
+    let per_id = copies_per_message(&smtp);
     assert_eq!(per_id.len(), n, "{per_id:?}");
     let copies: usize = per_id.values().map(|c| c - 1).sum();
     assert!(copies <= 2 * concurrency, "{copies} copies: {per_id:?}");

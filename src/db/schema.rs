@@ -208,6 +208,7 @@ diesel::table! {
         message_id -> Nullable<Text>,
         dev_channel -> Bool,
         queued -> Bool,
+        claimed_by -> Nullable<Int4>,
     }
 }
 

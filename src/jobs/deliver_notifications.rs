@@ -80,9 +80,10 @@ pub async fn run(
     // Raw SQL: a count on the run's raw client, which diesel does not drive.
     report.due = client
         .query_one(
-            "SELECT count(*) FROM notices
-             WHERE queued AND next_attempt_at <= $1
-               AND (status <> 'sending' OR lease_until <= $1)",
+            &format!(
+                "SELECT count(*) FROM notices
+                 WHERE queued AND next_attempt_at <= $1 AND {CLAIMABLE}"
+            ),
             &[&opts.as_of],
         )
         .await?
@@ -107,13 +108,19 @@ pub async fn run(
         config.notifications.concurrency.max(1),
     );
     let shared = std::sync::Arc::new(config.clone());
-    // The recorder's connection first: once the claimer runs, every claim must be sent.
+    // The recorder's connection first: once the claimer runs, every claim must be sent. It
+    // holds the run's lock (CLAIMABLE) until the last outcome is recorded.
     let mut recorder = db.raw_client().await?;
+    let key = claimer_key();
+    // Raw SQL: session advisory locks are functions the query builder does not know.
+    recorder
+        .execute("SELECT pg_advisory_lock($1, $2)", &[&CLAIMER_CLASS, &key])
+        .await?;
     let claimer = {
         let (config, opts) = (shared.clone(), opts.clone());
         tokio::spawn(async move {
             let mut stats = ClaimStats::default();
-            claim_batches(&client, &config, &opts, claimed_tx, &mut stats).await?;
+            claim_batches(&client, &config, &opts, key, claimed_tx, &mut stats).await?;
             Ok::<ClaimStats, JobError>(stats)
         })
     };
@@ -126,19 +133,38 @@ pub async fn run(
             let most = config.notifications.batch_size.max(1);
             // Parsed once per run, not per group (a group is about `concurrency` outcomes:
             // parsing and planning the statement for each cost as much as running it).
-            let statements = RecorderStatements::prepare(&recorder).await?;
-            while let Some(first) = done_rx.recv().await {
-                let mut outcomes = vec![first];
-                while outcomes.len() < most {
-                    match done_rx.try_recv() {
-                        Ok(more) => outcomes.push(more),
-                        Err(_) => break,
+            let recording = async {
+                let statements = RecorderStatements::prepare(&recorder).await?;
+                while let Some(first) = done_rx.recv().await {
+                    let mut outcomes = vec![first];
+                    while outcomes.len() < most {
+                        match done_rx.try_recv() {
+                            Ok(more) => outcomes.push(more),
+                            Err(_) => break,
+                        }
                     }
-                }
-                record_outcomes(&mut recorder, &statements, &config, outcomes, as_of, &mut recorded)
+                    record_outcomes(
+                        &mut recorder,
+                        &statements,
+                        &config,
+                        outcomes,
+                        as_of,
+                        &mut recorded,
+                    )
                     .await?;
+                }
+                Ok::<(), JobError>(())
             }
-            Ok::<DeliverReport, JobError>(recorded)
+            .await;
+            // Stop the senders first (on an error), then let the run's claims go: what it
+            // claimed and did not send is taken over by the next run at once. (The pool's
+            // recycling, or the server when the connection dies, would release it too.)
+            drop(done_rx);
+            // Raw SQL: session advisory locks are functions the query builder does not know.
+            let _ = recorder
+                .execute("SELECT pg_advisory_unlock($1, $2)", &[&CLAIMER_CLASS, &key])
+                .await;
+            recording.map(|()| recorded)
         })
     };
     let incoming = futures_util::stream::poll_fn(|cx| claimed_rx.poll_recv(cx));
@@ -201,6 +227,7 @@ async fn claim_batches(
     client: &tokio_postgres::Client,
     config: &Config,
     opts: &Options,
+    claimer: i32,
     out: tokio::sync::mpsc::Sender<(Claimed, Option<Contact>)>,
     stats: &mut ClaimStats,
 ) -> Result<(), JobError> {
@@ -208,7 +235,9 @@ async fn claim_batches(
     let limit = config.notifications.batch_size.max(1) as i64;
     // Parsed once per run, not per batch.
     // Raw SQL: prepared once on the claimer's raw connection (CLAIM says why).
-    let claim = client.prepare(CLAIM).await?;
+    let claim = client
+        .prepare(&CLAIM.replace("<claimable>", CLAIMABLE))
+        .await?;
     let contacts_of = client
         .prepare("SELECT id, email, phone, locale FROM accounts WHERE id = ANY($1)")
         .await?;
@@ -231,7 +260,7 @@ async fn claim_batches(
         // the batch is claimed, so that nothing claimed here was untrue at the claim.
         // Raw SQL: the prepared CLAIM (CTEs with FOR UPDATE SKIP LOCKED feeding two UPDATEs).
         let rows = client
-            .query(&claim, &[&opts.as_of, &lease_until, &limit])
+            .query(&claim, &[&opts.as_of, &lease_until, &limit, &claimer])
             .await?;
         if rows.is_empty() {
             break;
@@ -438,6 +467,35 @@ pub fn backoff(config: &Config, attempts: i32, seed: i64) -> chrono::Duration {
     chrono::Duration::seconds((exp + exp * h / 100).max(1))
 }
 
+/// The class (first key) of the advisory lock a delivery run holds on its recorder's
+/// connection while it lives; the second key is the run's `claimed_by` ("ar").
+const CLAIMER_CLASS: i32 = 0x6172;
+
+/// A notice no live run has claimed: not `sending`, or claimed by a run whose lock is free (it
+/// died: taken over at once), or claimed before claims named their run and past its lease.
+/// A live run's claim is never taken over, whatever the looking run's --as-of (its lease is
+/// on the as-of clock of the run that made it, which a run at a later instant sees as
+/// expired). The live runs are read once per statement (a hashed subplan over pg_locks).
+const CLAIMABLE: &str = "(status <> 'sending'
+   OR (claimed_by IS NULL AND lease_until <= $1)
+   OR claimed_by NOT IN (SELECT l.objid::bigint::int FROM pg_locks l
+                         WHERE l.locktype = 'advisory' AND l.classid = 24946 AND l.objsubid = 2
+                           AND l.granted))";
+
+/// A key for this run's claims (`claimed_by`, the second key of its lock): 31 bits of a hash
+/// of the instance and a per-process counter, unique among the runs alive at once but for
+/// a negligible chance (two live runs sharing a key only keep each other's claims alive).
+fn claimer_key() -> i32 {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in format!("{}/{n}", crate::jobs::instance_id()).bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    ((h >> 33) as i32).max(1)
+}
+
 /// Takes the oldest due notices (at most $3), in the order of the notices_due index, locked
 /// so that no other worker takes them meanwhile, and in one statement
 /// - cancels, with the reason (column 7), those whose cause no longer holds: an overdue
@@ -458,7 +516,7 @@ pub fn backoff(config: &Config, attempts: i32, seed: i64) -> chrono::Duration {
 const CLAIM: &str = "
 WITH due AS (
   SELECT account_id, id FROM notices
-  WHERE queued AND next_attempt_at <= $1 AND (status <> 'sending' OR lease_until <= $1)
+  WHERE queued AND next_attempt_at <= $1 AND <claimable>
   ORDER BY next_attempt_at, id LIMIT $3
   FOR UPDATE SKIP LOCKED
 ), why AS (
@@ -497,7 +555,7 @@ WITH due AS (
   WHERE n.account_id = why.account_id AND n.id = why.id AND why.reason IS NOT NULL
   RETURNING n.account_id, n.id, n.kind, n.channel, n.payload, n.attempts, n.cancel_reason
 ), claimed AS (
-  UPDATE notices n SET status = 'sending', lease_until = $2, attempts = n.attempts + 1
+  UPDATE notices n SET status = 'sending', lease_until = $2, attempts = n.attempts + 1, claimed_by = $4
   FROM why
   WHERE n.account_id = why.account_id AND n.id = why.id AND why.reason IS NULL
   RETURNING n.account_id, n.id, n.kind, n.channel, n.payload, n.attempts, NULL::text
