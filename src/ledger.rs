@@ -253,9 +253,11 @@ pub async fn grant_coupon_once(
     if amount <= 0 {
         return Err(LedgerError::NotPositive);
     }
+    // Stored in microseconds: a retry compares what was stored.
+    let expires_at = chrono::SubsecRound::trunc_subsecs(expires_at, 6);
     match reference {
         Some(r) if r.trim().is_empty() => return Err(LedgerError::EmptyReference),
-        Some(r) if r.len() > 200 => return Err(LedgerError::LongReference),
+        Some(r) if r.chars().count() > 200 => return Err(LedgerError::LongReference),
         _ => {}
     }
     let mut conn = db.conn().await?;
@@ -276,18 +278,7 @@ pub async fn grant_coupon_once(
     };
     if let Some(r) = reference {
         // A replay is answered before the expiry check: the first grant was valid when made.
-        let earlier: Option<(String, i64, String, i64, DateTime<Utc>)> = coupons::table
-            .filter(coupons::reference.eq(r))
-            .select((
-                coupons::account_id,
-                coupons::id,
-                coupons::kind,
-                coupons::amount,
-                coupons::expires_at,
-            ))
-            .first(&mut conn)
-            .await
-            .optional()?;
+        let earlier = granted_under(&mut conn, r).await?;
         if let Some(e) = earlier {
             return replay(e, (account_id, kind, amount, expires_at), r, digits)
                 .map(|id| report(id, true));
@@ -333,23 +324,36 @@ pub async fn grant_coupon_once(
         (Some(id), _) => Ok(report(id, false)),
         // Another grant of the same reference committed first.
         (None, Some(r)) => {
-            let e = coupons::table
-                .filter(coupons::reference.eq(r))
-                .select((
-                    coupons::account_id,
-                    coupons::id,
-                    coupons::kind,
-                    coupons::amount,
-                    coupons::expires_at,
-                ))
-                .first(&mut conn)
-                .await?;
+            let e = granted_under(&mut conn, r)
+                .await?
+                .ok_or(LedgerError::Db(DbError::Query(
+                    diesel::result::Error::NotFound,
+                )))?;
             replay(e, (account_id, kind, amount, expires_at), r, digits).map(|id| report(id, true))
         }
         (None, None) => Err(LedgerError::Db(DbError::Query(
             diesel::result::Error::NotFound,
         ))),
     }
+}
+
+/// The grant made under `reference`: account, coupon id, kind, amount, expiry.
+async fn granted_under(
+    conn: &mut crate::db::Conn,
+    reference: &str,
+) -> Result<Option<(String, i64, String, i64, DateTime<Utc>)>, LedgerError> {
+    Ok(coupons::table
+        .filter(coupons::reference.eq(reference))
+        .select((
+            coupons::account_id,
+            coupons::id,
+            coupons::kind,
+            coupons::amount,
+            coupons::expires_at,
+        ))
+        .first(conn)
+        .await
+        .optional()?)
 }
 
 /// The earlier grant's coupon id if it is the one asked for again, else the refusal.

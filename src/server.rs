@@ -342,9 +342,11 @@ async fn topup(
                 "this reference already credited account {owner}: one payment credits one account"
             ),
         ),
-        LedgerError::AlreadyExpired(..)
-        | LedgerError::CouponReferenceReused { .. }
-        | LedgerError::Db(_) => ApiError::unavailable(),
+        // coupons' errors; a top-up never gives them
+        LedgerError::AlreadyExpired(..) | LedgerError::CouponReferenceReused { .. } => {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "body", e.to_string())
+        }
+        LedgerError::Db(_) => ApiError::unavailable(),
     })?;
     let status = if report.replayed {
         StatusCode::OK

@@ -1492,6 +1492,10 @@ async fn a_billing_run_waits_for_an_earlier_day_held_by_a_live_runner_and_resume
     );
     // The runner dies (its connection, and so its lock, goes): the 23rd's run resumes the
     // 22nd first, in its own slot, then bills its own day.
+    holder
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await
+        .unwrap();
     drop(holder);
     let r = ok_json(arrears(
         u,

@@ -692,6 +692,10 @@ async fn a_day_waits_while_an_earlier_day_is_open() {
         "nothing claimed"
     );
     // Its runner dies: the next run resumes that day first, then bills its own.
+    holder
+        .execute("SELECT pg_advisory_unlock($1)", &[&key])
+        .await
+        .unwrap();
     drop(holder);
     let r = run(&t.db, &t.config, &opts).await.unwrap();
     // (and the 21st, which no run had billed)

@@ -1033,7 +1033,8 @@ fn copies_per_message(smtp: &Smtp) -> std::collections::BTreeMap<String, usize> 
 async fn runs_at_instants_an_hour_apart_never_take_each_others_live_claims() {
     let dir = tempfile::tempdir().unwrap();
     let smtp = Smtp::start(dir.path(), None);
-    smtp.set_mode("slow 100");
+    // 40 notices, 4 at a time, 300 ms each: the first run sends for 3 s.
+    smtp.set_mode("slow 300");
     let env = smtp.env();
     let t = TestDb::with_config(config_env(&env)).await;
     let n = 40;
@@ -1054,6 +1055,11 @@ async fn runs_at_instants_an_hour_apart_never_take_each_others_live_claims() {
     let second = delivery_run(&t, &jobs, &env, "2026-11-23T05:07:00Z")
         .output()
         .unwrap();
+    let mut first = first;
+    assert!(
+        first.try_wait().unwrap().is_none(),
+        "the second run ran while the first still held its claims"
+    );
     let first = first.wait_with_output().unwrap();
     for out in [&first, &second] {
         assert!(

@@ -54,7 +54,11 @@ pub async fn run(env: &Env, cmd: RunCmd) -> Result<ExitCode> {
         force: cmd.force,
         day: cmd.day,
         allow_mass_release: cmd.allow_mass_release,
-        max_batches: None,
+        // A one-off run of the dispatcher delivers every notice due at its instant, batch
+        // after batch (a notice that fails waits for a later instant, and only notices that
+        // existed when the run began are taken, so the run ends); the service's passes are
+        // bounded and come every few seconds.
+        max_batches: Some(usize::MAX),
     };
     let ctx = JobCtx {
         knobs: js.map(|j| &j.knobs),

@@ -111,11 +111,16 @@ pub async fn run(
     // The recorder's connection first: once the claimer runs, every claim must be sent. It
     // holds the run's lock (CLAIMABLE) until the last outcome is recorded.
     let mut recorder = db.raw_client().await?;
-    let key = claimer_key();
+    let mut key = claimer_key();
+    // A key another live run holds (a chance in two billion) is not shared: another is drawn.
     // Raw SQL: session advisory locks are functions the query builder does not know.
-    recorder
-        .execute("SELECT pg_advisory_lock($1, $2)", &[&CLAIMER_CLASS, &key])
-        .await?;
+    while !recorder
+        .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&CLAIMER_CLASS, &key])
+        .await?
+        .get::<_, bool>(0)
+    {
+        key = claimer_key();
+    }
     let claimer = {
         let (config, opts) = (shared.clone(), opts.clone());
         tokio::spawn(async move {
@@ -156,15 +161,9 @@ pub async fn run(
                 Ok::<(), JobError>(())
             }
             .await;
-            // Stop the senders first (on an error), then let the run's claims go: what it
-            // claimed and did not send is taken over by the next run at once. (The pool's
-            // recycling, or the server when the connection dies, would release it too.)
-            drop(done_rx);
-            // Raw SQL: session advisory locks are functions the query builder does not know.
-            let _ = recorder
-                .execute("SELECT pg_advisory_unlock($1, $2)", &[&CLAIMER_CLASS, &key])
-                .await;
-            recording.map(|()| recorded)
+            // The connection goes back to the run, which lets the claims go once nothing of
+            // the run sends or claims any more.
+            (recorder, recording.map(|()| recorded))
         })
     };
     let incoming = futures_util::stream::poll_fn(|cx| claimed_rx.poll_recv(cx));
@@ -183,7 +182,8 @@ pub async fn run(
     drop(sends);
     drop(done_tx);
     // Whatever the claimer still hands over is refused: it stops at its next hand-over
-    // (notices it claimed and nobody sent are sent by a later run when their lease ends).
+    // (notices it claimed and nobody sent are taken over by the next run once this run's
+    // lock is free).
     claimed_rx.close();
     let joined = |e: tokio::task::JoinError| {
         JobError::Db(DbError::Pool(format!("a delivery task failed: {e}")))
@@ -192,6 +192,19 @@ pub async fn run(
     // claimer); then the claimer's.
     let recorded = recorder.await.map_err(joined);
     let claims = claimer.await.map_err(joined);
+    // No send is in flight and nothing is claimed any more: the run's claims may go. (A
+    // recorder task that panicked took its connection with it: the pool's recycling, or the
+    // server when the connection closes, releases the lock.)
+    let recorded = match recorded {
+        Ok((recorder, recorded)) => {
+            // Raw SQL: session advisory locks are functions the query builder does not know.
+            let _ = recorder
+                .execute("SELECT pg_advisory_unlock($1, $2)", &[&CLAIMER_CLASS, &key])
+                .await;
+            Ok(recorded)
+        }
+        Err(e) => Err(e),
+    };
     let recorded = recorded??;
     let claims = claims??;
     report.sent = recorded.sent;
@@ -238,6 +251,19 @@ async fn claim_batches(
     let claim = client
         .prepare(&CLAIM.replace("<claimable>", CLAIMABLE))
         .await?;
+    // The run takes the notices that exist when it begins (ids are handed out in order): an
+    // unbounded one-off run ends even while the service keeps queueing notices due by its
+    // instant.
+    // Raw SQL: the identity's sequence, which schema.rs does not declare.
+    let newest: i64 = client
+        .query_one(
+            "SELECT coalesce((SELECT last_value FROM pg_sequences
+                              WHERE schemaname = current_schema()
+                                AND sequencename = 'notices_id_seq'), 0)",
+            &[],
+        )
+        .await?
+        .get(0);
     let contacts_of = client
         .prepare("SELECT id, email, phone, locale FROM accounts WHERE id = ANY($1)")
         .await?;
@@ -260,7 +286,7 @@ async fn claim_batches(
         // the batch is claimed, so that nothing claimed here was untrue at the claim.
         // Raw SQL: the prepared CLAIM (CTEs with FOR UPDATE SKIP LOCKED feeding two UPDATEs).
         let rows = client
-            .query(&claim, &[&opts.as_of, &lease_until, &limit, &claimer])
+            .query(&claim, &[&opts.as_of, &lease_until, &limit, &claimer, &newest])
             .await?;
         if rows.is_empty() {
             break;
@@ -475,16 +501,18 @@ const CLAIMER_CLASS: i32 = 0x6172;
 /// died: taken over at once), or claimed before claims named their run and past its lease.
 /// A live run's claim is never taken over, whatever the looking run's --as-of (its lease is
 /// on the as-of clock of the run that made it, which a run at a later instant sees as
-/// expired). The live runs are read once per statement (a hashed subplan over pg_locks).
+/// expired). The live runs are read once per statement (a hashed subplan over pg_locks, this
+/// database's only: another database of the cluster has runs of its own).
 const CLAIMABLE: &str = "(status <> 'sending'
    OR (claimed_by IS NULL AND lease_until <= $1)
-   OR claimed_by NOT IN (SELECT l.objid::bigint::int FROM pg_locks l
-                         WHERE l.locktype = 'advisory' AND l.classid = 24946 AND l.objsubid = 2
-                           AND l.granted))";
+   OR claimed_by::bigint NOT IN (
+        SELECT l.objid::bigint FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.classid = 24946 AND l.objsubid = 2 AND l.granted
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())))";
 
 /// A key for this run's claims (`claimed_by`, the second key of its lock): 31 bits of a hash
-/// of the instance and a per-process counter, unique among the runs alive at once but for
-/// a negligible chance (two live runs sharing a key only keep each other's claims alive).
+/// of the instance and a per-process counter (a key a live run holds is not taken: `run`
+/// draws another).
 fn claimer_key() -> i32 {
     static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -516,7 +544,7 @@ fn claimer_key() -> i32 {
 const CLAIM: &str = "
 WITH due AS (
   SELECT account_id, id FROM notices
-  WHERE queued AND next_attempt_at <= $1 AND <claimable>
+  WHERE queued AND next_attempt_at <= $1 AND <claimable> AND id <= $5
   ORDER BY next_attempt_at, id LIMIT $3
   FOR UPDATE SKIP LOCKED
 ), why AS (
@@ -891,10 +919,7 @@ impl Job for DeliverNotifications {
         Options {
             as_of: args.as_of,
             dry_run: args.dry_run,
-            // A one-off run delivers everything due at its instant, batch after batch (a
-            // notice that fails waits for a later instant, so the run ends); the service's
-            // passes are bounded (RunArgs::max_batches) and come every few seconds.
-            max_batches: args.max_batches.unwrap_or(usize::MAX),
+            max_batches: args.max_batches.unwrap_or(100),
         }
     }
 

@@ -163,7 +163,17 @@ pub async fn run(
                 },
                 missed,
             )
-            .await?;
+            .await
+            .map_err(|e| match e {
+                JobError::Refused(why) => {
+                    JobError::Refused(format!("billing day {missed}, billed first: {why}"))
+                }
+                e => {
+                    tracing::warn!(job = GenerateBills::NAME, bill_day = %missed, error = %e,
+                        "billing an earlier day first failed");
+                    e
+                }
+            })?;
             let held_by = r.held_by.clone();
             caught_up.push(CaughtUpDay {
                 bill_day: missed,
@@ -589,7 +599,7 @@ async fn bill_locked(
         ..params
     };
     crate::db::stats::refresh_stale_raw(client, crate::db::stats::BILLING).await;
-    prepass(db, client, &params, report).await?;
+    prepass(db, client, &params, dry_run, report).await?;
     lap_mark(&mut report.timings, "prepass", &mut lap);
     let bounds = batch_bounds(client, &params).await?;
     report.batches = bounds.len();
@@ -644,21 +654,35 @@ async fn prepass(
     db: &Db,
     client: &mut tokio_postgres::Client,
     params: &BatchParams,
+    dry_run: bool,
     report: &mut GenerateBillsReport,
 ) -> Result<(), JobError> {
+    // The helpers' connections before the lock: this instance's own batch workers may hold
+    // pooled connections while they wait for it.
+    let mut helpers = Vec::new();
+    for _ in 1..params.workers {
+        helpers.push(db.raw_client().await?);
+    }
     // Session-level, released below whatever happens (and by the pool's recycling, or the
     // server when the connection dies): a batch (shared, per transaction) reads the candidates
-    // either before the rewrite or after all of it.
-    // Raw SQL: session advisory locks are functions the query builder does not know.
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&CANDIDATES_LOCK])
-        .await?;
-    let done = rewrite_candidates(db, client, params, report).await;
-    // Raw SQL: session advisory locks are functions the query builder does not know.
-    client
-        .execute("SELECT pg_advisory_unlock($1)", &[&CANDIDATES_LOCK])
-        .await?;
-    done?;
+    // either before the rewrite or after all of it. A dry run rewrites private copies.
+    if !dry_run {
+        // Raw SQL: session advisory locks are functions the query builder does not know.
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&CANDIDATES_LOCK])
+            .await?;
+    }
+    let done = rewrite_candidates(client, &mut helpers, params, report).await;
+    if !dry_run {
+        // Raw SQL: session advisory locks are functions the query builder does not know.
+        let unlocked = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&CANDIDATES_LOCK])
+            .await;
+        done?;
+        unlocked?;
+    } else {
+        done?;
+    }
     // Statistics for the batches' plans: the table was empty when last analyzed.
     // Raw SQL: ANALYZE is a utility command, which diesel cannot issue.
     client.batch_execute("ANALYZE bill_candidates").await?;
@@ -670,8 +694,8 @@ async fn prepass(
 /// bills none of them, and the next attempt's pre-pass finds them unbilled) rather than new
 /// ones beside the old ones the main transaction's rollback restored.
 async fn rewrite_candidates(
-    db: &Db,
     client: &mut tokio_postgres::Client,
+    pool: &mut [crate::db::RawClient],
     params: &BatchParams,
     report: &mut GenerateBillsReport,
 ) -> Result<(), JobError> {
@@ -692,7 +716,9 @@ async fn rewrite_candidates(
         .query_one("SELECT low_water_seq FROM billing_cursor", &[])
         .await?
         .get(0);
-    let splits = split_points(&tx, params.workers).await?;
+    let mut splits = split_points(&tx, params.workers).await?;
+    // One helper connection per split (there are `workers - 1` of each).
+    splits.truncate(pool.len());
     let mut helpers = Vec::new();
     if !splits.is_empty() {
         // Raw SQL: pg_export_snapshot() is a function the query builder does not know.
@@ -700,8 +726,8 @@ async fn rewrite_candidates(
             .query_one("SELECT pg_export_snapshot()", &[])
             .await?
             .get(0);
-        for _ in &splits {
-            helpers.push((db.raw_client().await?, snapshot.clone()));
+        for c in pool.iter_mut().take(splits.len()) {
+            helpers.push((c, snapshot.clone()));
         }
     }
     // Range k is [bounds[k], bounds[k+1]), None: unbounded.
