@@ -471,16 +471,6 @@ fn parse_time(
 const MIN_YEAR: i32 = 1900;
 const MAX_YEAR: i32 = 9999;
 
-/// `v` (scaled by `digits`) if its magnitude is at most `money::MAX_SCALED`, else the reason.
-fn bounded(v: i64, digits: u32) -> Result<i64, String> {
-    money::bounded("", v, digits).map_err(|_| {
-        format!(
-            "is out of range (at most {} in magnitude)",
-            money::MAX_SCALED / 10i64.pow(digits)
-        )
-    })
-}
-
 fn parse_amount(
     row: &Row<'_>,
     field: &str,
@@ -493,14 +483,12 @@ fn parse_amount(
         None => Ok(None),
         Some(s) => {
             let r = if non_negative {
-                money::parse_non_negative(s, digits)
+                money::parse_amount(s, digits)
             } else {
-                money::parse_scaled(s, digits)
+                money::parse_scaled(s, digits).and_then(|v| money::bounded(s, v, digits))
             };
-            r.map_err(|e| e.to_string())
-                .and_then(|v| bounded(v, digits))
-                .map(Some)
-                .map_err(|e| errors.push(line, field, e))
+            r.map(Some)
+                .map_err(|e| errors.push(line, field, e.to_string()))
         }
     }
 }
@@ -996,9 +984,8 @@ fn usage_parser(tz: Tz, as_of: DateTime<Utc>, staging: bool) -> Parser {
                 None
             }
             Some(q) => money::parse_non_negative(q, QUANTITY_DIGITS)
-                .map_err(|e| e.to_string())
-                .and_then(|v| bounded(v, QUANTITY_DIGITS))
-                .map_err(|e| errors.push(line, "quantity", e))
+                .and_then(|v| money::bounded(q, v, QUANTITY_DIGITS))
+                .map_err(|e| errors.push(line, "quantity", e.to_string()))
                 .ok(),
         };
         let started = parse_time(row, "started_at", line, errors).ok().flatten();
