@@ -222,25 +222,10 @@ pub struct CouponReport {
     pub replayed: bool,
 }
 
-pub async fn grant_coupon(
-    db: &Db,
-    digits: u32,
-    account_id: &str,
-    amount: i64,
-    kind: CouponKind,
-    expires_at: DateTime<Utc>,
-    as_of: DateTime<Utc>,
-) -> Result<CouponReport, LedgerError> {
-    grant_coupon_once(
-        db, digits, account_id, amount, kind, expires_at, as_of, None,
-    )
-    .await
-}
-
 /// Grants a coupon; with a `reference`, once: the same reference, account, kind, amount and
 /// expiry again replays the first grant (`replayed`), anything else under it is refused.
 #[allow(clippy::too_many_arguments)]
-pub async fn grant_coupon_once(
+pub async fn grant_coupon(
     db: &Db,
     digits: u32,
     account_id: &str,

@@ -304,6 +304,7 @@ async fn coupons_pay_first_in_order_and_expired_ones_do_not() {
             kind,
             at(expires),
             at("2026-11-01T00:00:00Z"),
+            None,
         )
         .await
         .unwrap()
@@ -742,7 +743,7 @@ async fn three_days_with_coupons() -> TestDb {
     let grant = |kind, amount: i64, expires: &str, granted: &str| {
         let (db, expires, granted) = (&t.db, at(expires), at(granted));
         async move {
-            arrears::ledger::grant_coupon(db, 2, "a1", amount, kind, expires, granted)
+            arrears::ledger::grant_coupon(db, 2, "a1", amount, kind, expires, granted, None)
                 .await
                 .unwrap()
         }

@@ -129,12 +129,13 @@ async fn coupon_grant_checks_its_input() {
         CouponKind::Cash,
         at("2026-12-01T00:00:00Z"),
         now,
+        None,
     )
     .await
     .unwrap();
     assert_eq!(ok.amount, "10.00");
     assert!(matches!(
-        grant_coupon(&t.db, 2, "a1", 1000, CouponKind::Cash, now, now).await,
+        grant_coupon(&t.db, 2, "a1", 1000, CouponKind::Cash, now, now, None).await,
         Err(LedgerError::AlreadyExpired(..))
     ));
     assert!(matches!(
@@ -145,7 +146,8 @@ async fn coupon_grant_checks_its_input() {
             1000,
             CouponKind::General,
             at("2026-12-01T00:00:00Z"),
-            now
+            now,
+            None
         )
         .await,
         Err(LedgerError::UnknownAccount(_))

@@ -50,7 +50,7 @@ pub async fn run(env: &Env, action: CouponAction) -> Result<ExitCode> {
         CouponKindArg::General => CouponKind::General,
     };
     let db = open_to_change(&env.config, env.explicit_as_of).await?;
-    let report = ledger::grant_coupon_once(
+    let report = ledger::grant_coupon(
         &db,
         digits,
         &account,
