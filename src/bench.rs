@@ -128,15 +128,39 @@ pub async fn run(config: &Config, opts: &BenchOptions) -> Result<BenchReport, Be
         .parse()
         .expect("literal instant");
     let t = Instant::now();
-    import::import_accounts(&db, config, &files.accounts, as_of).await?;
+    import::import_file(
+        &db,
+        config,
+        import::ImportKind::Accounts,
+        &files.accounts,
+        as_of,
+        false,
+    )
+    .await?;
     let import_accounts_seconds = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    import::import_resources(&db, config, &files.resources, as_of).await?;
+    import::import_file(
+        &db,
+        config,
+        import::ImportKind::Resources,
+        &files.resources,
+        as_of,
+        false,
+    )
+    .await?;
     let import_resources_seconds = t.elapsed().as_secs_f64();
     // Raw SQL: CHECKPOINT, a utility command diesel cannot issue (benchmark scaffolding).
     admin.batch_execute("CHECKPOINT").await?;
     let t = Instant::now();
-    let rep = import::import_usage(&db, config, &files.usage, as_of).await?;
+    let rep = import::import_file(
+        &db,
+        config,
+        import::ImportKind::Usage,
+        &files.usage,
+        as_of,
+        false,
+    )
+    .await?;
     let import_usage_seconds = t.elapsed().as_secs_f64();
     assert_eq!(
         rep.inserted, opts.usage,
@@ -318,7 +342,8 @@ async fn later_days(
         let file = opts.dir.join(format!("usage-{d}.csv"));
         generate_usage(&file, opts.accounts, opts.usage, d)?;
         let t = Instant::now();
-        let rep = import::import_usage(db, config, &file, as_of).await?;
+        let rep =
+            import::import_file(db, config, import::ImportKind::Usage, &file, as_of, false).await?;
         let import_usage_seconds = t.elapsed().as_secs_f64();
         assert_eq!(
             rep.inserted, opts.usage,
@@ -510,9 +535,33 @@ pub async fn run_instances(
         catalog::apply_to_new(&db, config).await?;
         std::fs::create_dir_all(&opts.dir)?;
         let files = generate(&opts.dir, opts.accounts, opts.usage)?;
-        import::import_accounts(&db, config, &files.accounts, as_of).await?;
-        import::import_resources(&db, config, &files.resources, as_of).await?;
-        import::import_usage(&db, config, &files.usage, as_of).await?;
+        import::import_file(
+            &db,
+            config,
+            import::ImportKind::Accounts,
+            &files.accounts,
+            as_of,
+            false,
+        )
+        .await?;
+        import::import_file(
+            &db,
+            config,
+            import::ImportKind::Resources,
+            &files.resources,
+            as_of,
+            false,
+        )
+        .await?;
+        import::import_file(
+            &db,
+            config,
+            import::ImportKind::Usage,
+            &files.usage,
+            as_of,
+            false,
+        )
+        .await?;
         // Raw SQL: VACUUM ANALYZE, a utility command diesel cannot issue.
         db.raw_client()
             .await?

@@ -282,10 +282,26 @@ pub async fn run(
     setup.insert("generate".to_string(), t.elapsed().as_secs_f64());
     let opened = instant("2026-08-01T02:00:00Z");
     let t = Instant::now();
-    import::import_accounts(&db, &config, &files.0, opened).await?;
+    import::import_file(
+        &db,
+        &config,
+        import::ImportKind::Accounts,
+        &files.0,
+        opened,
+        false,
+    )
+    .await?;
     setup.insert("import_accounts".to_string(), t.elapsed().as_secs_f64());
     let t = Instant::now();
-    import::import_resources(&db, &config, &files.1, opened).await?;
+    import::import_file(
+        &db,
+        &config,
+        import::ImportKind::Resources,
+        &files.1,
+        opened,
+        false,
+    )
+    .await?;
     setup.insert("import_resources".to_string(), t.elapsed().as_secs_f64());
     eprintln!("bench-lifecycle: {} accounts imported", opts.accounts);
 
@@ -298,7 +314,15 @@ pub async fn run(
 
     let bill_at = instant("2026-11-22T16:30:00Z");
     let t = Instant::now();
-    import::import_usage(&db, &config, &files.2, bill_at).await?;
+    import::import_file(
+        &db,
+        &config,
+        import::ImportKind::Usage,
+        &files.2,
+        bill_at,
+        false,
+    )
+    .await?;
     setup.insert("import_usage".to_string(), t.elapsed().as_secs_f64());
     // Raw SQL: VACUUM ANALYZE, a utility command diesel cannot issue.
     c.batch_execute("VACUUM ANALYZE").await?;

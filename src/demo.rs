@@ -454,13 +454,27 @@ async fn load_inputs(
 ) -> Result<(), DemoError> {
     let step = |e: import::ImportError| DemoError::Step(e.to_string());
     let inputs = write_inputs(dir, start)?;
-    import::import_accounts(db, cfg, &inputs[0], start)
-        .await
-        .map_err(step)?;
-    import::import_resources(db, cfg, &inputs[1], start)
-        .await
-        .map_err(step)?;
-    import::import_usage(db, cfg, &inputs[2], end)
+    import::import_file(
+        db,
+        cfg,
+        import::ImportKind::Accounts,
+        &inputs[0],
+        start,
+        false,
+    )
+    .await
+    .map_err(step)?;
+    import::import_file(
+        db,
+        cfg,
+        import::ImportKind::Resources,
+        &inputs[1],
+        start,
+        false,
+    )
+    .await
+    .map_err(step)?;
+    import::import_file(db, cfg, import::ImportKind::Usage, &inputs[2], end, false)
         .await
         .map_err(step)?;
     Ok(())

@@ -532,33 +532,6 @@ pub async fn import_file(
     }
 }
 
-pub async fn import_accounts(
-    db: &Db,
-    config: &Config,
-    file: &Path,
-    as_of: DateTime<Utc>,
-) -> Result<ImportReport, ImportError> {
-    accounts(db, config, file, as_of, false).await
-}
-
-pub async fn import_resources(
-    db: &Db,
-    config: &Config,
-    file: &Path,
-    as_of: DateTime<Utc>,
-) -> Result<ImportReport, ImportError> {
-    resources(db, config, file, as_of, false).await
-}
-
-pub async fn import_usage(
-    db: &Db,
-    config: &Config,
-    file: &Path,
-    as_of: DateTime<Utc>,
-) -> Result<ImportReport, ImportError> {
-    usage(db, config, file, as_of, false).await
-}
-
 /// Reports every (line, field, reason) row of a diagnostic query.
 async fn collect_sql_errors(
     tx: &tokio_postgres::Transaction<'_>,

@@ -3,7 +3,7 @@
 
 mod common;
 
-use arrears::import::{import_accounts, import_resources, import_usage, ImportError, LineError};
+use arrears::import::{import_file, ImportError, ImportKind, LineError};
 use common::*;
 
 async fn setup() -> TestDb {
@@ -55,9 +55,16 @@ async fn bad_usage_file_imports_nothing_and_names_every_bad_line() {
     );
     let before = t.fingerprint().await;
     let errors = bad_lines(
-        import_usage(&t.db, &t.config, &f.path, at("2026-11-23T00:00:00Z"))
-            .await
-            .unwrap_err(),
+        import_file(
+            &t.db,
+            &t.config,
+            ImportKind::Usage,
+            &f.path,
+            at("2026-11-23T00:00:00Z"),
+            false,
+        )
+        .await
+        .unwrap_err(),
     );
     assert!(has(&errors, 3, "quantity", "not a decimal"), "{errors:#?}");
     assert!(
@@ -134,9 +141,16 @@ async fn bad_accounts_file_imports_nothing() {
         ],
     );
     let errors = bad_lines(
-        import_accounts(&t.db, &t.config, &f.path, at("2026-11-01T00:00:00Z"))
-            .await
-            .unwrap_err(),
+        import_file(
+            &t.db,
+            &t.config,
+            ImportKind::Accounts,
+            &f.path,
+            at("2026-11-01T00:00:00Z"),
+            false,
+        )
+        .await
+        .unwrap_err(),
     );
     assert!(has(&errors, 3, "email", "not an email"), "{errors:#?}");
     assert!(has(&errors, 4, "phone", "E.164"), "{errors:#?}");
@@ -162,9 +176,16 @@ async fn header_must_name_the_contract_columns() {
         &["a1,A,,,en,UTC,0,0,"],
     );
     let errors = bad_lines(
-        import_accounts(&t.db, &t.config, &f.path, at("2026-11-01T00:00:00Z"))
-            .await
-            .unwrap_err(),
+        import_file(
+            &t.db,
+            &t.config,
+            ImportKind::Accounts,
+            &f.path,
+            at("2026-11-01T00:00:00Z"),
+            false,
+        )
+        .await
+        .unwrap_err(),
     );
     assert!(has(&errors, 1, "tz", "unknown column"), "{errors:#?}");
     assert!(has(&errors, 1, "timezone", "missing column"), "{errors:#?}");
@@ -206,9 +227,16 @@ async fn bad_resources_file_imports_nothing() {
         ],
     );
     let errors = bad_lines(
-        import_resources(&t.db, &t.config, &f.path, at("2026-11-01T00:00:00Z"))
-            .await
-            .unwrap_err(),
+        import_file(
+            &t.db,
+            &t.config,
+            ImportKind::Resources,
+            &f.path,
+            at("2026-11-01T00:00:00Z"),
+            false,
+        )
+        .await
+        .unwrap_err(),
     );
     assert!(
         has(&errors, 3, "account_id", "unknown account"),
@@ -247,9 +275,16 @@ async fn out_of_range_numbers_and_instants_are_refused_with_their_line() {
     );
     let before = t.fingerprint().await;
     let errors = bad_lines(
-        import_usage(&t.db, &t.config, &usage.path, at("2026-11-23T00:00:00Z"))
-            .await
-            .unwrap_err(),
+        import_file(
+            &t.db,
+            &t.config,
+            ImportKind::Usage,
+            &usage.path,
+            at("2026-11-23T00:00:00Z"),
+            false,
+        )
+        .await
+        .unwrap_err(),
     );
     assert!(has(&errors, 2, "quantity", "out of range"), "{errors:?}");
     assert!(has(&errors, 3, "quantity", "out of range"), "{errors:?}");
@@ -267,9 +302,16 @@ async fn out_of_range_numbers_and_instants_are_refused_with_their_line() {
         ],
     );
     let errors = bad_lines(
-        import_accounts(&t.db, &t.config, &accounts.path, at("2026-11-23T00:00:00Z"))
-            .await
-            .unwrap_err(),
+        import_file(
+            &t.db,
+            &t.config,
+            ImportKind::Accounts,
+            &accounts.path,
+            at("2026-11-23T00:00:00Z"),
+            false,
+        )
+        .await
+        .unwrap_err(),
     );
     assert!(has(&errors, 2, "cash_balance", ""), "{errors:?}");
     assert!(
@@ -286,27 +328,31 @@ async fn out_of_range_numbers_and_instants_are_refused_with_their_line() {
     );
     assert_eq!(t.fingerprint().await, before, "nothing imported");
     // The bounds themselves go in.
-    import_usage(
+    import_file(
         &t.db,
         &t.config,
+        ImportKind::Usage,
         &csv(
             USAGE_HEADER,
             &["b6,a1,r1,classroom_minutes,1000000000,1900-01-01T00:00:00Z,2026-11-22T02:00:00Z"],
         )
         .path,
         at("2026-11-23T00:00:00Z"),
+        false,
     )
     .await
     .unwrap();
-    import_accounts(
+    import_file(
         &t.db,
         &t.config,
+        ImportKind::Accounts,
         &csv(
             ACCOUNTS_HEADER,
             &["x6,X,,,en,UTC,-10000000000000.00,10000000000000,"],
         )
         .path,
         at("2026-11-23T00:00:00Z"),
+        false,
     )
     .await
     .unwrap();
@@ -363,9 +409,16 @@ async fn errors_name_the_physical_line_with_crlf_a_bom_and_blank_lines() {
         let path = dir.path().join("accounts.csv");
         std::fs::write(&path, text).unwrap();
         let errors = bad_lines(
-            import_accounts(&t.db, &t.config, &path, at("2026-11-23T00:00:00Z"))
-                .await
-                .unwrap_err(),
+            import_file(
+                &t.db,
+                &t.config,
+                ImportKind::Accounts,
+                &path,
+                at("2026-11-23T00:00:00Z"),
+                false,
+            )
+            .await
+            .unwrap_err(),
         );
         assert_eq!(errors.len(), 1, "{name}: {errors:?}");
         assert!(has(&errors, line, "cash_balance", ""), "{name}: {errors:?}");
@@ -374,9 +427,16 @@ async fn errors_name_the_physical_line_with_crlf_a_bom_and_blank_lines() {
     // The same file with CRLF and the bad row fixed imports, names intact.
     let path = dir.path().join("ok.csv");
     std::fs::write(&path, format!("{ACCOUNTS_HEADER}\r\n{good}\r\n")).unwrap();
-    import_accounts(&t.db, &t.config, &path, at("2026-11-23T00:00:00Z"))
-        .await
-        .unwrap();
+    import_file(
+        &t.db,
+        &t.config,
+        ImportKind::Accounts,
+        &path,
+        at("2026-11-23T00:00:00Z"),
+        false,
+    )
+    .await
+    .unwrap();
     let c = t.client().await;
     let name: String = c
         .query_one("SELECT name FROM accounts WHERE id = 'g1'", &[])
@@ -400,9 +460,16 @@ async fn a_prepaid_resource_without_a_term_end_is_refused() {
         ],
     );
     let errors = bad_lines(
-        import_resources(&t.db, &t.config, &f.path, at("2026-11-23T00:00:00Z"))
-            .await
-            .unwrap_err(),
+        import_file(
+            &t.db,
+            &t.config,
+            ImportKind::Resources,
+            &f.path,
+            at("2026-11-23T00:00:00Z"),
+            false,
+        )
+        .await
+        .unwrap_err(),
     );
     assert!(
         has(&errors, 3, "term_ends_at", "required for a prepaid"),

@@ -151,10 +151,16 @@ async fn lcic_timeline_alert_grace_suspension_retention_release() {
         USAGE_HEADER,
         &["u3,L,L-class,classroom_minutes,10,2026-11-24T03:00:00Z,2026-11-24T03:30:00Z"],
     );
-    let err =
-        arrears::import::import_usage(&t.db, &t.config, &late.path, at("2026-11-24T04:00:00Z"))
-            .await
-            .unwrap_err();
+    let err = arrears::import::import_file(
+        &t.db,
+        &t.config,
+        arrears::import::ImportKind::Usage,
+        &late.path,
+        at("2026-11-24T04:00:00Z"),
+        false,
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("bad line"), "{err}");
 
     // Retention: 60 days after the suspension, and only with both warnings a day old.
@@ -738,9 +744,16 @@ async fn package_quota_exhausted_and_expired_and_their_remedies() {
         USAGE_HEADER,
         &["p9,P,P-2,classroom_minutes,1,2026-11-27T01:00:00Z,2026-11-27T02:00:00Z"],
     );
-    let err = arrears::import::import_usage(&t.db, &t.config, &f.path, at("2026-11-28T00:00:00Z"))
-        .await
-        .unwrap_err();
+    let err = arrears::import::import_file(
+        &t.db,
+        &t.config,
+        arrears::import::ImportKind::Usage,
+        &f.path,
+        at("2026-11-28T00:00:00Z"),
+        false,
+    )
+    .await
+    .unwrap_err();
     match err {
         arrears::import::ImportError::BadRows { errors, .. } => assert!(
             errors[0].reason.contains("unsubscribed") || errors[0].reason.contains("suspended"),

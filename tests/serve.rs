@@ -711,9 +711,16 @@ async fn postgres_stopped_and_started_during_a_run_loses_and_doubles_no_slot() {
             "p2,P2,,,en,Asia/Shanghai,1000.00,0,",
         ],
     );
-    arrears::import::import_accounts(&db, &config, &accounts.path, at("2026-06-01T00:00:00Z"))
-        .await
-        .unwrap();
+    arrears::import::import_file(
+        &db,
+        &config,
+        arrears::import::ImportKind::Accounts,
+        &accounts.path,
+        at("2026-06-01T00:00:00Z"),
+        false,
+    )
+    .await
+    .unwrap();
     drop(db);
     let url = emb.url.clone();
     let query = |sql: &'static str| {

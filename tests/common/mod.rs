@@ -288,11 +288,13 @@ pub const USAGE_HEADER: &str = "event_id,account_id,resource_id,meter,quantity,s
 impl TestDb {
     pub async fn import_accounts(&self, rows: &[&str]) {
         let f = csv(ACCOUNTS_HEADER, rows);
-        arrears::import::import_accounts(
+        arrears::import::import_file(
             &self.db,
             &self.config,
+            arrears::import::ImportKind::Accounts,
             &f.path,
             at("2026-11-01T00:00:00Z"),
+            false,
         )
         .await
         .unwrap();
@@ -300,11 +302,13 @@ impl TestDb {
 
     pub async fn import_resources(&self, rows: &[&str]) {
         let f = csv(RESOURCES_HEADER, rows);
-        arrears::import::import_resources(
+        arrears::import::import_file(
             &self.db,
             &self.config,
+            arrears::import::ImportKind::Resources,
             &f.path,
             at("2026-11-01T00:00:00Z"),
+            false,
         )
         .await
         .unwrap();
@@ -312,9 +316,16 @@ impl TestDb {
 
     pub async fn import_usage(&self, rows: &[&str], as_of: &str) -> arrears::import::ImportReport {
         let f = csv(USAGE_HEADER, rows);
-        arrears::import::import_usage(&self.db, &self.config, &f.path, at(as_of))
-            .await
-            .unwrap()
+        arrears::import::import_file(
+            &self.db,
+            &self.config,
+            arrears::import::ImportKind::Usage,
+            &f.path,
+            at(as_of),
+            false,
+        )
+        .await
+        .unwrap()
     }
 
     pub async fn bill(&self, as_of: &str) -> arrears::jobs::generate_bills::GenerateBillsReport {
