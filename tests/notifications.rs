@@ -1011,6 +1011,25 @@ fn delivery_run(t: &TestDb, jobs: &Path, env: &[(String, String)], as_of: &str) 
     cmd
 }
 
+/// A real SMTP server answering each message after `ms` milliseconds, its settings, a test
+/// database whose outbox holds the overdue alerts of `n` debtors (queued at 04:05 on
+/// 2026-11-23), and the shipped schedule sending `concurrency` at a time.
+async fn slow_outbox(
+    dir: &Path,
+    ms: u32,
+    n: usize,
+    concurrency: usize,
+) -> (Smtp, Vec<(String, String)>, TestDb, std::path::PathBuf) {
+    let smtp = Smtp::start(dir, None);
+    smtp.set_mode(&format!("slow {ms}"));
+    let env = smtp.env();
+    let t = TestDb::with_config(config_env(&env)).await;
+    debtors(&t, n).await;
+    assert_eq!(alerts(&t, at("2026-11-23T04:05:00Z")).await.overdue, n);
+    let jobs = delivery_jobs(dir, concurrency);
+    (smtp, env, t, jobs)
+}
+
 /// Message-ID -> copies received.
 fn copies_per_message(smtp: &Smtp) -> std::collections::BTreeMap<String, usize> {
     let mut per_id: std::collections::BTreeMap<String, usize> = Default::default();
@@ -1032,15 +1051,9 @@ fn copies_per_message(smtp: &Smtp) -> std::collections::BTreeMap<String, usize> 
 #[tokio::test(flavor = "multi_thread")]
 async fn runs_at_instants_an_hour_apart_never_take_each_others_live_claims() {
     let dir = tempfile::tempdir().unwrap();
-    let smtp = Smtp::start(dir.path(), None);
     // 40 notices, 4 at a time, 300 ms each: the first run sends for 3 s.
-    smtp.set_mode("slow 300");
-    let env = smtp.env();
-    let t = TestDb::with_config(config_env(&env)).await;
     let n = 40;
-    debtors(&t, n).await;
-    assert_eq!(alerts(&t, at("2026-11-23T04:05:00Z")).await.overdue, n);
-    let jobs = delivery_jobs(dir.path(), 4);
+    let (smtp, env, t, jobs) = slow_outbox(dir.path(), 300, n, 4).await;
     // The first run's claims carry a lease of 5 minutes on its own clock, 04:07; the second
     // run's clock is an hour later, where that lease has long run out.
     let first = delivery_run(&t, &jobs, &env, "2026-11-23T04:07:00Z")
@@ -1108,16 +1121,9 @@ async fn runs_at_instants_an_hour_apart_never_take_each_others_live_claims() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_mid_batch_against_a_slow_server_resends_at_most_the_sends_in_flight() {
     let dir = tempfile::tempdir().unwrap();
-    let smtp = Smtp::start(dir.path(), None);
-    smtp.set_mode("slow 150");
-    let env = smtp.env();
-    let t = TestDb::with_config(config_env(&env)).await;
-    let n = 40;
-    debtors(&t, n).await;
-    assert_eq!(alerts(&t, at("2026-11-23T04:05:00Z")).await.overdue, n);
     // The shipped schedule, with deliver_notifications sending 4 at a time.
-    let concurrency = 4;
-    let jobs = delivery_jobs(dir.path(), concurrency);
+    let (n, concurrency) = (40, 4);
+    let (smtp, env, t, jobs) = slow_outbox(dir.path(), 150, n, concurrency).await;
     let run = |as_of: &str| delivery_run(&t, &jobs, &env, as_of);
     let mut first = run("2026-11-23T04:07:00Z").spawn().unwrap();
     // Killed with some messages delivered and most not.
