@@ -26,6 +26,13 @@ fn arrears(db_url: Option<&str>, args: &[&str]) -> Output {
     cmd.output().expect("run arrears")
 }
 
+/// `arrears import KIND PATH [--as-of AS_OF]` on `u`, which must succeed: its report.
+fn import(u: Option<&str>, kind: &str, path: &str, as_of: Option<&str>) -> serde_json::Value {
+    let mut args = vec!["import", kind, path];
+    args.extend(as_of.iter().flat_map(|a| ["--as-of", *a]));
+    ok_json(arrears(u, &args))
+}
+
 fn ok_json(out: Output) -> serde_json::Value {
     assert!(
         out.status.success(),
@@ -40,47 +47,31 @@ fn ok_json(out: Output) -> serde_json::Value {
 async fn sample_data_loads_bills_and_reports_through_the_cli() {
     let t = TestDb::new().await;
     let u = Some(t.url.as_str());
-    ok_json(arrears(
+    import(
         u,
-        &[
-            "import",
-            "accounts",
-            "samples/accounts.csv",
-            "--as-of",
-            "2026-11-22T00:00:00Z",
-        ],
-    ));
-    ok_json(arrears(
+        "accounts",
+        "samples/accounts.csv",
+        Some("2026-11-22T00:00:00Z"),
+    );
+    import(
         u,
-        &[
-            "import",
-            "resources",
-            "samples/resources.csv",
-            "--as-of",
-            "2026-11-22T00:00:00Z",
-        ],
-    ));
-    let usage = ok_json(arrears(
+        "resources",
+        "samples/resources.csv",
+        Some("2026-11-22T00:00:00Z"),
+    );
+    let usage = import(
         u,
-        &[
-            "import",
-            "usage",
-            "samples/usage.csv",
-            "--as-of",
-            "2026-11-22T23:00:00Z",
-        ],
-    ));
+        "usage",
+        "samples/usage.csv",
+        Some("2026-11-22T23:00:00Z"),
+    );
     assert_eq!(usage["inserted"], 8);
-    let again = ok_json(arrears(
+    let again = import(
         u,
-        &[
-            "import",
-            "usage",
-            "samples/usage.csv",
-            "--as-of",
-            "2026-11-22T23:00:00Z",
-        ],
-    ));
+        "usage",
+        "samples/usage.csv",
+        Some("2026-11-22T23:00:00Z"),
+    );
     assert_eq!(
         (
             again["inserted"].as_u64(),
@@ -326,37 +317,24 @@ async fn lcic_and_sa_timelines_through_the_cli() {
             "s1,S,S-ppu,assets_scanned,100,2026-11-22T01:00:00Z,2026-11-22T02:00:00Z",
         ],
     );
-    let p = |c: &Csv| c.path.to_str().unwrap().to_string();
-    ok_json(arrears(
+    import(
         u,
-        &[
-            "import",
-            "accounts",
-            &p(&accounts),
-            "--as-of",
-            "2026-11-20T00:00:00Z",
-        ],
-    ));
-    ok_json(arrears(
+        "accounts",
+        &accounts.path.to_str().unwrap(),
+        Some("2026-11-20T00:00:00Z"),
+    );
+    import(
         u,
-        &[
-            "import",
-            "resources",
-            &p(&resources),
-            "--as-of",
-            "2026-11-20T00:00:00Z",
-        ],
-    ));
-    ok_json(arrears(
+        "resources",
+        &resources.path.to_str().unwrap(),
+        Some("2026-11-20T00:00:00Z"),
+    );
+    import(
         u,
-        &[
-            "import",
-            "usage",
-            &p(&usage),
-            "--as-of",
-            "2026-11-22T12:00:00Z",
-        ],
-    ));
+        "usage",
+        &usage.path.to_str().unwrap(),
+        Some("2026-11-22T12:00:00Z"),
+    );
     ok_json(arrears(
         u,
         &["run", "generate_bills", "--as-of", "2026-11-22T16:30:00Z"],
@@ -667,22 +645,19 @@ async fn a_release_warning_missed_in_its_window_goes_out_late_and_the_release_wa
         &["W,Warned,w@example.com,,en,UTC,-1.00,0,"],
     );
     let resources = csv(RESOURCES_HEADER, &["W-1,W,sa,pay_per_use,,,,"]);
-    let p = |c: &Csv| c.path.to_str().unwrap().to_string();
     let run = |args: &[&str]| ok_json(arrears(u, args));
-    run(&[
-        "import",
+    import(
+        u,
         "accounts",
-        &p(&accounts),
-        "--as-of",
-        "2026-11-20T00:00:00Z",
-    ]);
-    run(&[
-        "import",
+        &accounts.path.to_str().unwrap(),
+        Some("2026-11-20T00:00:00Z"),
+    );
+    import(
+        u,
         "resources",
-        &p(&resources),
-        "--as-of",
-        "2026-11-20T00:00:00Z",
-    ]);
+        &resources.path.to_str().unwrap(),
+        Some("2026-11-20T00:00:00Z"),
+    );
     run(&[
         "run",
         "enforce_suspensions",
@@ -779,39 +754,35 @@ async fn a_release_warning_missed_in_its_window_goes_out_late_and_the_release_wa
 async fn a_billing_run_past_a_missed_day_bills_that_day_first_on_its_own_bill() {
     let t = TestDb::new().await;
     let u = Some(t.url.as_str());
-    let p = |c: &Csv| c.path.to_str().unwrap().to_string();
     let run = |args: &[&str]| ok_json(arrears(u, args));
     let accounts = csv(
         ACCOUNTS_HEADER,
         &["C,Catch,c@example.com,,en,UTC,100.00,0,"],
     );
     let resources = csv(RESOURCES_HEADER, &["C-1,C,lcic,pay_per_use,,,,"]);
-    run(&[
-        "import",
+    import(
+        u,
         "accounts",
-        &p(&accounts),
-        "--as-of",
-        "2026-11-20T00:00:00Z",
-    ]);
-    run(&[
-        "import",
+        &accounts.path.to_str().unwrap(),
+        Some("2026-11-20T00:00:00Z"),
+    );
+    import(
+        u,
         "resources",
-        &p(&resources),
-        "--as-of",
-        "2026-11-20T00:00:00Z",
-    ]);
+        &resources.path.to_str().unwrap(),
+        Some("2026-11-20T00:00:00Z"),
+    );
     // Billing days are Asia/Shanghai's (UTC+8): 01:00Z is 09:00 there, the same day.
     let day1 = csv(
         USAGE_HEADER,
         &["c1,C,C-1,classroom_minutes,100,2026-11-21T01:00:00Z,2026-11-21T02:00:00Z"],
     );
-    run(&[
-        "import",
+    import(
+        u,
         "usage",
-        &p(&day1),
-        "--as-of",
-        "2026-11-21T12:00:00Z",
-    ]);
+        &day1.path.to_str().unwrap(),
+        Some("2026-11-21T12:00:00Z"),
+    );
     let r = run(&["run", "generate_bills", "--as-of", "2026-11-21T16:30:00Z"]);
     assert_eq!(r["bill_day"], "2026-11-21", "{r}");
     let later = csv(
@@ -821,13 +792,12 @@ async fn a_billing_run_past_a_missed_day_bills_that_day_first_on_its_own_bill() 
             "c3,C,C-1,classroom_minutes,300,2026-11-23T01:00:00Z,2026-11-23T02:00:00Z",
         ],
     );
-    run(&[
-        "import",
+    import(
+        u,
         "usage",
-        &p(&later),
-        "--as-of",
-        "2026-11-23T12:00:00Z",
-    ]);
+        &later.path.to_str().unwrap(),
+        Some("2026-11-23T12:00:00Z"),
+    );
     // The dry run of the later day is refused, naming the missed one.
     let dry = arrears(
         u,
@@ -905,16 +875,12 @@ async fn read_commands_refuse_unknown_accounts_bad_filters_and_stop_quietly_on_a
     let t = TestDb::new().await;
     let u = Some(t.url.as_str());
     let accounts = csv(ACCOUNTS_HEADER, &["K,Known,,,en,UTC,1.00,0,"]);
-    ok_json(arrears(
+    import(
         u,
-        &[
-            "import",
-            "accounts",
-            accounts.path.to_str().unwrap(),
-            "--as-of",
-            "2026-11-20T00:00:00Z",
-        ],
-    ));
+        "accounts",
+        accounts.path.to_str().unwrap(),
+        Some("2026-11-20T00:00:00Z"),
+    );
     let cases: [(&[&str], &str); 5] = [
         (&["bills", "nobody", "--json"], "unknown account"),
         (
@@ -963,16 +929,12 @@ async fn a_configuration_with_another_currency_or_digits_is_refused() {
     let t = TestDb::new().await;
     let u = Some(t.url.as_str());
     let accounts = csv(ACCOUNTS_HEADER, &["M,Money,,,en,UTC,79.90,0,"]);
-    ok_json(arrears(
+    import(
         u,
-        &[
-            "import",
-            "accounts",
-            accounts.path.to_str().unwrap(),
-            "--as-of",
-            "2026-11-20T00:00:00Z",
-        ],
-    ));
+        "accounts",
+        accounts.path.to_str().unwrap(),
+        Some("2026-11-20T00:00:00Z"),
+    );
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, from: &str, to: &str| {
         let path = dir.path().join(name);
@@ -1156,16 +1118,12 @@ async fn import_dry_run_checks_and_counts_and_writes_nothing() {
         (r["inserted"].as_u64(), r["dry_run"].as_bool()),
         (Some(1), Some(true))
     );
-    ok_json(arrears(
+    import(
         u,
-        &[
-            "import",
-            "usage",
-            &path(&usage),
-            "--as-of",
-            "2026-11-21T00:00:00Z",
-        ],
-    ));
+        "usage",
+        &usage.path.to_str().unwrap(),
+        Some("2026-11-21T00:00:00Z"),
+    );
     let middle = t.fingerprint().await;
     let r = ok_json(arrears(
         u,
@@ -1328,26 +1286,8 @@ async fn a_one_off_delivery_run_delivers_every_notice_due_however_many_batches()
         &rows.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let at = "2026-11-20T08:00:00Z";
-    ok_json(arrears(
-        u,
-        &[
-            "import",
-            "accounts",
-            accounts.path.to_str().unwrap(),
-            "--as-of",
-            at,
-        ],
-    ));
-    ok_json(arrears(
-        u,
-        &[
-            "import",
-            "resources",
-            resources.path.to_str().unwrap(),
-            "--as-of",
-            at,
-        ],
-    ));
+    import(u, "accounts", accounts.path.to_str().unwrap(), Some(at));
+    import(u, "resources", resources.path.to_str().unwrap(), Some(at));
     // A day's use each (1.50) on nothing: every account is in arrears on its first bill.
     let rows: Vec<String> = (0..n)
         .map(|i| {
@@ -1358,16 +1298,7 @@ async fn a_one_off_delivery_run_delivers_every_notice_due_however_many_batches()
         USAGE_HEADER,
         &rows.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    ok_json(arrears(
-        u,
-        &[
-            "import",
-            "usage",
-            usage.path.to_str().unwrap(),
-            "--as-of",
-            at,
-        ],
-    ));
+    import(u, "usage", usage.path.to_str().unwrap(), Some(at));
     ok_json(arrears(u, &["run", "generate_bills", "--as-of", at]));
     let alerts = ok_json(arrears(u, &["run", "send_alerts", "--as-of", at]));
     assert_eq!(alerts["overdue"], n, "{alerts}");
@@ -1410,7 +1341,6 @@ async fn a_billing_run_waits_for_an_earlier_day_held_by_a_live_runner_and_resume
 ) {
     let t = TestDb::new().await;
     let u = Some(t.url.as_str());
-    let p = |c: &Csv| c.path.to_str().unwrap().to_string();
     let accounts = csv(ACCOUNTS_HEADER, &["H,Held,,,en,UTC,100.00,0,"]);
     let resources = csv(RESOURCES_HEADER, &["H-1,H,lcic,pay_per_use,,,,"]);
     let usage = csv(
@@ -1422,24 +1352,14 @@ async fn a_billing_run_waits_for_an_earlier_day_held_by_a_live_runner_and_resume
         ],
     );
     let at = "2026-11-20T00:00:00Z";
-    ok_json(arrears(
+    import(u, "accounts", &accounts.path.to_str().unwrap(), Some(at));
+    import(u, "resources", &resources.path.to_str().unwrap(), Some(at));
+    import(
         u,
-        &["import", "accounts", &p(&accounts), "--as-of", at],
-    ));
-    ok_json(arrears(
-        u,
-        &["import", "resources", &p(&resources), "--as-of", at],
-    ));
-    ok_json(arrears(
-        u,
-        &[
-            "import",
-            "usage",
-            &p(&usage),
-            "--as-of",
-            "2026-11-23T12:00:00Z",
-        ],
-    ));
+        "usage",
+        &usage.path.to_str().unwrap(),
+        Some("2026-11-23T12:00:00Z"),
+    );
     let r = ok_json(arrears(
         u,
         &["run", "generate_bills", "--as-of", "2026-11-21T16:30:00Z"],
