@@ -535,33 +535,14 @@ pub async fn run_instances(
         catalog::apply_to_new(&db, config).await?;
         std::fs::create_dir_all(&opts.dir)?;
         let files = generate(&opts.dir, opts.accounts, opts.usage)?;
-        import::import_file(
-            &db,
-            config,
-            import::ImportKind::Accounts,
-            &files.accounts,
-            as_of,
-            false,
-        )
-        .await?;
-        import::import_file(
-            &db,
-            config,
-            import::ImportKind::Resources,
-            &files.resources,
-            as_of,
-            false,
-        )
-        .await?;
-        import::import_file(
-            &db,
-            config,
-            import::ImportKind::Usage,
-            &files.usage,
-            as_of,
-            false,
-        )
-        .await?;
+        use import::ImportKind::{Accounts, Resources, Usage};
+        for (kind, file) in [
+            (Accounts, &files.accounts),
+            (Resources, &files.resources),
+            (Usage, &files.usage),
+        ] {
+            import::import_file(&db, config, kind, file, as_of, false).await?;
+        }
         // Raw SQL: VACUUM ANALYZE, a utility command diesel cannot issue.
         db.raw_client()
             .await?
